@@ -1,0 +1,113 @@
+"""Typed configuration: `FastVideoArgs` for the engine, `SamplingParam` per request."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Turn a dtype name (`"bf16"`, `"float32"`, ...) into a `torch.dtype`."""
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; known: {sorted(_DTYPES)}") from None
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(kw_only=True)
+class FastVideoArgs:
+    """How the engine loads and runs a model. Fixed for the life of a pipeline."""
+
+    model_path: str
+    """A Diffusers-format folder (with `model_index.json`)."""
+    device: str = dataclasses.field(default_factory=_default_device)
+    """`"cuda"`, `"cuda:N"` or `"cpu"`; defaults to CUDA when available."""
+    dtype: str | None = None
+    """Compute dtype of the DiT and text encoder: bf16 on CUDA, fp32 on CPU when unset."""
+    vae_dtype: str = "float32"
+    """The Wan VAE is run in fp32 by default, as diffusers' reference pipeline does."""
+    num_gpus: int = 1
+    """Number of worker processes (one per GPU; CPU processes on gloo without GPUs)."""
+    tp_size: int = 1
+    """Tensor-parallel size for the encoders."""
+    sp_size: int | None = None
+    """Sequence-parallel size for the DiT; defaults to `num_gpus`."""
+    attention_backend: str | None = None
+    """Force an attention backend by name (e.g. `"TORCH_SDPA"`); else the layer's default."""
+    pipeline_name: str | None = None
+    """Pipeline class to use; defaults to the `_class_name` in `model_index.json`."""
+
+    def __post_init__(self) -> None:
+        if self.num_gpus < 1:
+            raise ValueError(f"num_gpus must be >= 1, got {self.num_gpus}")
+        if self.sp_size is None:
+            self.sp_size = self.num_gpus
+        if self.tp_size < 1 or self.sp_size < 1:
+            raise ValueError(f"tp_size and sp_size must be >= 1, got {self.tp_size}, {self.sp_size}")
+        if self.num_gpus % self.sp_size or self.num_gpus % self.tp_size:
+            raise ValueError(
+                f"num_gpus={self.num_gpus} must be a multiple of sp_size={self.sp_size} "
+                f"and tp_size={self.tp_size}")
+        if self.dtype is None:
+            self.dtype = "float32" if self.device == "cpu" else "bfloat16"
+        parse_dtype(self.dtype)
+        parse_dtype(self.vae_dtype)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype)
+
+    @property
+    def torch_vae_dtype(self) -> torch.dtype:
+        return parse_dtype(self.vae_dtype)
+
+
+@dataclass(kw_only=True)
+class SamplingParam:
+    """Per-request sampling options. Defaults follow the Wan2.1 480p preset."""
+
+    negative_prompt: str | None = None
+    height: int = 480
+    width: int = 832
+    num_frames: int = 81
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    seed: int = 0
+    max_sequence_length: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width", "num_frames", "max_sequence_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
+            raise ValueError(
+                f"num_inference_steps must be a positive integer, got {self.num_inference_steps!r}")
+        if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))

@@ -1,0 +1,68 @@
+"""`ForwardBatch`: the state that pipeline stages pass along.
+
+Every stage reads some fields and writes others (see `PipelineStage.reads` /
+`writes`). Tensors live in tensor fields; everything else is plain Python data,
+so that the orchestration layer can checkpoint a batch as safetensors (tensors)
+plus one parquet row (the rest) without pickling anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    """Inputs, intermediate results and outputs of one pipeline call.
+
+    `prompt` holds B prompts; every tensor's leading dimension is B (classifier-free
+    guidance runs the negative branch as a separate forward, not a doubled batch).
+    """
+
+    # -- request --
+    prompt: list[str] | None = None
+    negative_prompt: list[str] | None = None
+    height: int = 480
+    width: int = 832
+    num_frames: int = 81
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    seed: int = 0
+    max_sequence_length: int = 512
+    request_id: str | None = None
+
+    # -- text encoding --
+    prompt_embeds: torch.Tensor | None = None
+    negative_prompt_embeds: torch.Tensor | None = None
+
+    # -- timesteps and latents --
+    timesteps: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+    # Index of the next denoising step to run; > 0 when resuming mid-denoise.
+    step_index: int = 0
+
+    # -- outputs --
+    output: torch.Tensor | None = None  # decoded frames, [B, T, H, W, 3] float32 in [0, 1]
+
+    # Seconds spent in each stage, keyed by stage name.
+    timings: dict[str, float] = field(default_factory=dict)
+    # Free-form per-stage data (JSON-serialisable values or tensors only).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        if self.prompt is None:
+            raise ValueError("ForwardBatch.prompt is not set, so the batch size is unknown")
+        return len(self.prompt)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))

@@ -1,0 +1,108 @@
+"""`VideoGenerator`: the Python API. Load a model once, generate many videos."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastvideo.fastvideo_args import FastVideoArgs, SamplingParam
+from fastvideo.models.loader.component_loader import read_model_index
+from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
+from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.pipelines.pipeline_registry import get_pipeline_class
+from fastvideo.utils.video_io import video_file_name, write_mp4
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    """One generated video."""
+
+    prompt: str
+    seed: int
+    frames: torch.Tensor
+    """`[num_frames, height, width, 3]` float32 in [0, 1]."""
+    latents: torch.Tensor
+    """Final denoised latents `[C, T, H, W]`, before the VAE's de-normalisation."""
+    video_path: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage (shared by all videos generated in the same call)."""
+
+
+def build_pipeline(fastvideo_args: FastVideoArgs,
+                   modules: dict[str, Any] | None = None) -> ComposedPipelineBase:
+    """Instantiate the pipeline named by the args or by `model_index.json`."""
+    name = fastvideo_args.pipeline_name or read_model_index(fastvideo_args.model_path)["_class_name"]
+    return get_pipeline_class(name)(fastvideo_args.model_path, fastvideo_args, modules=modules)
+
+
+class VideoGenerator:
+    """Generates videos from prompts with a pipeline loaded once."""
+
+    def __init__(self, pipeline: ComposedPipelineBase, fastvideo_args: FastVideoArgs) -> None:
+        self.pipeline = pipeline
+        self.fastvideo_args = fastvideo_args
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | Path, **engine_options: Any) -> VideoGenerator:
+        """Load a Diffusers-format model; `engine_options` are `FastVideoArgs` fields."""
+        args = FastVideoArgs(model_path=str(model_path), **engine_options)
+        if args.num_gpus > 1:
+            raise NotImplementedError("num_gpus > 1 needs the multi-process executor")
+        start = time.perf_counter()
+        pipeline = build_pipeline(args)
+        logger.info("loaded %s from %s in %.1f s", type(pipeline).__name__, model_path,
+                    time.perf_counter() - start)
+        return cls(pipeline, args)
+
+    def generate_video(self, prompt: str | list[str], negative_prompt: str | None = None,
+                       output_path: str | Path | None = None, fps: int = 16,
+                       **sampling: Any) -> GenerationResult | list[GenerationResult]:
+        """Generate one video per prompt.
+
+        `sampling` takes the `SamplingParam` fields (height, width, num_frames,
+        num_inference_steps, guidance_scale, seed, max_sequence_length). With
+        `output_path` (a folder, or a `.mp4` path for a single prompt) each video is
+        also written as mp4. A single prompt returns one result, a list returns a list.
+        """
+        unknown = set(sampling) - set(SamplingParam.option_names())
+        if unknown:
+            raise ValueError(
+                f"unknown sampling options {sorted(unknown)}; known: {list(SamplingParam.option_names())}")
+        params = SamplingParam(negative_prompt=negative_prompt, **sampling)
+        batch = ForwardBatch(
+            prompt=prompt, negative_prompt=params.negative_prompt, height=params.height,
+            width=params.width, num_frames=params.num_frames,
+            num_inference_steps=params.num_inference_steps,
+            guidance_scale=float(params.guidance_scale), seed=params.seed,
+            max_sequence_length=params.max_sequence_length)
+        batch = self.pipeline.forward(batch, self.fastvideo_args)
+        results = [
+            GenerationResult(prompt=p, seed=params.seed, frames=batch.output[i],
+                             latents=batch.latents[i].float().cpu(), timings=dict(batch.timings))
+            for i, p in enumerate(batch.prompt)
+        ]
+        if output_path is not None:
+            self._write_videos(results, Path(output_path), fps)
+        logger.info("generated %d video(s): %s", len(results),
+                    ", ".join(f"{k} {v:.2f}s" for k, v in batch.timings.items()))
+        return results[0] if isinstance(prompt, str) else results
+
+    @staticmethod
+    def _write_videos(results: list[GenerationResult], output_path: Path, fps: int) -> None:
+        if output_path.suffix == ".mp4":
+            if len(results) != 1:
+                raise ValueError(
+                    f"output_path {output_path} names one file but {len(results)} prompts were given; "
+                    f"pass a folder")
+            paths = [output_path]
+        else:
+            paths = [output_path / video_file_name(r.prompt, r.seed) for r in results]
+        for result, path in zip(results, paths):
+            result.video_path = str(write_mp4(result.frames, path, fps=fps))

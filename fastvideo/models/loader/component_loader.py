@@ -1,0 +1,108 @@
+"""Loads the components listed in a Diffusers-format `model_index.json`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from fastvideo.fastvideo_args import FastVideoArgs
+from fastvideo.models.loader.weight_utils import WeightFileError, find_weight_files, iterate_weights
+from fastvideo.models.registry import ModelEntry, resolve_model
+
+logger = logging.getLogger(__name__)
+
+# Components that do math in the engine's compute dtype; the VAE has its own dtype.
+_VAE_COMPONENTS = frozenset({"vae"})
+
+
+def read_model_index(model_path: str | Path) -> dict[str, Any]:
+    """`model_index.json` of a Diffusers-format folder, checked for shape."""
+    index_path = Path(model_path) / "model_index.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(
+            f"{index_path} not found: model_path must be a Diffusers-format folder")
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{index_path} is not valid JSON: {e}") from None
+    if "_class_name" not in index:
+        raise ValueError(f"{index_path} has no '_class_name'")
+    return index
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_component(name: str, spec: list[str] | tuple[str, str], model_path: str | Path,
+                   fastvideo_args: FastVideoArgs) -> Any:
+    """Load component `name` (`model_index.json` entry `spec = [library, class]`)."""
+    if not (isinstance(spec, (list, tuple)) and len(spec) == 2):
+        raise ValueError(f"model_index.json entry {name!r} must be [library, class], got {spec!r}")
+    library, class_name = spec
+    folder = Path(model_path) / name
+    if not folder.is_dir():
+        raise FileNotFoundError(f"component folder for {name!r} not found: {folder}")
+    entry = resolve_model(class_name, library)
+    dtype = (fastvideo_args.torch_vae_dtype if name in _VAE_COMPONENTS
+             else fastvideo_args.torch_dtype)
+    logger.info("loading %s (%s) from %s", name, class_name, folder)
+    if entry.library == "fastvideo":
+        return _load_fastvideo_model(entry, folder, fastvideo_args.device, dtype)
+    return _load_library_component(entry, folder, fastvideo_args.device, dtype)
+
+
+def _load_fastvideo_model(entry: ModelEntry, folder: Path, device: str,
+                          dtype: torch.dtype) -> nn.Module:
+    config = read_json(folder / "config.json")
+    cls = entry.load_class()
+    files = find_weight_files(folder)
+    with torch.device(device):
+        model = cls.from_config(config)
+    missing, unexpected = model.load_weights(iterate_weights(files))
+    if missing:
+        raise ValueError(
+            f"{folder}: {len(missing)} parameters of {entry.class_name} are missing from the "
+            f"checkpoint, e.g. {sorted(missing)[:5]}")
+    if unexpected:
+        logger.warning("%s: ignoring %d checkpoint tensors %s has no parameter for, e.g. %s",
+                       folder, len(unexpected), entry.class_name, sorted(unexpected)[:5])
+    model.to_compute_dtype(dtype) if hasattr(model, "to_compute_dtype") else model.to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def _load_library_component(entry: ModelEntry, folder: Path, device: str,
+                            dtype: torch.dtype) -> Any:
+    cls = entry.load_class()
+    if entry.class_name.endswith(("Tokenizer", "TokenizerFast", "Processor", "Scheduler")):
+        return cls.from_pretrained(folder)
+    # Fail on bad weight files with our message (naming the file) before the library tries.
+    for path in find_weight_files(folder):
+        if path.suffix == ".safetensors":
+            _check_safetensors_header(path)
+    try:
+        model = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise WeightFileError(f"cannot load {entry.class_name} from {folder}: {e}") from e
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _check_safetensors_header(path: Path) -> None:
+    # Opening parses the header and checks it against the file size (catches truncation)
+    # without reading the tensors.
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise WeightFileError(f"cannot read safetensors file {path}: {e}") from None

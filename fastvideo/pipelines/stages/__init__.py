@@ -1,0 +1,16 @@
+"""The stages pipelines are built from, one file per kind."""
+
+from fastvideo.pipelines.stages.base import PipelineStage, StageContractError
+from fastvideo.pipelines.stages.decoding import DecodingStage
+from fastvideo.pipelines.stages.denoising import DenoisingStage
+from fastvideo.pipelines.stages.geometry import LatentGeometry
+from fastvideo.pipelines.stages.input_validation import InputValidationStage
+from fastvideo.pipelines.stages.latent_preparation import LatentPreparationStage
+from fastvideo.pipelines.stages.text_encoding import T5EncodingStage
+from fastvideo.pipelines.stages.timestep_preparation import TimestepPreparationStage
+
+__all__ = [
+    "DecodingStage", "DenoisingStage", "InputValidationStage", "LatentGeometry",
+    "LatentPreparationStage", "PipelineStage", "StageContractError", "T5EncodingStage",
+    "TimestepPreparationStage",
+]

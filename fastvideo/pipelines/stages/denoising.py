@@ -1,0 +1,88 @@
+"""DenoisingStage: the diffusion loop, with classifier-free guidance and resumable state."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fastvideo.fastvideo_args import FastVideoArgs
+from fastvideo.models.schedulers.state import get_scheduler_state, load_scheduler_state
+from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.pipelines.stages.base import PipelineStage
+
+logger = logging.getLogger(__name__)
+
+SCHEDULER_STATE_KEY = "scheduler_state"
+StepCallback = Callable[[ForwardBatch, int, int], None]
+
+
+class DenoisingStage(PipelineStage):
+    """Runs the DiT over the remaining timesteps, starting at `batch.step_index`.
+
+    The scheduler is re-initialised from the batch on every call (it may run in a
+    different process from the stage that chose the timesteps), and when
+    `batch.extra["scheduler_state"]` is present (a resumed run) its multistep history is
+    restored, so a resumed loop ends with the same latents as an uninterrupted one.
+    `on_step_end(batch, step, total)` is called after every step with the scheduler
+    state stored in the batch; a caller uses it to checkpoint or report progress.
+    """
+
+    reads = ("prompt_embeds", "latents", "timesteps")
+    writes = ("latents",)
+
+    def __init__(self, transformer: Any, scheduler: Any,
+                 on_step_end: StepCallback | None = None) -> None:
+        self.transformer = transformer
+        self.scheduler = scheduler
+        self.on_step_end = on_step_end
+
+    def _prepare_scheduler(self, batch: ForwardBatch, device: str) -> None:
+        self.scheduler.set_timesteps(batch.num_inference_steps, device=device)
+        expected = batch.timesteps.to(self.scheduler.timesteps.device)
+        if not torch.equal(self.scheduler.timesteps, expected):
+            raise ValueError(
+                "the scheduler's timesteps differ from ForwardBatch.timesteps; "
+                "was the batch prepared with a different scheduler or step count?")
+        self.scheduler.set_begin_index(0)
+        state = batch.extra.get(SCHEDULER_STATE_KEY)
+        if batch.step_index > 0:
+            if state is None:
+                raise ValueError(
+                    f"batch resumes at step {batch.step_index} but has no "
+                    f"extra[{SCHEDULER_STATE_KEY!r}] to restore the scheduler from")
+            load_scheduler_state(self.scheduler, state, device)
+
+    def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
+        if batch.do_classifier_free_guidance and batch.negative_prompt_embeds is None:
+            raise ValueError(
+                f"guidance_scale={batch.guidance_scale} > 1 needs negative_prompt_embeds")
+        device = fastvideo_args.device
+        dtype = fastvideo_args.torch_dtype
+        self._prepare_scheduler(batch, device)
+        timesteps = batch.timesteps.to(device)
+        latents = batch.latents.to(device)
+        prompt_embeds = batch.prompt_embeds.to(device, dtype)
+        negative_embeds = (batch.negative_prompt_embeds.to(device, dtype)
+                           if batch.do_classifier_free_guidance else None)
+        total = len(timesteps)
+        for i in range(batch.step_index, total):
+            t = timesteps[i]
+            model_input = latents.to(dtype)
+            timestep = t.expand(latents.shape[0])
+            noise_pred = self.transformer(hidden_states=model_input, timestep=timestep,
+                                          encoder_hidden_states=prompt_embeds)
+            if negative_embeds is not None:
+                noise_uncond = self.transformer(hidden_states=model_input, timestep=timestep,
+                                                encoder_hidden_states=negative_embeds)
+                noise_pred = noise_uncond + batch.guidance_scale * (noise_pred - noise_uncond)
+            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            batch.latents = latents
+            batch.step_index = i + 1
+            if self.on_step_end is not None:
+                batch.extra[SCHEDULER_STATE_KEY] = get_scheduler_state(self.scheduler)
+                self.on_step_end(batch, i + 1, total)
+        batch.extra.pop(SCHEDULER_STATE_KEY, None)
+        return batch

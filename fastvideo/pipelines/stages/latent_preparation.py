@@ -1,0 +1,34 @@
+"""LatentPreparationStage: the initial noise, drawn exactly as the reference draws it."""
+
+from __future__ import annotations
+
+import torch
+
+from fastvideo.fastvideo_args import FastVideoArgs
+from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.pipelines.stages.base import PipelineStage
+from fastvideo.pipelines.stages.geometry import LatentGeometry
+
+
+class LatentPreparationStage(PipelineStage):
+    """Float32 `randn` of shape (B, C, T, H, W) from a CPU generator seeded with `seed`.
+
+    Drawing on the CPU makes the noise, and so the video, the same on every device.
+    """
+
+    reads = ("prompt",)
+    writes = ("latents",)
+
+    def __init__(self, geometry: LatentGeometry) -> None:
+        self.geometry = geometry
+
+    def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
+        if batch.latents is not None:
+            return batch
+        shape = self.geometry.latent_shape(batch.batch_size, batch.height, batch.width,
+                                           batch.num_frames)
+        generator = torch.Generator("cpu").manual_seed(batch.seed)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        batch.latents = noise.to(fastvideo_args.device)
+        batch.step_index = 0
+        return batch

@@ -1,0 +1,37 @@
+"""Wan2.1 text-to-video."""
+
+from __future__ import annotations
+
+from fastvideo.fastvideo_args import FastVideoArgs
+from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
+from fastvideo.pipelines.stages import (
+    DecodingStage,
+    DenoisingStage,
+    InputValidationStage,
+    LatentGeometry,
+    LatentPreparationStage,
+    T5EncodingStage,
+    TimestepPreparationStage,
+)
+
+
+class WanPipeline(ComposedPipelineBase):
+    _required_config_modules = ["text_encoder", "tokenizer", "vae", "transformer", "scheduler"]
+
+    def initialize_pipeline(self, fastvideo_args: FastVideoArgs) -> None:
+        self.geometry = LatentGeometry.from_configs(
+            self.get_module("vae").config, self.get_module("transformer").config)
+
+    def create_pipeline_stages(self, fastvideo_args: FastVideoArgs) -> None:
+        self.add_stage("input_validation_stage", InputValidationStage(self.geometry))
+        self.add_stage("text_encoding_stage", T5EncodingStage(
+            text_encoder=self.get_module("text_encoder"), tokenizer=self.get_module("tokenizer")))
+        self.add_stage("timestep_preparation_stage",
+                       TimestepPreparationStage(scheduler=self.get_module("scheduler")))
+        self.add_stage("latent_preparation_stage", LatentPreparationStage(self.geometry))
+        self.add_stage("denoising_stage", DenoisingStage(
+            transformer=self.get_module("transformer"), scheduler=self.get_module("scheduler")))
+        self.add_stage("decoding_stage", DecodingStage(vae=self.get_module("vae")))
+
+
+EntryClass = WanPipeline

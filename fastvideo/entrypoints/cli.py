@@ -1,0 +1,90 @@
+"""The `fastvideo` command: `generate` videos, `make-tiny-model` for tests and demos."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+
+from fastvideo.fastvideo_args import FastVideoArgs, SamplingParam
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
+    """One `--option-name` per dataclass field, typed from its default; help from the field."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        arg_type = type(default) if default is not None else str
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=arg_type, default=None,
+                            help=f"default: {default}")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastvideo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate videos from prompts")
+    gen.add_argument("--model-path", required=True, help="Diffusers-format model folder")
+    gen.add_argument("--prompt", action="append", required=True,
+                     help="prompt text; repeat for several videos")
+    gen.add_argument("--output-path", required=True, help="folder for the mp4 files")
+    gen.add_argument("--fps", type=int, default=16)
+    _add_dataclass_options(gen, SamplingParam, skip=set())
+    engine = gen.add_argument_group("engine options")
+    engine.add_argument("--device", default=None)
+    engine.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16")
+    engine.add_argument("--num-gpus", type=int, default=1)
+    engine.add_argument("--sp-size", type=int, default=None)
+    engine.add_argument("--tp-size", type=int, default=1)
+    engine.add_argument("--attention-backend", default=None)
+
+    tiny = sub.add_parser("make-tiny-model",
+                          help="write a tiny random-weight Wan2.1 T2V checkpoint (Diffusers format)")
+    tiny.add_argument("--output", required=True, help="folder to write")
+    tiny.add_argument("--scheduler", choices=["unipc", "euler"], default="unipc")
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fastvideo.entrypoints.video_generator import VideoGenerator
+
+    engine_fields = {f.name for f in dataclasses.fields(FastVideoArgs)} - {"model_path"}
+    engine = {k: v for k, v in vars(args).items() if k in engine_fields and v is not None}
+    sampling = {k: v for k, v in vars(args).items()
+                if k in SamplingParam.option_names() and v is not None}
+    negative = sampling.pop("negative_prompt", None)
+    generator = VideoGenerator.from_pretrained(args.model_path, **engine)
+    for prompt in args.prompt:
+        result = generator.generate_video(prompt, negative_prompt=negative,
+                                          output_path=args.output_path, fps=args.fps, **sampling)
+        total = sum(result.timings.values())
+        print(f"{result.video_path}  ({total:.1f} s)")
+    return 0
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from fastvideo.testing.tiny_wan import TinyWanConfig, make_tiny_wan
+
+    path = make_tiny_wan(args.output, TinyWanConfig(scheduler=args.scheduler, seed=args.seed))
+    print(f"wrote a tiny Wan2.1 T2V checkpoint to {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        return _make_tiny_model(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Component loading: formats we accept, and errors that name the bad file or name."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastvideo.entrypoints.video_generator import VideoGenerator
+from fastvideo.fastvideo_args import FastVideoArgs
+from fastvideo.models.loader.component_loader import load_component, read_model_index
+from fastvideo.models.loader.weight_utils import WeightFileError, find_weight_files
+
+DIT_FILE = "diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture
+def ckpt(tiny_wan_path: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny checkpoint that a test may damage."""
+    return Path(shutil.copytree(tiny_wan_path, tmp_path / "ckpt"))
+
+
+def _args(path: Path) -> FastVideoArgs:
+    return FastVideoArgs(model_path=str(path), device="cpu")
+
+
+def _load(path: Path, name: str):
+    return load_component(name, read_model_index(path)[name], path, _args(path))
+
+
+def _edit_index(path: Path, **changes) -> None:
+    index_path = path / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index.update(changes)
+    index_path.write_text(json.dumps(index))
+
+
+def test_unknown_pipeline_class_name(ckpt: Path) -> None:
+    _edit_index(ckpt, _class_name="FooVideoPipeline")
+    with pytest.raises(ValueError, match=r"unknown pipeline 'FooVideoPipeline'; known pipelines: .*WanPipeline"):
+        VideoGenerator.from_pretrained(ckpt, device="cpu")
+
+
+def test_unknown_component_class(ckpt: Path) -> None:
+    _edit_index(ckpt, vae=["diffusers", "AutoencoderKLFoo"])
+    with pytest.raises(ValueError, match=r"unknown model class 'AutoencoderKLFoo'.*known classes: .*AutoencoderKLWan"):
+        VideoGenerator.from_pretrained(ckpt, device="cpu")
+
+
+def test_missing_model_index(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "model_index.json")):
+        VideoGenerator.from_pretrained(tmp_path, device="cpu")
+
+
+def test_missing_component_folder(ckpt: Path) -> None:
+    shutil.rmtree(ckpt / "vae")
+    with pytest.raises(FileNotFoundError, match=f"component folder for 'vae' not found: {ckpt / 'vae'}"):
+        VideoGenerator.from_pretrained(ckpt, device="cpu")
+
+
+def test_missing_weight_file(ckpt: Path) -> None:
+    os.remove(ckpt / "transformer" / DIT_FILE)
+    with pytest.raises(WeightFileError, match=f"no weight files .* in {ckpt / 'transformer'}"):
+        _load(ckpt, "transformer")
+
+
+@pytest.mark.parametrize(("component", "file_name"), [
+    ("transformer", DIT_FILE),            # our own model's loader
+    ("text_encoder", "model.safetensors"),  # loaded through transformers
+])
+def test_truncated_safetensors_names_the_file(ckpt: Path, component: str, file_name: str) -> None:
+    path = ckpt / component / file_name
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightFileError, match=str(path)):
+        _load(ckpt, component)
+
+
+def test_garbage_safetensors_header_names_the_file(ckpt: Path) -> None:
+    path = ckpt / "transformer" / DIT_FILE
+    path.write_bytes(b"\xff" * 64)
+    with pytest.raises(WeightFileError, match=str(path)):
+        _load(ckpt, "transformer")
+
+
+def test_sharded_checkpoint_loads_like_single_file(ckpt: Path) -> None:
+    folder = ckpt / "transformer"
+    state = load_file(folder / DIT_FILE)
+    names = sorted(state)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half],
+              "model-00002-of-00002.safetensors": names[half:]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, folder / shard)
+    (folder / f"{DIT_FILE}.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}))
+    reference = _load(ckpt, "transformer")
+    os.remove(folder / DIT_FILE)
+    assert [p.name for p in find_weight_files(folder)] == sorted(shards)
+    sharded = _load(ckpt, "transformer")
+    for (name, a), (_, b) in zip(reference.state_dict().items(), sharded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_missing_shard_is_named(ckpt: Path) -> None:
+    folder = ckpt / "transformer"
+    (folder / f"{DIT_FILE}.index.json").write_text(json.dumps(
+        {"weight_map": {"x": "model-00009-of-00009.safetensors"}}))
+    with pytest.raises(WeightFileError, match="model-00009-of-00009.safetensors"):
+        _load(ckpt, "transformer")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this pickle runs code",))
+
+
+def test_pickle_with_code_is_refused(ckpt: Path) -> None:
+    folder = ckpt / "transformer"
+    os.remove(folder / DIT_FILE)
+    torch.save({"weight": _RunsCode()}, folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(WeightFileError, match=r"refusing to load .*diffusion_pytorch_model.bin.*weights_only=True"):
+        _load(ckpt, "transformer")
+
+
+def test_plain_tensor_pickle_loads_with_weights_only(ckpt: Path) -> None:
+    folder = ckpt / "transformer"
+    reference = _load(ckpt, "transformer")
+    torch.save(load_file(folder / DIT_FILE), folder / "diffusion_pytorch_model.bin")
+    os.remove(folder / DIT_FILE)
+    loaded = _load(ckpt, "transformer")
+    for (name, a), (_, b) in zip(reference.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name

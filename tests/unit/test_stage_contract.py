@@ -1,0 +1,53 @@
+"""Stages check the ForwardBatch fields they read and write, and time themselves."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastvideo.fastvideo_args import FastVideoArgs
+from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.pipelines.stages import (
+    DecodingStage,
+    DenoisingStage,
+    PipelineStage,
+    StageContractError,
+)
+
+ARGS = FastVideoArgs(model_path="unused", device="cpu")
+
+
+class ForgetfulStage(PipelineStage):
+    reads = ("prompt",)
+    writes = ("latents",)
+
+    def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
+        return batch
+
+
+def test_missing_input_field_is_named() -> None:
+    stage = DenoisingStage(transformer=None, scheduler=None)
+    stage.stage_name = "denoising_stage"
+    with pytest.raises(StageContractError,
+                       match=r"denoising_stage needs ForwardBatch.prompt_embeds, which is not set"):
+        stage(ForwardBatch(prompt=["x"]), ARGS)
+
+
+def test_decoding_without_latents_names_the_field() -> None:
+    with pytest.raises(StageContractError, match=r"DecodingStage needs ForwardBatch.latents"):
+        DecodingStage(vae=None)(ForwardBatch(prompt=["x"]), ARGS)
+
+
+def test_unwritten_output_field_is_named() -> None:
+    with pytest.raises(StageContractError,
+                       match=r"ForgetfulStage was expected to set ForwardBatch.latents"):
+        ForgetfulStage()(ForwardBatch(prompt=["x"]), ARGS)
+
+
+def test_declared_fields_exist_on_the_batch() -> None:
+    from fastvideo.pipelines import stages
+
+    names = set(ForwardBatch.field_names())
+    for stage_cls in (getattr(stages, n) for n in stages.__all__):
+        if isinstance(stage_cls, type) and issubclass(stage_cls, PipelineStage):
+            assert set(stage_cls.reads) <= names, stage_cls
+            assert set(stage_cls.writes) <= names, stage_cls

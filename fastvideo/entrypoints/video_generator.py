@@ -43,23 +43,49 @@ def build_pipeline(fastvideo_args: FastVideoArgs,
 
 
 class VideoGenerator:
-    """Generates videos from prompts with a pipeline loaded once."""
+    """Generates videos from prompts with a pipeline loaded once.
 
-    def __init__(self, pipeline: ComposedPipelineBase, fastvideo_args: FastVideoArgs) -> None:
-        self.pipeline = pipeline
+    With `num_gpus == 1` the pipeline runs in this process. With more, N worker
+    processes (one per GPU; CPU processes on gloo without GPUs) each load it and run
+    every call together; `shutdown()` (or leaving a `with` block) stops them.
+    """
+
+    def __init__(self, fastvideo_args: FastVideoArgs,
+                 pipeline: ComposedPipelineBase | None = None) -> None:
         self.fastvideo_args = fastvideo_args
+        self.pipeline = pipeline
+        self.executor = None
+        if pipeline is None:
+            start = time.perf_counter()
+            if fastvideo_args.num_gpus > 1:
+                from fastvideo.worker.multiproc_executor import MultiprocExecutor
+
+                self.executor = MultiprocExecutor(fastvideo_args)
+            else:
+                self.pipeline = build_pipeline(fastvideo_args)
+            logger.info("loaded %s on %d process(es) in %.1f s", fastvideo_args.model_path,
+                        fastvideo_args.num_gpus, time.perf_counter() - start)
 
     @classmethod
     def from_pretrained(cls, model_path: str | Path, **engine_options: Any) -> VideoGenerator:
         """Load a Diffusers-format model; `engine_options` are `FastVideoArgs` fields."""
-        args = FastVideoArgs(model_path=str(model_path), **engine_options)
-        if args.num_gpus > 1:
-            raise NotImplementedError("num_gpus > 1 needs the multi-process executor")
-        start = time.perf_counter()
-        pipeline = build_pipeline(args)
-        logger.info("loaded %s from %s in %.1f s", type(pipeline).__name__, model_path,
-                    time.perf_counter() - start)
-        return cls(pipeline, args)
+        return cls(FastVideoArgs(model_path=str(model_path), **engine_options))
+
+    def _forward(self, batch: ForwardBatch) -> ForwardBatch:
+        if self.executor is not None:
+            return self.executor.forward(batch)
+        return self.pipeline.forward(batch, self.fastvideo_args)
+
+    def shutdown(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown()
+            self.executor = None
+
+    def __enter__(self) -> VideoGenerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def generate_video(self, prompt: str | list[str], negative_prompt: str | None = None,
                        output_path: str | Path | None = None, fps: int = 16,
@@ -82,7 +108,7 @@ class VideoGenerator:
             num_inference_steps=params.num_inference_steps,
             guidance_scale=float(params.guidance_scale), seed=params.seed,
             max_sequence_length=params.max_sequence_length)
-        batch = self.pipeline.forward(batch, self.fastvideo_args)
+        batch = self._forward(batch)
         results = [
             GenerationResult(prompt=p, seed=params.seed, frames=batch.output[i],
                              latents=batch.latents[i].float().cpu(), timings=dict(batch.timings))
@@ -105,4 +131,4 @@ class VideoGenerator:
         else:
             paths = [output_path / video_file_name(r.prompt, r.seed) for r in results]
         for result, path in zip(results, paths):
-            result.video_path = str(write_mp4(result.frames, path, fps=fps))
+            result.video_path = str(write_mp4(result.frames, path, fps=fps).resolve())

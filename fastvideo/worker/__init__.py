@@ -1,0 +1,1 @@
+"""Running one pipeline across several processes (one per GPU, or CPU processes on gloo)."""

@@ -1,0 +1,141 @@
+"""Attention backend selection (argument > env var > layer default, with fallbacks) and layers."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvideo.attention import (
+    ATTENTION_BACKEND_ENV,
+    DistributedAttention,
+    LocalAttention,
+    _Backend,
+    get_attn_backend,
+)
+from fastvideo.attention import layer as attention_layer
+
+SDPA, FLASH, STA = _Backend.TORCH_SDPA, _Backend.FLASH_ATTN, _Backend.SLIDING_TILE_ATTN
+CUDA = torch.device("cuda")  # only named: selection never touches the device
+
+
+@pytest.fixture(autouse=True)
+def _no_env_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ATTENTION_BACKEND_ENV, raising=False)
+
+
+@pytest.fixture
+def flash_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make `import flash_attn` succeed, so FLASH_ATTN is available for bf16 on CUDA."""
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+
+
+@pytest.fixture
+def flash_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # makes the import raise ImportError
+
+
+def _select(supported: tuple[_Backend, ...], requested: str | None = None,
+            device: torch.device = CUDA) -> _Backend:
+    return get_attn_backend(64, torch.bfloat16, device, supported, requested).name
+
+
+@pytest.mark.usefixtures("flash_installed")
+def test_precedence_argument_then_env_then_layer_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _select((SDPA, FLASH)) is SDPA
+    assert _select((FLASH, SDPA)) is FLASH
+    monkeypatch.setenv(ATTENTION_BACKEND_ENV, "FLASH_ATTN")
+    assert _select((SDPA, FLASH)) is FLASH
+    assert _select((SDPA, FLASH), requested="TORCH_SDPA") is SDPA
+    monkeypatch.setenv(ATTENTION_BACKEND_ENV, "torch_sdpa")  # names are case-insensitive
+    assert _select((FLASH, SDPA)) is SDPA
+    assert _select((FLASH, SDPA), requested="flash_attn") is FLASH
+
+
+@pytest.mark.usefixtures("flash_missing")
+def test_flash_without_package_falls_back_with_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.warns(UserWarning, match=r"FLASH_ATTN cannot run here \(package 'flash_attn'"):
+        assert _select((SDPA, FLASH), requested="FLASH_ATTN") is SDPA
+    monkeypatch.setenv(ATTENTION_BACKEND_ENV, "FLASH_ATTN")
+    with pytest.warns(UserWarning, match="flash_attn"):
+        assert _select((SDPA, FLASH)) is SDPA
+    with pytest.warns(UserWarning, match="flash_attn"):  # also when it is the layer default
+        assert _select((FLASH, SDPA), requested=None) is SDPA
+
+
+@pytest.mark.usefixtures("flash_installed")
+def test_flash_falls_back_off_cuda_and_for_fp32() -> None:
+    with pytest.warns(UserWarning, match="device 'cpu'"):
+        assert _select((FLASH, SDPA), device=torch.device("cpu")) is SDPA
+    with pytest.warns(UserWarning, match="dtype torch.float32"):
+        assert get_attn_backend(64, torch.float32, CUDA, (FLASH, SDPA)).name is SDPA
+
+
+def test_sliding_tile_is_not_implemented_yet() -> None:
+    with pytest.warns(UserWarning, match="SLIDING_TILE_ATTN cannot run here .not implemented yet"):
+        assert _select((SDPA, STA), requested="SLIDING_TILE_ATTN") is SDPA
+
+
+def test_backend_the_layer_does_not_support_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ATTENTION_BACKEND_ENV, "SLIDING_TILE_ATTN")
+    with pytest.warns(UserWarning, match=rf"SLIDING_TILE_ATTN \({ATTENTION_BACKEND_ENV}\) is not "
+                                         r"supported by this layer"):
+        assert _select((SDPA, FLASH)) is SDPA
+
+
+def test_unknown_names_raise_listing_valid_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match=r"unknown attention backend 'XFORMERS'.*TORCH_SDPA.*"
+                                         r"FLASH_ATTN.*SLIDING_TILE_ATTN"):
+        _select((SDPA,), requested="XFORMERS")
+    monkeypatch.setenv(ATTENTION_BACKEND_ENV, "sdpa")
+    with pytest.raises(ValueError, match="unknown attention backend 'sdpa'"):
+        _select((SDPA,))
+
+
+@pytest.mark.usefixtures("flash_missing")
+def test_no_runnable_backend_raises() -> None:
+    with pytest.raises(ValueError, match="no attention backend can run.*FLASH_ATTN: package"):
+        _select((FLASH,))
+    with pytest.raises(ValueError, match="empty"):
+        _select(())
+
+
+def _qkv(seq_len: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(2, seq_len, 3, 8, generator=generator) for _ in range(3))
+
+
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         **kwargs)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("layer_cls", [LocalAttention, DistributedAttention])
+def test_layers_compute_attention_on_bshd(layer_cls: type[torch.nn.Module]) -> None:
+    q, k, v = _qkv()
+    out = layer_cls(3, 8)(q, k, v)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, _reference(q, k, v), atol=1e-6, rtol=0)
+    scaled_causal = layer_cls(3, 8, softmax_scale=0.5, causal=True)(q, k, v)
+    torch.testing.assert_close(scaled_causal, _reference(q, k, v, scale=0.5, is_causal=True),
+                               atol=1e-6, rtol=0)
+
+
+def test_layer_applies_env_choice_with_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ATTENTION_BACKEND_ENV, "FLASH_ATTN")
+    layer = LocalAttention(3, 8, supported_attention_backends=(SDPA, FLASH))
+    q, k, v = _qkv()
+    with pytest.warns(UserWarning, match="FLASH_ATTN cannot run here"):  # fp32 on CPU
+        out = layer(q, k, v)
+    torch.testing.assert_close(out, _reference(q, k, v), atol=1e-6, rtol=0)
+
+
+def test_distributed_attention_with_sequence_parallel_is_not_here_yet(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention_layer, "get_sp_world_size", lambda: 2)
+    with pytest.raises(NotImplementedError, match="sequence parallel"):
+        DistributedAttention(3, 8)(*_qkv())

@@ -1,0 +1,178 @@
+"""One DiT forward: our `WanTransformer3DModel` against diffusers', same weights, same process.
+
+    python benchmarks/bench_dit.py --config 1.3b --dtype bf16 --iters 10 --warmup 3 --compile
+    python benchmarks/bench_dit.py --config tiny --device cpu --dtype fp32 \
+        --height 64 --width 64 --frames 9 --text-len 16        # CPU smoke test
+
+Diffusers' model gets random weights and the fp32 islands `from_pretrained(torch_dtype=...)`
+would give it (`_keep_in_fp32_modules`); ours loads its state dict through `load_weights`.
+Timings alternate between the models after warm-up; the median is reported (CUDA events on
+GPU, wall clock on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastvideo.fastvideo_args import parse_dtype
+from fastvideo.models.dits.wanvideo import WanTransformer3DModel
+
+_COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16,
+               text_dim=4096, freq_dim=256, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+CONFIGS: dict[str, dict[str, Any]] = {
+    "1.3b": {**_COMMON, "num_layers": 30, "num_attention_heads": 12, "ffn_dim": 8960},
+    "14b": {**_COMMON, "num_layers": 40, "num_attention_heads": 40, "ffn_dim": 13824},
+    "tiny": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                 in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
+                 num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+                 rope_max_seq_len=64),
+}
+# Wan's VAE: 8x spatial, 4x temporal (first frame kept) compression.
+VAE_SPATIAL, VAE_TEMPORAL = 8, 4
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="1.3b")
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--text-len", type=int, default=512)
+    parser.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time diffusers under torch.compile")
+    parser.add_argument("--json-out", type=Path, help="write the results as JSON here")
+    return parser.parse_args()
+
+
+def build_models(config: dict[str, Any], device: torch.device,
+                 dtype: torch.dtype) -> tuple[nn.Module, WanTransformer3DModel]:
+    from diffusers import WanTransformer3DModel as DiffusersWan
+
+    # Created directly in `dtype` on the device: a 14B model would not fit twice in fp32.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            reference = DiffusersWan(**config).eval()
+            ours = WanTransformer3DModel.from_config(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    for name, param in reference.named_parameters():
+        if any(part in reference._keep_in_fp32_modules for part in name.split(".")):
+            param.data = param.data.float()
+    # Cast first, so the fp32-kept parameters receive diffusers' fp32 values unrounded.
+    ours.to_compute_dtype(dtype)
+    missing, unexpected = ours.load_weights(reference.state_dict().items())
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not match: missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+    return reference, ours
+
+
+def make_inputs(config: dict[str, Any], args: argparse.Namespace, device: torch.device,
+                dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    if (args.frames - 1) % VAE_TEMPORAL or args.height % VAE_SPATIAL or args.width % VAE_SPATIAL:
+        raise ValueError(f"frames must be 4k+1 and height/width multiples of {VAE_SPATIAL}")
+    latent_shape = (1, config["in_channels"], (args.frames - 1) // VAE_TEMPORAL + 1,
+                    args.height // VAE_SPATIAL, args.width // VAE_SPATIAL)
+    generator = torch.Generator(device).manual_seed(0)
+    return {
+        "hidden_states": torch.randn(latent_shape, generator=generator, device=device, dtype=dtype),
+        "encoder_hidden_states": torch.randn(1, args.text_len, config["text_dim"],
+                                             generator=generator, device=device, dtype=dtype),
+        # What WanPipeline passes: the scheduler's fp32 timestep, one per sample.
+        "timestep": torch.tensor([999.0], device=device),
+    }
+
+
+def time_once(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+    """Milliseconds of one call."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def peak_memory_gib(fn: Callable[[], torch.Tensor], device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def main() -> None:
+    args = parse_args()
+    device, dtype = torch.device(args.device), parse_dtype(args.dtype)
+    config = CONFIGS[args.config]
+    reference, ours = build_models(config, device, dtype)
+    inputs = make_inputs(config, args, device, dtype)
+
+    runs: dict[str, Callable[[], torch.Tensor]] = {
+        "diffusers": lambda: reference(**inputs, return_dict=False)[0],
+        "ours": lambda: ours(**inputs),
+    }
+    if args.compile:
+        compiled = torch.compile(reference)
+        runs["diffusers_compiled"] = lambda: compiled(**inputs, return_dict=False)[0]
+
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.inference_mode():
+        outputs = {name: fn() for name, fn in runs.items()}
+        memory = {name: peak_memory_gib(fn, device) for name, fn in runs.items()}
+        for _ in range(args.warmup):
+            for fn in runs.values():
+                time_once(fn, device)
+        for _ in range(args.iters):  # interleaved, so clock drift hits every model alike
+            for name, fn in runs.items():
+                times[name].append(time_once(fn, device))
+
+    median_ms = {name: statistics.median(t) for name, t in times.items()}
+    expected = outputs["diffusers"].float()
+    result = {
+        "config": args.config, "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda" else "cpu", "torch": torch.__version__, "dtype": str(dtype),
+        "latent_shape": list(inputs["hidden_states"].shape), "text_len": args.text_len,
+        "iters": args.iters, "warmup": args.warmup, "median_ms": median_ms,
+        "all_ms": times, "peak_memory_gib": memory,
+        "ratio_ours_over_diffusers": median_ms["ours"] / median_ms["diffusers"],
+        "max_abs_diff": (outputs["ours"].float() - expected).abs().max().item(),
+        "max_abs_output": expected.abs().max().item(),
+    }
+    if args.compile:
+        result["ratio_ours_over_diffusers_compiled"] = (
+            median_ms["ours"] / median_ms["diffusers_compiled"])
+    for name, ms in median_ms.items():
+        mem = f", peak {memory[name]:.2f} GiB" if memory[name] is not None else ""
+        print(f"{name:>20}: {ms:9.2f} ms (median of {args.iters}){mem}")
+    print(f"ours / diffusers eager: {result['ratio_ours_over_diffusers']:.3f}")
+    if args.compile:
+        print(f"ours / diffusers compiled: {result['ratio_ours_over_diffusers_compiled']:.3f}")
+    print(f"max |ours - diffusers| = {result['max_abs_diff']:.3e} "
+          f"(max |output| = {result['max_abs_output']:.3f})")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

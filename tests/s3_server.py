@@ -130,6 +130,8 @@ class S3Server:
             f"-s3.localSocket={self._workdir / 's3.sock'}",
             f"-filer.localSocket={self._workdir / 'filer.sock'}",
             "-master.telemetry=false",
+            # Each bucket is a collection that grows several volumes; 8 (the default) run out.
+            "-volume.max=1000",
             "-master.volumeSizeLimitMB=256",
             *(f"-{flag}={port}" for flag, port in ports.items()),
         ]

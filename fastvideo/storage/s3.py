@@ -19,7 +19,14 @@ from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from fastvideo.storage.base import ArtifactStore, check_key
 from fastvideo.storage.errors import ObjectNotFoundError, StoreError, StoreUnavailableError
@@ -36,6 +43,8 @@ _ACCESS_DENIED_CODES = frozenset(
     }
 )
 _MISSING_KEY_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+# Refused, timed out, dropped mid-transfer: the network, not the request, is at fault.
+_TRANSIENT_ERRORS = (BotoConnectionError, HTTPClientError, IncompleteReadError)
 _TRANSIENT_CODES = frozenset(
     {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling"}
 )
@@ -165,7 +174,7 @@ class S3Store(ArtifactStore):
                 f"no AWS credentials for {bucket}: set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role"
             )
-        if isinstance(exc, HTTPClientError):  # refused, timed out, connection dropped
+        if isinstance(exc, _TRANSIENT_ERRORS):
             return StoreUnavailableError(
                 f"S3 endpoint {self.endpoint_url} unreachable for {what} ({type(exc).__name__})"
             )

@@ -82,7 +82,7 @@ class LocalStore(ArtifactStore):
 
     def list(self, prefix: str = "") -> list[str]:
         # Walk only the folder the prefix points into; the rest is a string-prefix filter.
-        start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        start = self.root / check_key(prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
         keys = []
         for dirpath, _, filenames in os.walk(start):
             rel_dir = Path(dirpath).relative_to(self.root).as_posix()

@@ -56,6 +56,11 @@ def test_invalid_keys_rejected(local_store: LocalStore, key: str) -> None:
         local_store.put_bytes(key, b"x")
 
 
+def test_list_cannot_escape_the_root(local_store: LocalStore) -> None:
+    with pytest.raises(ValueError, match="invalid store key"):
+        local_store.list("../")
+
+
 def test_open_store_local_forms(tmp_path: Path) -> None:
     plain = open_store(tmp_path / "s")
     assert isinstance(plain, LocalStore) and plain.root == (tmp_path / "s").resolve()

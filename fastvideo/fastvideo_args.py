@@ -62,10 +62,10 @@ class FastVideoArgs:
             self.sp_size = self.num_gpus
         if self.tp_size < 1 or self.sp_size < 1:
             raise ValueError(f"tp_size and sp_size must be >= 1, got {self.tp_size}, {self.sp_size}")
-        if self.num_gpus % self.sp_size or self.num_gpus % self.tp_size:
+        if self.num_gpus % (self.sp_size * self.tp_size):
             raise ValueError(
-                f"num_gpus={self.num_gpus} must be a multiple of sp_size={self.sp_size} "
-                f"and tp_size={self.tp_size}")
+                f"num_gpus={self.num_gpus} must be a multiple of sp_size x tp_size "
+                f"({self.sp_size} x {self.tp_size})")
         if self.dtype is None:
             self.dtype = "float32" if self.device == "cpu" else "bfloat16"
         parse_dtype(self.dtype)

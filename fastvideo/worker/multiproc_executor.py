@@ -20,8 +20,19 @@ from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
 from fastvideo.worker.worker_process import READY, SHUTDOWN, worker_main
 
 
+_ERROR_GRACE_S = 10.0
+
+
 class WorkerError(RuntimeError):
-    """A worker process failed or died; the message says which and why."""
+    """A worker process failed or died; the message says which and why.
+
+    `workers_usable` is True when every worker reported the same kind of failure and
+    they are still in step (a rejected request), False when they had to be stopped.
+    """
+
+    def __init__(self, message: str, workers_usable: bool = False) -> None:
+        super().__init__(message)
+        self.workers_usable = workers_usable
 
 
 def _free_port() -> int:
@@ -50,7 +61,7 @@ class MultiprocExecutor:
         try:
             self._collect(startup_timeout_s, expected=READY)
         except BaseException:
-            self.shutdown()
+            self.shutdown(graceful=False)
             raise
 
     def forward(self, batch: ForwardBatch, timeout_s: float | None = None) -> ForwardBatch:
@@ -59,43 +70,71 @@ class MultiprocExecutor:
             conn.send(batch)
         try:
             return self._collect(timeout_s, expected="ok")[0]
+        except WorkerError as e:
+            if not e.workers_usable:
+                # Survivors may be blocked in a collective with a dead worker: kill them.
+                self.shutdown(graceful=False)
+            raise
         except BaseException:
-            self.shutdown()
+            self.shutdown(graceful=False)
             raise
 
     def _collect(self, timeout_s: float | None, expected: str) -> list[Any]:
+        """Wait for one answer per worker; raise `WorkerError` on a death or an error.
+
+        When a worker reports an error, the others get a short grace period to report
+        theirs: if all answer (e.g. every rank rejected the same bad request) the
+        workers stay usable; otherwise some are stuck and the caller kills them.
+        """
         results: dict[int, Any] = {}
+        errors: dict[int, str] = {}
         sentinels = {proc.sentinel: rank for rank, proc in enumerate(self._procs)}
         pending = {conn: rank for rank, conn in enumerate(self._conns)}
         while pending:
-            ready = wait(list(pending) + list(sentinels), timeout=timeout_s)
+            wait_s = timeout_s if not errors else min(timeout_s or _ERROR_GRACE_S, _ERROR_GRACE_S)
+            ready = wait(list(pending) + list(sentinels), timeout=wait_s)
             if not ready:
+                if errors:
+                    break
                 raise WorkerError(f"workers {sorted(pending.values())} did not answer "
                                   f"within {timeout_s} s")
             # Messages first: a worker that reports an error and exits is not "died".
             for conn in [obj for obj in ready if obj in pending]:
                 rank = pending.pop(conn)
-                status, payload = conn.recv()
+                try:
+                    status, payload = conn.recv()
+                except EOFError:
+                    raise self._died(rank) from None
                 if status == "error":
-                    raise WorkerError(f"worker {rank} failed:\n{payload}")
-                assert status == expected, (status, expected)
-                results[rank] = payload
+                    errors[rank] = payload
+                else:
+                    assert status == expected, (status, expected)
+                    results[rank] = payload
             for sentinel in [obj for obj in ready if obj in sentinels]:
-                proc = self._procs[sentinels[sentinel]]
-                proc.join(0.1)
-                raise WorkerError(
-                    f"worker {sentinels[sentinel]} (pid {proc.pid}) died with exit code "
-                    f"{proc.exitcode}; all {self.num_workers} workers are stopped")
+                raise self._died(sentinels[sentinel])
+        if errors:
+            rank = min(errors)
+            summary = errors[rank].strip().splitlines()[-1]
+            raise WorkerError(f"worker {rank} failed: {summary}\n{errors[rank]}",
+                              workers_usable=not pending)
         return [results[r] for r in range(self.num_workers)]
 
-    def shutdown(self) -> None:
-        """Stop the workers: politely, then by force. Safe to call twice."""
-        for conn in self._conns:
+    def _died(self, rank: int) -> WorkerError:
+        proc = self._procs[rank]
+        proc.join(1.0)
+        return WorkerError(f"worker {rank} (pid {proc.pid}) died with exit code {proc.exitcode}; "
+                           f"all {self.num_workers} workers are stopped")
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop the workers: politely (unless `graceful` is False), then by force.
+
+        Safe to call twice."""
+        for conn in self._conns if graceful else ():
             try:
                 conn.send(SHUTDOWN)
             except (OSError, ValueError):
                 pass
-        for proc in self._procs:
+        for proc in self._procs if graceful else ():
             proc.join(timeout=5)
         for proc in self._procs:
             if proc.is_alive():

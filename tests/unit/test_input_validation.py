@@ -59,7 +59,7 @@ def test_bad_sampling_param_raises(fields: dict, message: str) -> None:
 @pytest.mark.parametrize(("fields", "message"), [
     ({"dtype": "fp8"}, r"unknown dtype 'fp8'; known: \["),
     ({"num_gpus": 0}, "num_gpus must be >= 1, got 0"),
-    ({"num_gpus": 4, "sp_size": 3}, "num_gpus=4 must be a multiple of sp_size=3"),
+    ({"num_gpus": 4, "sp_size": 3}, r"num_gpus=4 must be a multiple of sp_size x tp_size \(3 x 1\)"),
 ])
 def test_bad_engine_args_raise(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -101,12 +101,14 @@ class S3Server:
         self.startup_timeout_s = startup_timeout_s
         self._workdir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._grpc_ports: list[int] = []
         self.endpoint: S3Endpoint | None = None
 
     def start(self) -> S3Endpoint:
         assert self._proc is None, "server already started"
         self._workdir = Path(tempfile.mkdtemp(prefix="seaweedfs-"))
         ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
+        self._grpc_ports = [port for flag, port in ports.items() if flag.endswith(".grpc")]
         endpoint = S3Endpoint(
             endpoint_url=f"http://127.0.0.1:{ports['s3.port']}",
             access_key=f"AK{secrets.token_hex(8).upper()}",
@@ -137,8 +139,13 @@ class S3Server:
         ]
         log = open(self._workdir / "weed.log", "wb")  # noqa: SIM115 - closed with the process
         # Own process group: weed spawns helpers and ignores SIGTERM for a while.
+        # TMPDIR: weed writes its log files there; keep them in the workdir we delete.
         self._proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "TMPDIR": str(self._workdir)},
         )
         log.close()
         self.endpoint = endpoint
@@ -197,6 +204,11 @@ class S3Server:
                 except subprocess.TimeoutExpired:
                     continue
             self._proc = None
+        # weed binds gRPC unix sockets at a fixed /tmp path and leaves them behind when killed.
+        for port in self._grpc_ports:
+            for server in ("master", "volume", "filer", "s3"):
+                Path(f"/tmp/seaweedfs-{server}-grpc-{port}.sock").unlink(missing_ok=True)
+        self._grpc_ports = []
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None

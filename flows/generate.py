@@ -1,0 +1,93 @@
+"""Generate one video: the bulk pipeline's stages for a single request, with checkpoints.
+
+    python -m flows.generate --prompt "a red fox in the snow" --output outputs/one \
+        --model-path DIR [sampling options as in `fastvideo generate`] [run options]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from prefect import flow
+from prefect.runtime import flow_run
+from prefect.states import Completed, Failed, State
+
+from fastvideo.fastvideo_args import SamplingParam
+from flows.cli import add_options, given_options, local_path, prepare_environment, ui_hint
+from flows.pipeline import encode_negative, process_window
+from tasks.dataset import parse_rows
+from tasks.denoise import DenoiseDispatch
+from tasks.engine import prepare_run
+from tasks.items import Shard
+from tasks.manifest import SUCCEEDED, shard_rows
+
+
+@flow(name="generate", log_prints=True)
+def generate(
+    prompt: str,
+    output: str,
+    model_path: str,
+    negative_prompt: str | None = None,
+    height: int = 480,
+    width: int = 832,
+    num_frames: int = 81,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+    max_sequence_length: int = 512,
+    checkpoint_every: int = 5,
+    checkpoint_store: str | None = None,
+    denoise_dispatch: str = "inprocess",
+    nproc_per_node: int = 1,
+    denoise_deployment: str = "denoise-job/gpu-denoise",
+    remote_launcher: str = "inprocess",
+    device: str | None = None,
+    dtype: str | None = None,
+    fps: int = 16,
+) -> State:
+    """Generate one video for `prompt` into `<output>/videos/`; the result is its manifest row."""
+    output = local_path(output)
+    defaults = SamplingParam(negative_prompt=negative_prompt, height=height, width=width,
+                             num_frames=num_frames, num_inference_steps=num_inference_steps,
+                             guidance_scale=guidance_scale, seed=seed,
+                             max_sequence_length=max_sequence_length)
+    items, invalid = parse_rows([{"prompt": prompt, "seed": seed}], defaults)
+    if invalid:
+        return Failed(message=invalid[0].error)
+    ctx = prepare_run(model_path, local_path(checkpoint_store or output), output, defaults,
+                      checkpoint_every=checkpoint_every, device=device, dtype=dtype, fps=fps)
+    dispatch = DenoiseDispatch(mode=denoise_dispatch, nproc_per_node=nproc_per_node,
+                               deployment=denoise_deployment, remote_launcher=remote_launcher)
+    shard = Shard(index=0, items=tuple(items))
+    results = process_window([shard], ctx, encode_negative(ctx), dispatch)
+    row = shard_rows(shard, {stage: r[0] for stage, r in results.items()}, flow_run.id)[0]
+    if row["status"] != SUCCEEDED:
+        return Failed(message=f"{row['failed_stage']}: {row['error']}", data=row)
+    print(f"video: {row['video_uri']}")
+    return Completed(message=row["video_uri"], data=row)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.generate",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--output", required=True, help="output folder or s3://bucket/prefix")
+    parser.add_argument("--model-path", required=True, help="Diffusers-format model folder")
+    add_options(parser)
+    args = parser.parse_args(argv)
+    prepare_environment()
+    options = {k: v for k, v in given_options(args).items() if k not in ("shard_size", "concurrency")}
+    state = generate(prompt=args.prompt, output=args.output, model_path=args.model_path,
+                     **options, return_state=True)
+    row = state.result(raise_on_failure=False)
+    if isinstance(row, dict) and row.get("video_uri"):
+        print(f"\nvideo: {row['video_uri']}\ncheckpoints: {row['denoised_checkpoint_uri']} ...")
+    else:
+        print(f"\nthe run ended {state.name}: {state.message}", file=sys.stderr)
+    print(ui_hint(state.state_details.flow_run_id))
+    return 0 if state.is_completed() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

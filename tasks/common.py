@@ -1,0 +1,155 @@
+"""What every stage task shares: its Prefect options, its cache key, and the per-item loop.
+
+* **Cache key** from the task's inputs only (the shard's item specs, the run context, the
+  upstream references with their digests), never the flow run: a retried or re-started
+  run finds finished stages `Cached`. A shard with a failed item ends `Failed` (carrying
+  its results), so it is never cached and a rerun redoes it, reusing from the store
+  whatever its items had finished.
+* **Retries** only for `StoreUnavailableError` (a store that went away), with
+  exponential backoff; model math is deterministic and is not retried.
+* **Per item**: an output checkpoint already in the store that verifies is reused, so
+  a task re-run after a crash, or for a grown dataset, skips done work.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from prefect import Task, task
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import TaskRunContext
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+from prefect.runtime import task_run
+from prefect.states import Failed, State
+from prefect.tasks import exponential_backoff
+
+from fastvideo.entrypoints.denoise_worker import CorruptInputError, load_valid_checkpoint
+from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.storage import (
+    ArtifactStore,
+    StoreUnavailableError,
+    open_store,
+    retry_io,
+    write_checkpoint,
+)
+from tasks.items import ItemResult, ItemSpec, Shard, failure, to_jsonable
+
+# Bump when a task's output format changes, so old cache entries stop matching.
+CACHE_VERSION = 1
+# Task parameters that choose where work runs, not what it computes.
+_NOT_IN_CACHE_KEY = frozenset({"dispatch"})
+
+ItemWork = Callable[[ItemSpec, list[ItemResult]], ItemResult]
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a run (its lines show in the UI), a plain one outside."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("tasks")
+
+
+def shard_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """sha256 of the task name and its parameters (references carry their digests)."""
+    payload = {
+        "task": context.task.name,
+        "version": CACHE_VERSION,
+        "parameters": to_jsonable(
+            {k: v for k, v in parameters.items() if k not in _NOT_IN_CACHE_KEY}),
+    }
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return f"{context.task.name}-{hashlib.sha256(canonical.encode()).hexdigest()}"
+
+
+def retry_on_store_unavailable(task: Task[..., Any], task_run: TaskRun, state: State) -> bool:
+    """Retry a task only when the store was unreachable; never for model errors."""
+    return isinstance(state.result(raise_on_failure=False), StoreUnavailableError)
+
+
+def _task_run_name(stage: str) -> Callable[[], str]:
+    def name() -> str:
+        shard = task_run.parameters.get("shard")
+        return shard.label(stage) if isinstance(shard, Shard) else stage
+    return name
+
+
+def stage_task(stage: str, **options: Any) -> Callable[[Callable[..., Any]], Task[..., Any]]:
+    """`@task` with the options every stage task uses (see the module docstring)."""
+    defaults: dict[str, Any] = dict(
+        name=stage, task_run_name=_task_run_name(stage), cache_key_fn=shard_cache_key,
+        persist_result=True, result_serializer="json", retries=3,
+        retry_delay_seconds=exponential_backoff(backoff_factor=2),
+        retry_condition_fn=retry_on_store_unavailable)
+    return task(**{**defaults, **options})
+
+
+@functools.lru_cache(maxsize=16)
+def get_store(uri: str) -> ArtifactStore:
+    """The store a URI names, opened once per process (an S3 client is slow to make)."""
+    return retry_io(lambda: open_store(uri))
+
+
+def run_shard(stage: str, shard: Shard, upstream: Sequence[Sequence[ItemResult]],
+              work: ItemWork) -> list[ItemResult] | State:
+    """Apply `work(item, upstream results)` to every item whose upstream stages succeeded.
+
+    An item that failed upstream is passed on as it is; an exception fails only its item,
+    except `StoreUnavailableError`, which fails the task so Prefect retries it. Returns
+    the results, or a `Failed` state carrying them when an item failed in this stage.
+    """
+    logger = run_logger()
+    results: list[ItemResult] = []
+    for i, item in enumerate(shard.items):
+        inputs = [results_of_stage[i] for results_of_stage in upstream]
+        assert all(r.item_id == item.item_id for r in inputs), "upstream results out of order"
+        failed_before = next((r for r in inputs if not r.ok), None)
+        if failed_before is not None:
+            results.append(failed_before)
+            continue
+        try:
+            result = work(item, inputs)
+        except StoreUnavailableError:
+            raise
+        except CorruptInputError as exc:
+            logger.warning("%s item %s: %s", stage, item.item_id, exc)
+            result = failure(item.item_id, stage, str(exc), corrupt_input=exc.key)
+        except Exception as exc:  # one item's failure must not stop the shard
+            # Bad input is the request's fault and needs no traceback; anything else does.
+            logger.error("%s item %s failed: %s", stage, item.item_id, exc,
+                         exc_info=not isinstance(exc, ValueError))
+            result = failure(item.item_id, stage, f"{type(exc).__name__}: {exc}")
+        if result.ok:
+            how = "reused" if result.info.get("reused") else f"{result.seconds:.3f} s"
+            logger.info("%s item %s: %s -> %s", stage, item.item_id, how,
+                        result.ref.uri if result.ref else "-")
+        results.append(result)
+    return finish_shard(stage, results)
+
+
+def finish_shard(stage: str, results: list[ItemResult]) -> list[ItemResult] | State:
+    failed = [r for r in results if r.failed_stage == stage]
+    if not failed:
+        return results
+    return Failed(message=f"{len(failed)} of {len(results)} item(s) failed in {stage}; first: "
+                          f"{failed[0].item_id}: {failed[0].error}", data=results)
+
+
+def checkpointed(store: ArtifactStore, key: str, item_id: str, fields: Sequence[str],
+                 compute: Callable[[], tuple[ForwardBatch, float]]) -> ItemResult:
+    """Reuse the checkpoint under `key` if it verifies, else `compute()` and write it."""
+    existing = load_valid_checkpoint(store, key)
+    if existing is not None:
+        return ItemResult(item_id, ref=existing[0], info={"reused": True})
+    batch, seconds = compute()
+    start = time.perf_counter()
+    ref = retry_io(lambda: write_checkpoint(store, key, batch, fields))
+    return ItemResult(item_id, ref=ref, seconds=seconds,
+                      info={"write_s": round(time.perf_counter() - start, 4)})

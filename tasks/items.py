@@ -1,0 +1,117 @@
+"""What travels between tasks: item specs, shards, the run context, and per-item results.
+
+All of it is small, frozen and JSON-friendly: Prefect persists these (task results are
+the cache), never tensors, which stay in the artifact store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.storage import CheckpointRef
+
+# The per-item sampling options a dataset row may override (named as SamplingParam's).
+SAMPLING_FIELDS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale",
+                   "max_sequence_length")
+
+
+@dataclass(frozen=True)
+class ItemSpec:
+    """One video to make: the prompt and every option resolved (row value or run default)."""
+
+    item_id: str
+    prompt: str
+    negative_prompt: str
+    shared_negative: bool
+    """True when this item uses the run's negative prompt, whose embedding is computed once."""
+    seed: int
+    height: int
+    width: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+    max_sequence_length: int
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in SAMPLING_FIELDS}
+
+    def to_batch(self) -> ForwardBatch:
+        return ForwardBatch(prompt=[self.prompt], negative_prompt=[self.negative_prompt],
+                            seed=self.seed, request_id=self.item_id, **self.sampling)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The unit of one task run: a few items that share a model load."""
+
+    index: int
+    items: tuple[ItemSpec, ...]
+
+    def label(self, stage: str) -> str:
+        """Task run name: the stage, the shard, and the item for shards of one."""
+        name = f"{stage}-shard-{self.index:05d}"
+        return f"{name}-{self.items[0].item_id}" if len(self.items) == 1 else name
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage of a run shares; part of every task's cache key."""
+
+    model_path: str
+    model_fingerprint: str
+    store_uri: str
+    """Checkpoints go here (`checkpoints/<stage>/<key>`)."""
+    output_uri: str
+    """Videos go to `<output_uri>/videos/`."""
+    device: str
+    dtype: str
+    negative_prompt: str
+    """The run's shared negative prompt."""
+    max_sequence_length: int
+    checkpoint_every: int = 5
+    """Denoising saves latents + scheduler state every this many steps."""
+    fps: int = 16
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """One item after one stage: a reference to its output, or why there is none."""
+
+    item_id: str
+    ref: CheckpointRef | None = None
+    error: str | None = None
+    failed_stage: str | None = None
+    """The stage where the item failed (an earlier one when the failure was passed on)."""
+    corrupt_input: str | None = None
+    """Key of an input checkpoint found missing or corrupt: its producer must redo it."""
+    seconds: float = 0.0
+    """Engine time of the stage for this item (0 when its output was reused)."""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def failure(item_id: str, stage: str, error: str, corrupt_input: str | None = None) -> ItemResult:
+    return ItemResult(item_id, error=error, failed_stage=stage, corrupt_input=corrupt_input)
+
+
+def combined_digest(refs: list[CheckpointRef]) -> str:
+    """One digest for several input checkpoints (their digests in order)."""
+    return hashlib.sha256("|".join(r.digest for r in refs).encode()).hexdigest()
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses to dicts, tuples to lists, recursively (for cache keys and artifacts)."""
+    if hasattr(value, "__dataclass_fields__"):
+        return to_jsonable(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    return value

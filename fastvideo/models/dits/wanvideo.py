@@ -114,8 +114,8 @@ class FeedForward(nn.Module):
         return self.fc_out(self.act(self.fc_in(x)))
 
 
-class WanSelfAttention(nn.Module):
-    """Self-attention over all video tokens, with q/k RMSNorm across heads and 3D RoPE."""
+class _WanAttentionProjections(nn.Module):
+    """The q/k/v/out projections and the q/k RMSNorm across heads of every Wan attention."""
 
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
@@ -126,6 +126,13 @@ class WanSelfAttention(nn.Module):
         self.to_out = ReplicatedLinear(dim, dim)
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+
+
+class WanSelfAttention(_WanAttentionProjections):
+    """Self-attention over all video tokens, with q/k RMSNorm across heads and 3D RoPE."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__(dim, num_heads, eps)
         self.attn = DistributedAttention(num_heads, dim // num_heads,
                                          supported_attention_backends=_SELF_ATTN_BACKENDS)
 
@@ -137,19 +144,12 @@ class WanSelfAttention(nn.Module):
         return self.to_out(out.flatten(2))
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(_WanAttentionProjections):
     """Attention from video tokens to the text (and, for I2V, separately to the image) context."""
 
     def __init__(self, dim: int, num_heads: int, eps: float,
                  added_kv_proj_dim: int | None = None) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.to_q = ReplicatedLinear(dim, dim)
-        self.to_k = ReplicatedLinear(dim, dim)
-        self.to_v = ReplicatedLinear(dim, dim)
-        self.to_out = ReplicatedLinear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
+        super().__init__(dim, num_heads, eps)
         if added_kv_proj_dim is not None:
             self.add_k_proj = ReplicatedLinear(added_kv_proj_dim, dim)
             self.add_v_proj = ReplicatedLinear(added_kv_proj_dim, dim)

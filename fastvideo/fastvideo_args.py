@@ -54,6 +54,8 @@ class FastVideoArgs:
     """Force an attention backend by name (e.g. `"TORCH_SDPA"`); else the layer's default."""
     pipeline_name: str | None = None
     """Pipeline class to use; defaults to the `_class_name` in `model_index.json`."""
+    enable_torch_compile: bool = False
+    """Compile the DiT's repeated blocks with `torch.compile` (one compile per video shape)."""
 
     def __post_init__(self) -> None:
         if self.num_gpus < 1:

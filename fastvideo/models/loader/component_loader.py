@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from fastvideo.fastvideo_args import FastVideoArgs
+from fastvideo.models.compile import compile_repeated_blocks
 from fastvideo.models.loader.weight_utils import WeightFileError, find_weight_files, iterate_weights
 from fastvideo.models.registry import ModelEntry, resolve_model
 
@@ -59,7 +60,10 @@ def load_component(name: str, spec: list[str] | tuple[str, str], model_path: str
              else fastvideo_args.torch_dtype)
     logger.info("loading %s (%s) from %s", name, class_name, folder)
     if entry.library == "fastvideo":
-        return _load_fastvideo_model(entry, folder, fastvideo_args.device, dtype)
+        model = _load_fastvideo_model(entry, folder, fastvideo_args.device, dtype)
+        if fastvideo_args.enable_torch_compile and name == "transformer":
+            compile_repeated_blocks(model)
+        return model
     return _load_library_component(entry, folder, fastvideo_args.device, dtype)
 
 

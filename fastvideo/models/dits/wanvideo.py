@@ -18,9 +18,15 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastvideo.attention import DistributedAttention, LocalAttention, _Backend
+from fastvideo.distributed import (
+    get_sp_world_size,
+    sequence_model_parallel_all_gather,
+    sequence_model_parallel_shard,
+)
 from fastvideo.layers.activation import get_act_fn
 from fastvideo.layers.embeddings import MLPEmbedder, timestep_embedding
 from fastvideo.layers.layernorm import FP32LayerNorm, LayerNormScaleShift, RMSNorm
@@ -95,6 +101,14 @@ class WanTransformerConfig:
         return cls(**config)
 
 
+def _pad_to_multiple(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Zero-pad `x` along `dim` to a multiple of the sp size (`x` itself when it divides)."""
+    padding = -x.shape[dim] % get_sp_world_size()
+    if padding == 0:
+        return x
+    return F.pad(x, (0, 0) * (x.dim() - 1 - dim) + (0, padding))
+
+
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """`x + y * gate` in fp32 (gate is fp32), cast back to `x.dtype`: one `addcmul` pass where
     diffusers makes four."""
@@ -136,11 +150,14 @@ class WanSelfAttention(_WanAttentionProjections):
         self.attn = DistributedAttention(num_heads, dim // num_heads,
                                          supported_attention_backends=_SELF_ATTN_BACKENDS)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor,
+                num_tokens: int | None = None) -> torch.Tensor:
+        """`num_tokens`: real tokens of the whole (possibly padded, sharded) sequence."""
         q = self.norm_q(self.to_q(x)).unflatten(2, (self.num_heads, -1))
         k = self.norm_k(self.to_k(x)).unflatten(2, (self.num_heads, -1))
         v = self.to_v(x).unflatten(2, (self.num_heads, -1))
-        out = self.attn(apply_rotary_emb(q, freqs), apply_rotary_emb(k, freqs), v)
+        out = self.attn(apply_rotary_emb(q, freqs), apply_rotary_emb(k, freqs), v,
+                        valid_len=num_tokens)
         return self.to_out(out.flatten(2))
 
 
@@ -186,11 +203,14 @@ class WanTransformerBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, timestep_proj: torch.Tensor,
-                freqs: torch.Tensor, context_image: torch.Tensor | None = None) -> torch.Tensor:
-        """`x` `[B, S, D]`, `timestep_proj` `[B, 6, D]`, `freqs` complex `[S, head_dim / 2]`."""
+                freqs: torch.Tensor, context_image: torch.Tensor | None = None,
+                num_tokens: int | None = None) -> torch.Tensor:
+        """`x` `[B, S, D]`, `timestep_proj` `[B, 6, D]`, `freqs` complex `[S, head_dim / 2]`;
+        under sequence parallelism `S` is this rank's block and `num_tokens` the real tokens
+        of the whole padded sequence (None: no padding)."""
         shift, scale, gate, c_shift, c_scale, c_gate = (
             self.scale_shift_table + timestep_proj.float()).chunk(6, dim=1)
-        x = gated_residual(x, self.attn1(self.norm1(x, shift, scale), freqs), gate)
+        x = gated_residual(x, self.attn1(self.norm1(x, shift, scale), freqs, num_tokens), gate)
         h = x if self.norm2 is None else self.norm2(x.float()).to(x.dtype)
         x = x + self.attn2(h, context, context_image)
         return gated_residual(x, self.ffn(self.norm3(x, c_shift, c_scale)), c_gate)
@@ -342,12 +362,18 @@ class WanTransformer3DModel(nn.Module):
         temb, timestep_proj, context, context_image = self.condition_embedder(
             timestep, encoder_hidden_states, encoder_hidden_states_image)
 
-        # sequence-parallel seam: `x` [B, S, D] and `freqs` [S, ...] are the token sequence.
+        # Sequence parallel: each sp rank keeps one contiguous block of the tokens (padded to
+        # a multiple of the sp size), the text is replicated, and the output is gathered after
+        # `proj_out`, where it is narrowest. With one rank each step returns its input.
+        num_tokens = x.shape[1]
+        x = sequence_model_parallel_shard(_pad_to_multiple(x, 1), dim=1).contiguous()
+        freqs = sequence_model_parallel_shard(_pad_to_multiple(freqs, 0), dim=0)
         for block in self.blocks:
-            x = block(x, context, timestep_proj, freqs, context_image)
+            x = block(x, context, timestep_proj, freqs, context_image, num_tokens)
 
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = self.proj_out(self.norm_out(x, shift, scale))
+        x = sequence_model_parallel_all_gather(x, dim=1)[:, :num_tokens]
         return self._unpatchify(x, grid)
 
     def _token_grid(self, shape: torch.Size) -> tuple[int, int, int]:

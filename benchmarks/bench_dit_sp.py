@@ -1,0 +1,246 @@
+"""DiT forward under sequence parallelism: ours (Ulysses) against diffusers' context parallelism.
+
+    torchrun --nproc-per-node 4 benchmarks/bench_dit_sp.py --sp-sizes 1,2,4 --json-out sp.json
+    torchrun --nproc-per-node 4 benchmarks/bench_dit_sp.py --config 14b --height 720 \
+        --width 1280 --sp-sizes 4 --iters 2 --warmup 1 --json-out sp14b.json
+    torchrun --nproc-per-node 2 benchmarks/bench_dit_sp.py --config tiny --device cpu \
+        --dtype fp32 --height 64 --width 64 --frames 9 --text-len 16    # CPU smoke test (gloo)
+
+Every sp size runs in the one torchrun world: at sp size k the world splits into world / k
+groups that each run the same forward, so sp=1 on 4 GPUs is 4 independent one-GPU forwards.
+Both models get the same random weights on every rank (seeded, then broadcast from rank 0).
+At sp=1 diffusers runs plain eager; at k > 1 `enable_parallelism(ContextParallelConfig(
+ulysses_degree=k))` on a copy, with a device mesh `(replica, ring=1, ulysses=k)` laid out like
+our sp groups. Each timed forward starts after a barrier; an iteration's time is the slowest
+rank's (CUDA events on GPU, wall clock on CPU); the median over iterations is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from bench_dit import CONFIGS, build_models, make_inputs, peak_memory_gib, time_once
+from torch import nn
+
+from fastvideo.attention import DistributedAttention
+from fastvideo.distributed import (
+    destroy_distributed_environment,
+    destroy_model_parallel,
+    init_distributed_environment,
+    initialize_model_parallel,
+)
+from fastvideo.fastvideo_args import parse_dtype
+
+Forward = Callable[[], torch.Tensor]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="1.3b")
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--text-len", type=int, default=512)
+    parser.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sp-sizes", default="1,2,4",
+                        help="comma-separated sp sizes; those not dividing the world are skipped")
+    parser.add_argument("--chunks", default="auto",
+                        help="comma-separated head-chunk counts of our all-to-all pipeline to "
+                             "time ('auto': the default; 1: no overlap); invalid ones skipped")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json-out", type=Path, help="write the results as JSON here (rank 0)")
+    return parser.parse_args()
+
+
+def broadcast_(tensors: list[torch.Tensor]) -> None:
+    """Rank 0's values everywhere: random init on several GPUs need not agree bit for bit."""
+    for tensor in tensors:
+        dist.broadcast(tensor, src=0)
+
+
+def diffusers_context_parallel(reference: nn.Module, sp_size: int, in_place: bool) -> nn.Module:
+    from diffusers import ContextParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model = reference if in_place else copy.deepcopy(reference)
+    device_type = next(reference.parameters()).device.type
+    # Consecutive ranks form a ulysses group, as our sp groups (tp = 1) do.
+    mesh = init_device_mesh(device_type, (dist.get_world_size() // sp_size, 1, sp_size),
+                            mesh_dim_names=("replica", "ring", "ulysses"))
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=sp_size, mesh=mesh))
+    return model
+
+
+def set_chunks(model: nn.Module, num_chunks: int | None) -> None:
+    for module in model.modules():
+        if isinstance(module, DistributedAttention):
+            module.num_chunks = num_chunks
+
+
+def ours_forward(ours: nn.Module, inputs: dict[str, torch.Tensor],
+                 num_chunks: int | None) -> Forward:
+    def forward() -> torch.Tensor:
+        set_chunks(ours, num_chunks)
+        return ours(**inputs)
+    return forward
+
+
+def chunk_options(spec: str, heads_per_rank: int) -> list[int | None]:
+    options: list[int | None] = []
+    for item in spec.split(","):
+        value = None if item == "auto" else int(item)
+        if value is None or heads_per_rank % value == 0:
+            options.append(value)
+    return options
+
+
+def timed(runs: dict[str, Forward], device: torch.device, warmup: int,
+          iters: int) -> dict[str, list[float]]:
+    """Per run, the slowest rank's milliseconds of each iteration (runs interleaved)."""
+    def once(fn: Forward) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dist.barrier()
+        return time_once(fn, device)
+
+    for _ in range(warmup):
+        for fn in runs.values():
+            once(fn)
+    times = {name: [] for name in runs}
+    for _ in range(iters):
+        for name, fn in runs.items():
+            times[name].append(once(fn))
+    slowest = torch.tensor([times[name] for name in runs], dtype=torch.float64,
+                           device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return dict(zip(runs, slowest.tolist()))
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def param_gib(model: nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+
+
+def bench_sp_size(sp_size: int, args: argparse.Namespace, config: dict[str, Any],
+                  reference: nn.Module, ours: nn.Module, inputs: dict[str, torch.Tensor],
+                  device: torch.device, last: bool
+                  ) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor]:
+    """Time ours (each chunking) and diffusers at one sp size; returns the results and the
+    outputs of diffusers (None where it did not run) and ours."""
+    initialize_model_parallel(1, sp_size)
+    runs: dict[str, Forward] = {}
+    chunks = [None] if sp_size == 1 else chunk_options(
+        args.chunks, config["num_attention_heads"] // sp_size)
+    for num_chunks in chunks:
+        name = "ours" if num_chunks is None else f"ours_chunks{num_chunks}"
+        runs[name] = ours_forward(ours, inputs, num_chunks)
+    diffusers_model = None
+    if sp_size == 1:
+        diffusers_model = reference
+    elif device.type == "cuda":  # diffusers picks its device by accelerator count
+        diffusers_model = diffusers_context_parallel(reference, sp_size, in_place=last)
+    if diffusers_model is not None:
+        runs["diffusers"] = lambda: diffusers_model(**inputs, return_dict=False)[0]
+
+    with torch.inference_mode():
+        outputs = {name: fn() for name, fn in runs.items()}
+        memory = {name: peak_memory_gib(fn, device) for name, fn in runs.items()}
+        times = timed(runs, device, args.warmup, args.iters)
+    destroy_model_parallel()
+    result: dict[str, Any] = {
+        "median_ms": {name: statistics.median(t) for name, t in times.items()},
+        "all_ms": times, "peak_memory_gib": memory,
+        "max_abs_diff_ours_vs_diffusers_same_sp": (
+            max_abs_diff(outputs["ours"], outputs["diffusers"]) if "diffusers" in outputs
+            else None),
+    }
+    return result, outputs.get("diffusers"), outputs["ours"]
+
+
+def summarise(results: dict[int, dict[str, Any]]) -> None:
+    """Add speed-ups over sp=1 and scaling efficiency, where sp=1 was measured."""
+    base = results.get(1)
+    for sp_size, result in results.items():
+        if base is None:
+            continue
+        result["speedup_over_sp1"] = {
+            name: base["median_ms"][name.split("_chunks")[0]] / ms
+            for name, ms in result["median_ms"].items()
+            if name.split("_chunks")[0] in base["median_ms"]}
+        result["scaling_efficiency"] = {name: s / sp_size
+                                        for name, s in result["speedup_over_sp1"].items()}
+
+
+def main() -> None:
+    args = parse_args()
+    init_distributed_environment()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = (torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda"
+              else torch.device(args.device))
+    dtype, config = parse_dtype(args.dtype), CONFIGS[args.config]
+    asked = sorted(int(s) for s in args.sp_sizes.split(","))
+    sp_sizes = [k for k in asked
+                if world_size % k == 0 and config["num_attention_heads"] % k == 0]
+    if rank == 0 and sp_sizes != asked:
+        print(f"skipping sp sizes {sorted(set(asked) - set(sp_sizes))}: they must divide the "
+              f"world size {world_size} and the {config['num_attention_heads']} heads")
+
+    torch.manual_seed(0)
+    reference, ours = build_models(config, device, dtype)
+    inputs = make_inputs(config, args, device, dtype)
+    with torch.no_grad():
+        broadcast_([*reference.parameters(), *ours.parameters(), *inputs.values()])
+
+    results: dict[int, dict[str, Any]] = {}
+    reference_out = ours_sp1_out = None
+    for sp_size in sp_sizes:
+        result, diffusers_out, ours_out = bench_sp_size(
+            sp_size, args, config, reference, ours, inputs, device, last=sp_size == sp_sizes[-1])
+        if sp_size == 1:
+            reference_out, ours_sp1_out = diffusers_out, ours_out
+        else:
+            result["max_abs_diff_ours_vs_ours_sp1"] = (
+                max_abs_diff(ours_out, ours_sp1_out) if ours_sp1_out is not None else None)
+        result["max_abs_diff_ours_vs_diffusers_sp1"] = (
+            max_abs_diff(ours_out, reference_out) if reference_out is not None else None)
+        results[sp_size] = result
+        if rank == 0:
+            print(f"sp={sp_size}: " + ", ".join(
+                f"{name} {ms:.2f} ms" for name, ms in result["median_ms"].items()), flush=True)
+    summarise(results)
+
+    if rank == 0:
+        report = {
+            "config": args.config, "world_size": world_size, "torch": torch.__version__,
+            "device": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+            "dtype": str(dtype), "latent_shape": list(inputs["hidden_states"].shape),
+            "text_len": args.text_len, "iters": args.iters, "warmup": args.warmup,
+            "weights_gib": {"ours": param_gib(ours), "diffusers": param_gib(reference)},
+            "max_abs_output": (reference_out.float().abs().max().item()
+                               if reference_out is not None else None),
+            "by_sp_size": results,
+        }
+        print(json.dumps({k: v for k, v in report.items() if k != "by_sp_size"}))
+        for sp_size, result in results.items():
+            print(f"sp={sp_size}: " + json.dumps(
+                {k: v for k, v in result.items() if k != "all_ms"}))
+        if args.json_out:
+            args.json_out.write_text(json.dumps(report, indent=2))
+    destroy_distributed_environment()
+
+
+if __name__ == "__main__":
+    main()

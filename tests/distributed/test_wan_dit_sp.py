@@ -1,0 +1,47 @@
+"""Wan DiT with sequence parallel size 2 (two gloo processes) against one process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from rank_launcher import assert_max_abs_diff, run_on_ranks
+
+from fastvideo.models.dits.wanvideo import WanTransformer3DModel
+from tests.parity.test_wan_dit import TINY_CONFIG
+
+# fp32; the same math per token and per head, only summation order inside kernels differs.
+TOL = 1e-5
+
+
+def _check_sp_equals_one_process(state: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
+                                 expected: torch.Tensor) -> None:
+    model = WanTransformer3DModel(**TINY_CONFIG).eval()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        out = model(**inputs)
+    assert_max_abs_diff(out, expected, TOL)  # every rank holds the gathered output
+
+
+@pytest.mark.parametrize("latent_shape", [
+    (2, 4, 3, 4, 6),  # 3 x 2 x 3 = 18 tokens: 9 per rank
+    (1, 4, 3, 6, 2),  # 3 x 3 x 1 = 9 tokens: padded to 10
+])
+def test_sp2_equals_sp1(latent_shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**TINY_CONFIG).eval()
+    with torch.no_grad():
+        for param in model.parameters():  # no zero-initialised parameter hides a bug
+            param.normal_(0, 0.2)
+    generator = torch.Generator().manual_seed(1)
+    batch = latent_shape[0]
+    inputs: dict[str, Any] = {
+        "hidden_states": torch.randn(latent_shape, generator=generator),
+        "encoder_hidden_states": torch.randn(batch, 7, TINY_CONFIG["text_dim"],
+                                             generator=generator),
+        "timestep": torch.tensor([999.0, 37.5][:batch]),
+    }
+    with torch.no_grad():
+        expected = model(**inputs)
+    run_on_ranks(_check_sp_equals_one_process, model.state_dict(), inputs, expected, sp_size=2)

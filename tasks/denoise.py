@@ -170,10 +170,11 @@ def run_remote(job: DenoiseJob, dispatch: DenoiseDispatch) -> list[DenoiseOutcom
 
 
 def _job_item(ctx: RunContext, item_id: str, inputs: list) -> DenoiseItem:
-    digest = combined_digest(inputs)
-    return DenoiseItem(item_id=item_id, inputs=tuple(inputs),
-                       output_key=stage_key(ctx, DENOISE, {}, digest),
-                       progress_key=stage_key(ctx, DENOISE_PROGRESS, {}, digest))
+    output_key = stage_key(ctx, DENOISE, {}, combined_digest(inputs))
+    # The same hash under another stage folder: the progress of exactly that output.
+    progress_key = output_key.replace(f"/{DENOISE}/", f"/{DENOISE_PROGRESS}/", 1)
+    return DenoiseItem(item_id=item_id, inputs=tuple(inputs), output_key=output_key,
+                       progress_key=progress_key)
 
 
 def _result(outcome: DenoiseOutcome) -> ItemResult:

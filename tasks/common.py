@@ -59,12 +59,11 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
 
 def shard_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """sha256 of the task name and its parameters (references carry their digests)."""
-    payload = {
-        "task": context.task.name,
-        "version": CACHE_VERSION,
-        "parameters": to_jsonable(
-            {k: v for k, v in parameters.items() if k not in _NOT_IN_CACHE_KEY}),
-    }
+    # A shard counts by its items: its index is only a name, and shifts between runs.
+    keyed = {k: v.items if isinstance(v, Shard) else v for k, v in parameters.items()
+             if k not in _NOT_IN_CACHE_KEY}
+    payload = {"task": context.task.name, "version": CACHE_VERSION,
+               "parameters": to_jsonable(keyed)}
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return f"{context.task.name}-{hashlib.sha256(canonical.encode()).hexdigest()}"
 

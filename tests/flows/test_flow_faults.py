@@ -1,0 +1,92 @@
+"""Faults the bulk flow recovers from: a failing decode, a flipped checkpoint byte, S3 refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastvideo.pipelines.stages.decoding import DecodingStage
+from flows.bulk import bulk
+from tests.flows.fault_proxy import FaultProxy
+from tests.flows.helpers import (
+    PROMPTS,
+    TINY,
+    checkpoint_latents,
+    read_manifest,
+    task_states,
+    write_dataset,
+)
+
+
+def test_decode_failure_then_corrupt_checkpoint_recovers(
+        prefect_server, tiny_wan_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = write_dataset(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS[:2]])
+    output = tmp_path / "out"
+    run = dict(dataset=str(dataset), output=str(output), model_path=str(tiny_wan_path), **TINY)
+
+    # Decoding of the second prompt fails once (an engine fault, e.g. a GPU hiccup).
+    real_forward = DecodingStage.forward
+    failures = []
+
+    def flaky_forward(self, batch, fastvideo_args):
+        if batch.prompt == [PROMPTS[1]] and not failures:
+            failures.append(batch.prompt)
+            raise RuntimeError("injected decode failure")
+        return real_forward(self, batch, fastvideo_args)
+
+    monkeypatch.setattr(DecodingStage, "forward", flaky_forward)
+    state = bulk(**run, return_state=True)
+    assert state.is_failed()
+    rows = read_manifest(str(output))
+    good, bad = rows.values()
+    assert good["status"] == "succeeded"
+    assert (bad["status"], bad["failed_stage"]) == ("failed", "decode")
+    assert "injected decode failure" in bad["error"]
+
+    # Flip one byte of the failed item's denoised latents on disk.
+    denoised = Path(bad["denoised_checkpoint_uri"].removeprefix("file://"))
+    latents_before = checkpoint_latents(bad["denoised_checkpoint_uri"])
+    tensors = next(denoised.glob("tensors-*.safetensors"))
+    data = bytearray(tensors.read_bytes())
+    data[-3] ^= 0x01
+    tensors.write_bytes(bytes(data))
+
+    state = bulk(**run, return_state=True)
+    assert state.is_completed(), state.message
+    rows = read_manifest(str(output))
+    assert [r["status"] for r in rows.values()] == ["succeeded"] * 2
+    states = task_states(state.state_details.flow_run_id)
+    shard_of_bad = f"shard-00000-{bad['item_id']}"
+    # The succeeded item is carried over from the manifest: no task runs at all.
+    assert not [name for name in states if good["item_id"] in name]
+    # The failed one's finished stages are Cached; decode caught the corrupt checkpoint,
+    # denoise recomputed it (cache refreshed), and decode ran again.
+    assert states[f"encode-text-{shard_of_bad}"] == ["Cached"]
+    assert states[f"prepare-latents-{shard_of_bad}"] == ["Cached"]
+    assert states[f"denoise-{shard_of_bad}"] == ["Cached", "Completed"]
+    assert states[f"decode-{shard_of_bad}"] == ["Failed", "Completed"]
+    latents_after = checkpoint_latents(rows[bad["item_id"]]["denoised_checkpoint_uri"])
+    assert torch.equal(latents_after, latents_before)
+
+
+def test_s3_refuses_checkpoint_writes_then_recovers(
+        prefect_server, s3_env, tiny_wan_path: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket = s3_env.create_bucket()
+    dataset = write_dataset(tmp_path / "prompts.jsonl", [{"prompt": PROMPTS[0]}])
+    output = f"s3://{bucket}/refused"
+    with FaultProxy(s3_env.endpoint_url) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+        # Three refusals in a row exhaust botocore's own attempts on the write of the
+        # denoised latents; the store layer then retries it after a backoff.
+        rule = proxy.refuse("PUT", "/checkpoints/denoise/", times=3)
+        state = bulk(dataset=str(dataset), output=output, model_path=str(tiny_wan_path),
+                     return_state=True, **TINY)
+        (row,) = read_manifest(output).values()
+    assert state.is_completed(), state.message
+    assert rule.refused == 3
+    assert row["status"] == "succeeded"
+    assert row["video_uri"].startswith(f"s3://{bucket}/refused/videos/")

@@ -61,16 +61,35 @@ def bulk(
     manifest_interval_s: float = 60.0,
     artifact_key: str | None = None,
 ) -> State:
-    """Generate a video for every row of `dataset` (parquet, JSONL or CSV with a `prompt`
-    column) into `output` (a folder or s3://bucket/prefix).
+    """Generate a video for every row of a prompt dataset; one manifest row per item.
 
-    The sampling options are the defaults for rows that do not set their own; `seed` is
-    the base of the per-item seeds of rows without one. `shard_size` items share a task
-    run, `concurrency` shards are submitted together; `checkpoint_every` steps denoising
-    saves its state; `denoise_dispatch` is inprocess, torchrun or deployment. The manifest
-    is rewritten at most every `manifest_interval_s` seconds and at the end.
-    `artifact_key` (lowercase letters, digits, dashes) versions the result artifacts
-    across runs.
+    Args:
+        dataset: parquet, JSONL or CSV (path or URI) with a `prompt` column; rows may set
+            negative_prompt, seed, item_id and any sampling option.
+        output: folder or s3://bucket/prefix for videos/, manifest.parquet, checkpoints/.
+        model_path: Diffusers-format model folder (on every worker that runs a stage).
+        negative_prompt: default negative prompt, embedded once per run.
+        height: default video height in pixels.
+        width: default video width in pixels.
+        num_frames: default number of frames.
+        num_inference_steps: default number of denoising steps.
+        guidance_scale: default classifier-free guidance scale (<= 1 turns it off).
+        seed: base of the per-item seeds of rows without one.
+        max_sequence_length: text tokens per prompt.
+        shard_size: items per task run (and per denoise job / GPU model load).
+        concurrency: shards submitted together per stage (GPU jobs run side by side).
+        checkpoint_every: denoising saves latents and scheduler state every this many steps.
+        checkpoint_store: store URI for checkpoints; default the output.
+        denoise_dispatch: inprocess, torchrun (this node) or deployment (GPU work pool).
+        nproc_per_node: processes per node under torchrun.
+        denoise_deployment: flow-name/deployment-name of the GPU denoise deployment.
+        remote_launcher: how the GPU deployment runs a job: inprocess or torchrun.
+        device: engine device; default cuda when available, else cpu.
+        dtype: engine dtype; default bf16 on cuda, fp32 on cpu.
+        fps: frames per second of the videos.
+        training_data: also write prompt embeddings and final latents under training/.
+        manifest_interval_s: rewrite the manifest at most this often during the run.
+        artifact_key: lowercase-dashed key that versions the result artifacts across runs.
     """
     start = time.perf_counter()
     output = local_path(output)

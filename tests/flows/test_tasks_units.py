@@ -1,0 +1,112 @@
+"""Task logic without the engine or a Prefect server: datasets, keys, manifests (`.fn()`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from fastvideo.fastvideo_args import SamplingParam
+from fastvideo.storage import CheckpointRef, open_store
+from tasks.common import shard_cache_key
+from tasks.dataset import make_shards, parse_rows, plan_items, split_uri
+from tasks.denoise import DenoiseDispatch
+from tasks.items import ItemResult
+from tasks.manifest import read_manifest, shard_rows, write_manifest
+
+DEFAULTS = SamplingParam(negative_prompt="blurry", height=32, width=32, num_frames=5,
+                         num_inference_steps=4, seed=11)
+
+
+def test_item_ids_and_seeds_are_stable_when_rows_are_added() -> None:
+    rows = [{"prompt": "a cat"}, {"prompt": "a dog", "seed": 5}, {"prompt": "a cat"}]
+    items, invalid = parse_rows(rows, DEFAULTS)
+    grown, _ = parse_rows([*rows, {"prompt": "a bird"}], DEFAULTS)
+    assert not invalid
+    assert [i.item_id for i in grown[:3]] == [i.item_id for i in items]
+    assert items[2].item_id == f"{items[0].item_id}-1"  # a repeated row gets its own id
+    assert items[1].seed == 5 and items[0].seed != items[2].seed
+    assert [i.seed for i in grown[:3]] == [i.seed for i in items]
+    assert items[0].shared_negative and items[0].negative_prompt == "blurry"
+
+
+def test_row_values_are_checked_and_coerced() -> None:
+    rows = [{"prompt": "ok", "height": 64.0, "guidance_scale": 3, "negative_prompt": "dark"},
+            {"prompt": "x", "seed": -1}, {"prompt": 3}, {"prompt": "y", "width": float("nan")}]
+    items, invalid = parse_rows(rows, DEFAULTS)
+    assert [(i.prompt, i.height, i.guidance_scale, i.shared_negative) for i in items] == [
+        ("ok", 64, 3.0, False), ("y", 32, 5.0, True)]
+    assert [e.row for e in invalid] == [1, 2]
+    assert "seed" in invalid[0].error and "prompt must be a non-empty string" in invalid[1].error
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "parquet"])
+def test_plan_reads_every_format_and_carries_done_items(tmp_path: Path, suffix: str) -> None:
+    frame = pd.DataFrame({"prompt": ["a cat", "a dog"], "seed": [1, 2], "extra": ["a", "b"]})
+    dataset = tmp_path / f"prompts.{suffix}"
+    {"jsonl": lambda p: frame.to_json(p, orient="records", lines=True),
+     "csv": lambda p: frame.to_csv(p, index=False),
+     "parquet": lambda p: frame.to_parquet(p)}[suffix](dataset)
+    output = tmp_path / "out"
+    plan = plan_items.fn(str(dataset), str(output), DEFAULTS)
+    assert (len(plan.items), plan.num_rows, plan.carried) == (2, 2, [])
+
+    done = ItemResult(plan.items[0].item_id, ref=CheckpointRef("file:///x", "videos/a.mp4", "d"))
+    shard = make_shards(plan.items[:1], 1)[0]
+    write_manifest.fn(shard_rows(shard, {"write-video": [done]}, None), str(output))
+    plan = plan_items.fn(str(dataset), str(output), DEFAULTS)
+    assert [i.prompt for i in plan.items] == ["a dog"]
+    assert [r["video_uri"] for r in plan.carried] == ["file:///x/videos/a.mp4"]
+    changed = SamplingParam(**{**DEFAULTS.__dict__, "num_inference_steps": 8})
+    assert len(plan_items.fn(str(dataset), str(output), changed).items) == 2
+
+
+def test_dataset_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown format '.txt'"):
+        plan_items.fn(str(tmp_path / "prompts.txt"), str(tmp_path), DEFAULTS)
+    with pytest.raises(ValueError, match="does not exist"):
+        plan_items.fn(str(tmp_path / "missing.jsonl"), str(tmp_path), DEFAULTS)
+
+
+def test_split_uri() -> None:
+    assert split_uri("s3://bucket/a/b.jsonl") == ("s3://bucket/a", "b.jsonl")
+    assert split_uri("file:///data.csv") == ("file:///", "data.csv")
+    assert split_uri("prompts.jsonl") == (".", "prompts.jsonl")
+
+
+def test_cache_key_ignores_shard_index_and_dispatch_but_not_inputs() -> None:
+    items, _ = parse_rows([{"prompt": "a cat"}, {"prompt": "a dog"}], DEFAULTS)
+    context = SimpleNamespace(task=SimpleNamespace(name="denoise"))
+    ref = CheckpointRef("file:///x", "checkpoints/t/1", "digest-1")
+    first, second = make_shards(items, 1)
+
+    def key(shard, digest="digest-1", mode="inprocess"):
+        text = [ItemResult(shard.items[0].item_id, ref=CheckpointRef(ref.store_uri, ref.key, digest))]
+        return shard_cache_key(context, {"shard": shard, "text": text,
+                                         "dispatch": DenoiseDispatch(mode=mode)})
+
+    moved = type(second)(index=7, items=second.items)
+    assert key(second) == key(moved) == key(second, mode="torchrun")
+    assert key(second) != key(first)
+    assert key(second) != key(second, digest="digest-2")
+
+
+def test_manifest_round_trip_and_labels(tmp_path: Path) -> None:
+    items, _ = parse_rows([{"prompt": "a cat", "item_id": "cat"}], DEFAULTS)
+    (shard,) = make_shards(items, 4)
+    assert shard.label("decode") == "decode-shard-00000-cat"
+    failed = ItemResult("cat", error="RuntimeError: boom", failed_stage="decode")
+    ok = ItemResult("cat", ref=CheckpointRef("file:///o", "checkpoints/denoise/1", "d"),
+                    seconds=1.5, info={"resumed_from_step": 4})
+    uri = write_manifest.fn(shard_rows(shard, {"denoise": [ok], "decode": [failed]}, None),
+                            str(tmp_path))
+    (row,) = read_manifest(open_store(tmp_path))
+    assert uri.endswith("/manifest.parquet")
+    assert (row["status"], row["failed_stage"], row["denoise_resumed_from_step"]) == \
+        ("failed", "decode", 4)
+    assert row["denoised_checkpoint_uri"] == "file:///o/checkpoints/denoise/1"
+    assert row["denoised_seconds"] == 1.5 and row["video_uri"] is None
+    with pytest.raises(ValueError, match="denoise dispatch mode"):
+        DenoiseDispatch(mode="slurm")

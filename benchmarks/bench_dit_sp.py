@@ -18,10 +18,12 @@ rank's (CUDA events on GPU, wall clock on CPU); the median over iterations is re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import os
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from fastvideo.attention import DistributedAttention
 from fastvideo.distributed import (
     destroy_distributed_environment,
     destroy_model_parallel,
+    get_sp_group,
     init_distributed_environment,
     initialize_model_parallel,
 )
@@ -56,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--chunks", default="auto",
                         help="comma-separated head-chunk counts of our all-to-all pipeline to "
                              "time ('auto': the default; 1: no overlap); invalid ones skipped")
+    parser.add_argument("--high-priority-pass", action="store_true",
+                        help="time ours again with the sp groups on high-priority NCCL streams "
+                             "(TORCH_NCCL_HIGH_PRIORITY=1), suffix _hp")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json-out", type=Path, help="write the results as JSON here (rank 0)")
@@ -66,6 +72,31 @@ def broadcast_(tensors: list[torch.Tensor]) -> None:
     """Rank 0's values everywhere: random init on several GPUs need not agree bit for bit."""
     for tensor in tensors:
         dist.broadcast(tensor, src=0)
+
+
+@contextlib.contextmanager
+def nccl_high_priority(enabled: bool) -> Iterator[None]:
+    """Process groups created inside run NCCL on high-priority CUDA streams, so its kernels
+    get SMs ahead of the compute they overlap."""
+    old = os.environ.get("TORCH_NCCL_HIGH_PRIORITY")
+    if enabled:
+        os.environ["TORCH_NCCL_HIGH_PRIORITY"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_NCCL_HIGH_PRIORITY", None)
+        else:
+            os.environ["TORCH_NCCL_HIGH_PRIORITY"] = old
+
+
+def high_priority_streams(device: torch.device) -> bool | None:
+    """Whether the sp group's NCCL backend says it uses high-priority streams (None: unknown)."""
+    try:
+        backend = get_sp_group().device_group._get_backend(device)
+        return bool(backend.options.is_high_priority_stream)
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def diffusers_context_parallel(reference: nn.Module, sp_size: int, in_place: bool) -> nn.Module:
@@ -136,11 +167,13 @@ def param_gib(model: nn.Module) -> float:
 
 def bench_sp_size(sp_size: int, args: argparse.Namespace, config: dict[str, Any],
                   reference: nn.Module, ours: nn.Module, inputs: dict[str, torch.Tensor],
-                  device: torch.device, last: bool
+                  device: torch.device, last: bool, high_priority: bool = False
                   ) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor]:
     """Time ours (each chunking) and diffusers at one sp size; returns the results and the
-    outputs of diffusers (None where it did not run) and ours."""
-    initialize_model_parallel(1, sp_size)
+    outputs of diffusers (None where it did not run) and ours. With `high_priority` only ours
+    runs, its sp group on high-priority NCCL streams."""
+    with nccl_high_priority(high_priority):
+        initialize_model_parallel(1, sp_size)
     runs: dict[str, Forward] = {}
     chunks = [None] if sp_size == 1 else chunk_options(
         args.chunks, config["num_attention_heads"] // sp_size)
@@ -148,9 +181,9 @@ def bench_sp_size(sp_size: int, args: argparse.Namespace, config: dict[str, Any]
         name = "ours" if num_chunks is None else f"ours_chunks{num_chunks}"
         runs[name] = ours_forward(ours, inputs, num_chunks)
     diffusers_model = None
-    if sp_size == 1:
+    if sp_size == 1 and not high_priority:
         diffusers_model = reference
-    elif device.type == "cuda":  # diffusers picks its device by accelerator count
+    elif device.type == "cuda" and not high_priority:  # diffusers needs an accelerator
         diffusers_model = diffusers_context_parallel(reference, sp_size, in_place=last)
     if diffusers_model is not None:
         runs["diffusers"] = lambda: diffusers_model(**inputs, return_dict=False)[0]
@@ -159,8 +192,10 @@ def bench_sp_size(sp_size: int, args: argparse.Namespace, config: dict[str, Any]
         outputs = {name: fn() for name, fn in runs.items()}
         memory = {name: peak_memory_gib(fn, device) for name, fn in runs.items()}
         times = timed(runs, device, args.warmup, args.iters)
+    hp_streams = high_priority_streams(device) if device.type == "cuda" else None
     destroy_model_parallel()
     result: dict[str, Any] = {
+        "nccl_high_priority_streams": hp_streams,
         "median_ms": {name: statistics.median(t) for name, t in times.items()},
         "all_ms": times, "peak_memory_gib": memory,
         "max_abs_diff_ours_vs_diffusers_same_sp": (
@@ -177,9 +212,8 @@ def summarise(results: dict[int, dict[str, Any]]) -> None:
         if base is None:
             continue
         result["speedup_over_sp1"] = {
-            name: base["median_ms"][name.split("_chunks")[0]] / ms
-            for name, ms in result["median_ms"].items()
-            if name.split("_chunks")[0] in base["median_ms"]}
+            name: base["median_ms"][name.split("_")[0]] / ms
+            for name, ms in result["median_ms"].items() if name.split("_")[0] in base["median_ms"]}
         result["scaling_efficiency"] = {name: s / sp_size
                                         for name, s in result["speedup_over_sp1"].items()}
 
@@ -209,6 +243,12 @@ def main() -> None:
     for sp_size in sp_sizes:
         result, diffusers_out, ours_out = bench_sp_size(
             sp_size, args, config, reference, ours, inputs, device, last=sp_size == sp_sizes[-1])
+        if args.high_priority_pass and sp_size > 1 and device.type == "cuda":
+            high, _, _ = bench_sp_size(sp_size, args, config, reference, ours, inputs, device,
+                                       last=False, high_priority=True)
+            result["nccl_high_priority_streams_hp"] = high["nccl_high_priority_streams"]
+            for key in ("median_ms", "all_ms", "peak_memory_gib"):
+                result[key].update({f"{name}_hp": v for name, v in high[key].items()})
         if sp_size == 1:
             reference_out, ours_sp1_out = diffusers_out, ours_out
         else:

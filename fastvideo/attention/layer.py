@@ -74,7 +74,8 @@ class DistributedAttention(_AttentionLayer):
     of a slice of the heads `[B, S, H/P, D]`, the backend attends over the whole sequence, and
     a second all-to-all turns the output back. The heads go through in `num_chunks` groups,
     with asynchronous collectives: while the backend attends one group, the inputs of the
-    next and the output of the previous are in flight (NCCL runs them on its own stream).
+    next groups and the output of the previous are in flight (NCCL runs them on its own
+    stream).
     Rank r holds heads `[r * H/P, (r + 1) * H/P)`, as in plain Ulysses, whatever the chunking.
 
     A sequence the model padded to a multiple of P tokens is cut back to its `valid_len`
@@ -175,12 +176,12 @@ def _ulysses_attention(impl: AttentionImpl, q: torch.Tensor, k: torch.Tensor,
         # [P, B, S/P, h, D] in rank (= sequence block) order -> [B, S, h, D]; a view at B=1.
         return buffer.transpose(0, 1).reshape(batch, seq_len, heads, head_size)
 
-    pending_inputs = send_inputs(0)
+    # Every input exchange is queued first: on the NCCL stream each then starts straight
+    # after the previous one, before the attention waiting for that previous one. Queued
+    # behind an output exchange (which waits for an attention) it would stall the pipeline.
+    pending_inputs = [send_inputs(chunk) for chunk in range(num_chunks)]
     pending_outputs = []
-    for chunk in range(num_chunks):
-        inputs = pending_inputs
-        if chunk + 1 < num_chunks:
-            pending_inputs = send_inputs(chunk + 1)
+    for inputs in pending_inputs:
         out = _attend_valid(impl, *(full_sequence(x) for x in inputs), valid_len)
         # [B, S, h, D] -> [P, B, S/P, h, D]: sequence block j goes back to rank j.
         send = out.reshape(batch, num_ranks, local_len, heads, head_size).transpose(0, 1)

@@ -25,7 +25,7 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.deployments import run_deployment
 from prefect.exceptions import MissingContextError
-from prefect.runtime import flow_run
+from prefect.runtime import flow_run, task_run
 from prefect.states import State
 
 from fastvideo.entrypoints.denoise_worker import (
@@ -218,7 +218,11 @@ def denoise(shard: Shard, ctx: RunContext, negative: ItemResult | None, text: li
     return finish_shard(DENOISE, results)
 
 
-@task(name="run-denoise-job", task_run_name="denoise-job-{job_key}", retries=0)
+def _job_run_name() -> str:
+    return f"denoise-job-{task_run.parameters['job_key'].split('/')[-2][:12]}"
+
+
+@task(name="run-denoise-job", task_run_name=_job_run_name)
 def run_denoise_job_task(store_uri: str, job_key: str, launcher: Launcher = "inprocess",
                          nproc_per_node: int = 1) -> dict[str, int]:
     """Run a stored denoise job on this node (the GPU deployment's one task)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -75,3 +76,19 @@ def test_bulk_deployment_with_gpu_denoise_deployment(workers, s3_env, tiny_wan_p
 
 def _logs(tmp_path: Path) -> str:
     return "\n".join(p.read_text()[-3000:] for p in tmp_path.glob("worker-*.log"))
+
+
+def test_kubernetes_gpu_job_template_is_accepted_by_the_server(prefect_server) -> None:
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    template = json.loads((REPO / "infra" / "k8s" / "gpu-job-template.json").read_text())
+    with get_client(sync_client=True) as client:
+        pool = client.create_work_pool(WorkPoolCreate(
+            name="fastvideo-gpu-k8s", type="kubernetes", base_job_template=template),
+            overwrite=True)
+    variables = pool.base_job_template["variables"]["properties"]
+    assert variables["gpu_count"]["default"] >= 1 and variables["shm_size"]["default"]
+    resources = pool.base_job_template["job_configuration"]["job_manifest"]["spec"]["template"][
+        "spec"]["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"

@@ -58,7 +58,8 @@ def parse_args() -> argparse.Namespace:
                         help="comma-separated sp sizes; those not dividing the world are skipped")
     parser.add_argument("--chunks", default="auto",
                         help="comma-separated head-chunk counts of our all-to-all pipeline to "
-                             "time ('auto': the default; 1: no overlap); invalid ones skipped")
+                             "time ('auto': the layers' default; 1: no overlap); those not "
+                             "dividing the heads per rank are skipped")
     parser.add_argument("--high-priority-pass", action="store_true",
                         help="time ours again with the sp groups on high-priority NCCL streams "
                              "(TORCH_NCCL_HIGH_PRIORITY=1), suffix _hp")
@@ -112,27 +113,22 @@ def diffusers_context_parallel(reference: nn.Module, sp_size: int, in_place: boo
     return model
 
 
-def set_chunks(model: nn.Module, num_chunks: int | None) -> None:
-    for module in model.modules():
-        if isinstance(module, DistributedAttention):
-            module.num_chunks = num_chunks
+def attention_layers(model: nn.Module) -> list[DistributedAttention]:
+    return [m for m in model.modules() if isinstance(m, DistributedAttention)]
 
 
-def ours_forward(ours: nn.Module, inputs: dict[str, torch.Tensor],
-                 num_chunks: int | None) -> Forward:
+def ours_forward(ours: nn.Module, inputs: dict[str, torch.Tensor], num_chunks: int) -> Forward:
     def forward() -> torch.Tensor:
-        set_chunks(ours, num_chunks)
+        for layer in attention_layers(ours):
+            layer.num_chunks = num_chunks
         return ours(**inputs)
     return forward
 
 
-def chunk_options(spec: str, heads_per_rank: int) -> list[int | None]:
-    options: list[int | None] = []
-    for item in spec.split(","):
-        value = None if item == "auto" else int(item)
-        if value is None or heads_per_rank % value == 0:
-            options.append(value)
-    return options
+def chunk_options(spec: str, default: int, heads_per_rank: int) -> list[int]:
+    """The chunk counts of `spec` ('auto' = `default`) that divide the heads per rank."""
+    options = [default if item == "auto" else int(item) for item in spec.split(",")]
+    return [c for c in dict.fromkeys(options) if heads_per_rank % c == 0]
 
 
 def timed(runs: dict[str, Forward], device: torch.device, warmup: int,
@@ -175,10 +171,11 @@ def bench_sp_size(sp_size: int, args: argparse.Namespace, config: dict[str, Any]
     with nccl_high_priority(high_priority):
         initialize_model_parallel(1, sp_size)
     runs: dict[str, Forward] = {}
-    chunks = [None] if sp_size == 1 else chunk_options(
-        args.chunks, config["num_attention_heads"] // sp_size)
+    default = attention_layers(ours)[0].num_chunks
+    chunks = [default] if sp_size == 1 else chunk_options(
+        args.chunks, default, config["num_attention_heads"] // sp_size)
     for num_chunks in chunks:
-        name = "ours" if num_chunks is None else f"ours_chunks{num_chunks}"
+        name = "ours" if num_chunks == default else f"ours_chunks{num_chunks}"
         runs[name] = ours_forward(ours, inputs, num_chunks)
     diffusers_model = None
     if sp_size == 1 and not high_priority:

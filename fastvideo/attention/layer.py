@@ -21,9 +21,6 @@ from fastvideo.distributed.parallel_state import get_sp_group, get_sp_world_size
 # all-to-all can be pipelined over head chunks. Sliding tile reads a head's window from its
 # global index, which it derives from the sp rank assuming one contiguous slice of heads.
 _HEAD_AGNOSTIC_BACKENDS = frozenset({_Backend.TORCH_SDPA, _Backend.FLASH_ATTN})
-# Default number of head chunks to pipeline: enough for the exchange of one chunk to run
-# under the attention of another, few enough that each kernel still fills the GPU.
-_MAX_DEFAULT_CHUNKS = 4
 
 
 class _AttentionLayer(nn.Module):
@@ -72,10 +69,9 @@ class DistributedAttention(_AttentionLayer):
 
     Ulysses: an all-to-all turns this rank's block of tokens `[B, S/P, H, D]` into all tokens
     of a slice of the heads `[B, S, H/P, D]`, the backend attends over the whole sequence, and
-    a second all-to-all turns the output back. The heads go through in `num_chunks` groups,
-    with asynchronous collectives: while the backend attends one group, the inputs of the
-    next groups and the output of the previous are in flight (NCCL runs them on its own
-    stream).
+    a second all-to-all turns the output back. With `num_chunks` > 1 the heads go through in
+    groups, with asynchronous collectives: while the backend attends one group, the inputs of
+    the next groups and the output of the previous are in flight on NCCL's stream.
     Rank r holds heads `[r * H/P, (r + 1) * H/P)`, as in plain Ulysses, whatever the chunking.
 
     A sequence the model padded to a multiple of P tokens is cut back to its `valid_len`
@@ -85,12 +81,14 @@ class DistributedAttention(_AttentionLayer):
     def __init__(self, num_heads: int, head_size: int, softmax_scale: float | None = None,
                  causal: bool = False,
                  supported_attention_backends: Sequence[_Backend] = (_Backend.TORCH_SDPA,),
-                 num_chunks: int | None = None) -> None:
+                 num_chunks: int = 1) -> None:
         super().__init__(num_heads, head_size, softmax_scale, causal,
                          supported_attention_backends)
         self.num_chunks = num_chunks
-        """Head groups to pipeline the all-to-all over; None: the largest divisor of the
-        heads per rank up to 4. Backends that index heads (sliding tile) always get one."""
+        """Head groups to pipeline the all-to-all over; must divide the heads per rank.
+        Backends that index heads (sliding tile) always get one. 1 by default: on 2 and 4
+        H200s (Wan 1.3B, bench_dit_sp.py) 2 or 3 groups were 1-3% slower than one, as
+        NCCL's kernels then compete with the attention kernels for SMs."""
         check_heads_divide(num_heads, get_sp_world_size())
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -122,9 +120,6 @@ class DistributedAttention(_AttentionLayer):
         if (backend is None or backend.name not in _HEAD_AGNOSTIC_BACKENDS
                 or type(impl) is not backend.impl_cls):
             return 1
-        if self.num_chunks is None:
-            return max(c for c in range(1, min(heads_per_rank, _MAX_DEFAULT_CHUNKS) + 1)
-                       if heads_per_rank % c == 0)
         if self.num_chunks < 1 or heads_per_rank % self.num_chunks:
             raise ValueError(f"num_chunks={self.num_chunks} must divide the {heads_per_rank} "
                              "heads each sequence parallel rank attends")

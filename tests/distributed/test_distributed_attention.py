@@ -21,7 +21,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
-def _check_matches_sdpa(seq_len: int, num_chunks: int | None) -> None:
+def _check_matches_sdpa(seq_len: int, num_chunks: int) -> None:
     num_ranks = get_sp_world_size()
     torch.manual_seed(0)  # every rank builds the same full sequence
     q, k, v = (torch.randn(2, seq_len, NUM_HEADS, HEAD_SIZE) for _ in range(3))
@@ -38,11 +38,11 @@ def _check_matches_sdpa(seq_len: int, num_chunks: int | None) -> None:
 
 
 @pytest.mark.parametrize(("seq_len", "num_chunks"), [
-    (10, None),  # divides: 5 tokens per rank; default chunking (2 chunks of 1 head)
-    (9, 1),  # padded to 10; one chunk, i.e. plain Ulysses
+    (10, 1),  # divides: 5 tokens per rank; one chunk, i.e. plain Ulysses
+    (10, 2),  # 2 chunks of 1 head per rank, pipelined
     (7, 2),  # padded to 8
 ])
-def test_equals_single_process_sdpa(seq_len: int, num_chunks: int | None) -> None:
+def test_equals_single_process_sdpa(seq_len: int, num_chunks: int) -> None:
     run_on_ranks(_check_matches_sdpa, seq_len, num_chunks, sp_size=2)
 
 

@@ -1,9 +1,10 @@
 """Rotary position embeddings (RoPE) over a 3D (frames, height, width) token grid.
 
-Frequencies are complex numbers `exp(i * pos * theta^(-2j/dim))`; a head vector is read as
-`dim / 2` complex numbers made of adjacent pairs `(x[2j], x[2j+1])` and multiplied by them.
-That is the "interleaved" layout of diffusers' `get_1d_rotary_pos_embed(use_real=True,
-repeat_interleave_real=True)`, which Wan uses.
+A head vector is read as `dim / 2` pairs `(x[2j], x[2j+1])`, each rotated by the angle
+`pos * theta^(-2j/dim)`: the "interleaved" layout of diffusers' `get_1d_rotary_pos_embed(
+use_real=True, repeat_interleave_real=True)`, which Wan uses. The table holds `(cos, sin)`
+in fp32 rather than complex numbers, so `torch.compile` fuses the rotation into
+neighbouring kernels (Inductor generates no code for complex ops).
 """
 
 from __future__ import annotations
@@ -13,18 +14,18 @@ from torch import nn
 
 
 def rotary_freqs_1d(dim: int, length: int, theta: float, device: torch.device) -> torch.Tensor:
-    """Complex64 `[length, dim / 2]` frequencies for positions `0 .. length - 1`."""
+    """Float32 `[length, dim / 2, 2]` `(cos, sin)` for positions `0 .. length - 1`."""
     if dim % 2:
         raise ValueError(f"rotary dim must be even, got {dim}")
     # Angles in fp64 (as diffusers), rounded once to fp32 at the end; MPS has no fp64.
     dtype = torch.float32 if device.type == "mps" else torch.float64
     inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=dtype, device=device) / dim)
     angles = torch.outer(torch.arange(length, dtype=dtype, device=device), inv_freq)
-    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    return torch.stack((angles.cos(), angles.sin()), dim=-1).to(torch.float32)
 
 
 class RotaryEmbedding3D(nn.Module):
-    """Complex frequencies for every token of a `(T, H, W)` grid, flattened frame-major.
+    """`(cos, sin)` tables for every token of a `(T, H, W)` grid, flattened frame-major.
 
     The head dimension is split into `axes_dims = (t_dim, h_dim, w_dim)`; each part rotates
     by its own axis position. No buffers: the table is rebuilt per call (a few small kernels)
@@ -39,7 +40,7 @@ class RotaryEmbedding3D(nn.Module):
         self.theta = theta
 
     def forward(self, grid_size: tuple[int, int, int], device: torch.device) -> torch.Tensor:
-        """Complex64 `[T * H * W, sum(axes_dims) / 2]`."""
+        """Float32 `[T * H * W, sum(axes_dims) / 2, 2]`."""
         if max(grid_size) > self.max_seq_len:
             raise ValueError(
                 f"token grid {grid_size} exceeds rope_max_seq_len={self.max_seq_len}")
@@ -48,18 +49,20 @@ class RotaryEmbedding3D(nn.Module):
             rotary_freqs_1d(dim, length, self.theta, device)
             for dim, length in zip(self.axes_dims, grid_size))
         freqs = torch.cat([
-            freqs_t[:, None, None, :].expand(num_t, num_h, num_w, -1),
-            freqs_h[None, :, None, :].expand(num_t, num_h, num_w, -1),
-            freqs_w[None, None, :, :].expand(num_t, num_h, num_w, -1),
-        ], dim=-1)
-        return freqs.reshape(num_t * num_h * num_w, -1)
+            freqs_t[:, None, None].expand(num_t, num_h, num_w, -1, 2),
+            freqs_h[None, :, None].expand(num_t, num_h, num_w, -1, 2),
+            freqs_w[None, None, :].expand(num_t, num_h, num_w, -1, 2),
+        ], dim=-2)
+        return freqs.reshape(num_t * num_h * num_w, -1, 2)
 
     def extra_repr(self) -> str:
         return f"axes_dims={self.axes_dims}, max_seq_len={self.max_seq_len}, theta={self.theta}"
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `[B, S, H, D]` by complex `freqs` `[S, D / 2]`; fp32 math, result in `x.dtype`."""
-    x_complex = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    rotated = torch.view_as_real(x_complex * freqs.unsqueeze(1)).flatten(-2)
-    return rotated.type_as(x)
+    """Rotate `x` `[B, S, H, D]` by `freqs` `[S, D / 2, 2]`; fp32 math, result in `x.dtype`."""
+    real, imag = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs.unsqueeze(1).unbind(-1)
+    # The complex product (real + i imag)(cos + i sin), written out.
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)

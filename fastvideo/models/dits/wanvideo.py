@@ -205,7 +205,7 @@ class WanTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, timestep_proj: torch.Tensor,
                 freqs: torch.Tensor, context_image: torch.Tensor | None = None,
                 num_tokens: int | None = None) -> torch.Tensor:
-        """`x` `[B, S, D]`, `timestep_proj` `[B, 6, D]`, `freqs` complex `[S, head_dim / 2]`;
+        """`x` `[B, S, D]`, `timestep_proj` `[B, 6, D]`, `freqs` `[S, head_dim / 2, 2]` (cos, sin);
         under sequence parallelism `S` is this rank's block and `num_tokens` the real tokens
         of the whole padded sequence (None: no padding)."""
         shift, scale, gate, c_shift, c_scale, c_gate = (

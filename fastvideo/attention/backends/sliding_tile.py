@@ -1,0 +1,370 @@
+"""Sliding Tile Attention (STA) on PyTorch FlexAttention, for any latent shape.
+
+The video tokens of a `(T, H, W)` latent grid (row-major, as the DiT flattens them) are
+padded to whole tiles of `tile_size` positions and reordered tile by tile, so one tile is
+one block of the FlexAttention block mask (block size = tile volume). A query tile attends
+the `window` tiles around it along each axis; at the borders the window is shifted to stay
+inside the grid at full size (as the STA paper does), and a window larger than the grid is
+clamped to it, i.e. attends the whole axis. Text tokens, appended after the video tokens,
+are attended by all queries and attend everything (each direction configurable). Padding
+keys are never attended; padding query rows are dropped from the output, which comes back
+in the input's token order.
+
+Windows may differ per head: the mask_mod reads the window of head `h` from a small tensor,
+so all heads run in one kernel launch with a per-head block mask (one mask per distinct
+window would need one launch per head group plus gathers of the head subsets). Block masks
+and the reorder indices are built once per (shape, windows, device) and cached; on GPU the
+kernel is the compiled FlexAttention kernel, which never visits the blocks outside the
+windows, so inside the blocks it does visit only padding keys remain to be masked.
+
+Measured on one H200 (bf16, 12 heads x 32760 tokens x 128, Wan 480p grid (21, 30, 52), tiles
+(2, 8, 8)): cuDNN SDPA 11.9 ms, dense FlexAttention 15.1 ms, STA at 24% of the tile pairs
+6.0 ms and at 12% 3.1 ms, reorder included (`benchmarks/bench_attention.py`).
+
+Under sequence parallelism the backend sees the full sequence and a contiguous slice of the
+heads (after the Ulysses all-to-all); `head_offset` (global index of local head 0) makes
+per-head windows refer to global heads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from fastvideo.attention.backends.abstract import AttentionBackend, AttentionImpl, _Backend
+from fastvideo.attention.sta_config import STAConfig, Window, parse_window
+from fastvideo.distributed.parallel_state import get_sp_rank
+
+Grid = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where each token of a `grid` (+ `num_text_tokens`) sits once reordered into tiles."""
+
+    grid: Grid
+    tile_size: Window
+    num_text_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        # Tuples whatever came in: layouts are cache keys.
+        object.__setattr__(self, "grid", parse_window(self.grid, "grid"))
+        object.__setattr__(self, "tile_size", parse_window(self.tile_size, "tile_size"))
+        if self.num_text_tokens < 0:
+            raise ValueError(f"num_text_tokens must be >= 0, got {self.num_text_tokens}")
+
+    @property
+    def tile_grid(self) -> Grid:
+        """Tiles along (t, h, w), the last one of an axis possibly partly padding."""
+        return tuple(-(-n // t) for n, t in zip(self.grid, self.tile_size))
+
+    @property
+    def tile_volume(self) -> int:
+        return math.prod(self.tile_size)
+
+    @property
+    def num_video_tokens(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def num_tiled_video_tokens(self) -> int:
+        """Video tokens including padding: whole tiles."""
+        return math.prod(self.tile_grid) * self.tile_volume
+
+    @property
+    def seq_len(self) -> int:
+        """Length of the tiled sequence (padded video, then text)."""
+        return self.num_tiled_video_tokens + self.num_text_tokens
+
+    def to_tiles(self, x_BSHD: torch.Tensor) -> torch.Tensor:
+        """`[B, S, H, D]` in grid order -> `[B, H, seq_len, D]` (a view) in tile order.
+
+        Padding rows copy token 0: they are never attended as keys and dropped as queries,
+        so any finite values do, and one gather is the only copy."""
+        gather, _, _ = _tile_indices(self, x_BSHD.device)
+        return x_BSHD.index_select(1, gather).transpose(1, 2)
+
+    def from_tiles(self, out_BHLD: torch.Tensor) -> torch.Tensor:
+        """Inverse of `to_tiles`, dropping the padding rows: `[B, S, H, D]` in grid order."""
+        _, scatter, _ = _tile_indices(self, out_BHLD.device)
+        return out_BHLD.transpose(1, 2).index_select(1, scatter)
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_indices(layout: TileLayout, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(tiled position -> source token, source token -> tiled position, tiled position is a
+    real token) for `layout`."""
+    (nt, nh, nw), (tt, th, tw) = layout.tile_grid, layout.tile_size
+    pad = [n * t - g for n, t, g in zip(layout.tile_grid, layout.tile_size, layout.grid)]
+    pad_spec = (0, pad[2], 0, pad[1], 0, pad[0])  # F.pad lists the last dim first
+
+    def tile_order(x_THW: torch.Tensor) -> torch.Tensor:
+        return x_THW.view(nt, tt, nh, th, nw, tw).permute(0, 2, 4, 1, 3, 5).reshape(-1)
+
+    num_video, text = layout.num_video_tokens, torch.arange(layout.num_text_tokens)
+    tokens = torch.arange(num_video).view(layout.grid)
+    gather = torch.cat([tile_order(F.pad(tokens, pad_spec)), num_video + text])
+    real = torch.cat([tile_order(F.pad(torch.ones(layout.grid, dtype=torch.bool), pad_spec)),
+                      torch.ones(layout.num_text_tokens, dtype=torch.bool)])
+    scatter = torch.empty(num_video + layout.num_text_tokens, dtype=torch.int64)
+    scatter[gather[real]] = torch.nonzero(real).flatten()
+    return gather.to(device), scatter.to(device), real.to(device)
+
+
+def clamp_window(window: Window, tile_grid: Grid) -> Window:
+    """The window actually used on `tile_grid`: at most the whole axis."""
+    return tuple(min(w, n) for w, n in zip(window, tile_grid))
+
+
+def sta_mask_mod(layout: TileLayout, windows: tuple[Window, ...], device: torch.device, *,
+                 video_attends_text: bool = True, text_attends_video: bool = True):
+    """The exact STA mask as a FlexAttention mask_mod over positions of the tiled sequence,
+    with one window per head or one for all heads."""
+    windows_H3 = torch.tensor([clamp_window(w, layout.tile_grid) for w in windows],
+                              dtype=torch.int32, device=device)
+    real = _tile_indices(layout, device)[2]
+    nt, nh, nw = layout.tile_grid
+    vol, num_video = layout.tile_volume, layout.num_tiled_video_tokens
+    per_head = windows_H3.shape[0] > 1
+
+    def tile_coords(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tile = idx // vol
+        return tile // (nh * nw), (tile // nw) % nh, tile % nw
+
+    def window_start(q_tile: torch.Tensor, window: torch.Tensor, num_tiles: int) -> torch.Tensor:
+        # Centred on the query tile, then shifted to lie inside [0, num_tiles).
+        return torch.clamp(torch.minimum(q_tile - (window - 1) // 2, num_tiles - window), min=0)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_t, q_h, q_w = tile_coords(q_idx)
+        k_t, k_h, k_w = tile_coords(kv_idx)
+        # A single window is broadcast: the mask is built for head 0, the kernel passes any h.
+        row = h if per_head else 0
+        w_t, w_h, w_w = windows_H3[row, 0], windows_H3[row, 1], windows_H3[row, 2]
+        s_t, s_h, s_w = (window_start(q_t, w_t, nt), window_start(q_h, w_h, nh),
+                         window_start(q_w, w_w, nw))
+        in_window = ((k_t >= s_t) & (k_t < s_t + w_t) & (k_h >= s_h) & (k_h < s_h + w_h)
+                     & (k_w >= s_w) & (k_w < s_w + w_w))
+        q_video, kv_text = q_idx < num_video, kv_idx >= num_video
+        kv_real_video = ~kv_text & real[kv_idx]
+        allowed = q_video & kv_real_video & in_window
+        allowed = allowed | (kv_text if video_attends_text else ~q_video & kv_text)
+        if text_attends_video:
+            allowed = allowed | (~q_video & kv_real_video)
+        return allowed
+
+    return mask_mod
+
+
+def get_sta_block_mask(layout: TileLayout, windows: tuple[Window, ...], device: torch.device,
+                       *, video_attends_text: bool = True, text_attends_video: bool = True,
+                       fused: bool | None = None) -> BlockMask:
+    """The block mask for `layout` with one window per head (or one for all heads), built
+    once per argument set and cached: same arguments, same object.
+
+    `fused`: the mask goes to the compiled FlexAttention kernel, which never visits the blocks
+    the mask leaves out, so partial blocks only need to mask padding keys (see below); the
+    eager kernel applies mask_mod to every element and needs the exact one. None: on CUDA,
+    where `sliding_tile_attention` always compiles.
+    """
+    device = torch.device(device)
+    fused = device.type == "cuda" if fused is None else fused
+    return _build_block_mask(layout, tuple(windows), device, video_attends_text,
+                             text_attends_video, fused)
+
+
+@functools.lru_cache(maxsize=256)
+def _build_block_mask(layout: TileLayout, windows: tuple[Window, ...], device: torch.device,
+                      video_attends_text: bool, text_attends_video: bool,
+                      fused: bool) -> BlockMask:
+    exact_mod = sta_mask_mod(layout, windows, device, video_attends_text=video_attends_text,
+                             text_attends_video=text_attends_video)
+    # On GPU compile the mask construction: eager would materialise [H, L, L] booleans.
+    build = _compiled(create_block_mask) if device.type == "cuda" else create_block_mask
+    exact = build(exact_mod, None, len(windows) if len(windows) > 1 else None, layout.seq_len,
+                  layout.seq_len, device=device, BLOCK_SIZE=layout.tile_volume)
+    if not fused:
+        return exact
+    # A block is one (query tile, key tile) pair, or text: whether the pair is in the window
+    # is decided per block, so inside a partial block only padding keys are masked. The
+    # kernel evaluates mask_mod on every element of a partial block (41% of the key tiles
+    # of 480p have padding): one lookup there instead of the window test is 27% faster.
+    real = _tile_indices(layout, device)[2]
+
+    def padding_mask_mod(b, h, q_idx, kv_idx):
+        return real[kv_idx]
+
+    return BlockMask.from_kv_blocks(
+        exact.kv_num_blocks, exact.kv_indices, exact.full_kv_num_blocks, exact.full_kv_indices,
+        BLOCK_SIZE=exact.BLOCK_SIZE, mask_mod=padding_mask_mod, seq_lengths=exact.seq_lengths)
+
+
+def sta_block_density(grid: Grid, tile_size: Window, windows: Window | Sequence[Window]) -> float:
+    """Fraction of (query tile, key tile) pairs of the video that STA computes, averaged over
+    heads: the compute of STA relative to dense attention on the tiled grid."""
+    tile_grid = TileLayout(grid, tile_size).tile_grid
+    per_head = [windows] if isinstance(windows[0], int) else windows
+    return sum(math.prod(w / n for w, n in zip(clamp_window(parse_window(window, "window"),
+                                                            tile_grid), tile_grid))
+               for window in per_head) / len(per_head)
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)
+
+
+def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask,
+          scale: float | None) -> torch.Tensor:
+    # Eager FlexAttention materialises the scores: fine on CPU at test sizes, never on GPU.
+    if query.device.type == "cuda" and not torch.compiler.is_compiling():
+        return _compiled(flex_attention)(query, key, value, block_mask=block_mask, scale=scale)
+    return flex_attention(query, key, value, block_mask=block_mask, scale=scale)
+
+
+def sliding_tile_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                           grid: Grid, tile_size: Window, windows: Window | Sequence[Window],
+                           num_text_tokens: int = 0, scale: float | None = None,
+                           video_attends_text: bool = True,
+                           text_attends_video: bool = True) -> torch.Tensor:
+    """STA on `[B, S, H, D]` tensors, `S = T * H' * W' + num_text_tokens` (video first, in
+    grid order); `windows` is one window for all heads or one per head of the input."""
+    per_head = (parse_window(windows, "window"),) if isinstance(windows[0], int) else tuple(
+        parse_window(w, f"window of head {i}") for i, w in enumerate(windows))
+    if len(per_head) not in (1, query.shape[2]):
+        raise ValueError(f"{len(per_head)} windows for {query.shape[2]} heads")
+    plan = sta_plan(query, TileLayout(grid, tile_size, num_text_tokens), per_head,
+                    video_attends_text=video_attends_text, text_attends_video=text_attends_video)
+    return attend_tiles(query, key, value, *plan, scale=scale)
+
+
+@torch.compiler.disable
+def sta_plan(query: torch.Tensor, layout: TileLayout, windows: tuple[Window, ...], *,
+             video_attends_text: bool = True,
+             text_attends_video: bool = True) -> tuple[BlockMask, torch.Tensor, torch.Tensor]:
+    """(block mask, gather index, scatter index) for `attend_tiles`, from the caches.
+
+    Kept out of compiled graphs: it is Python-side lookups, and a compiled DiT then breaks
+    its graph here once per attention call instead of guarding on the caches."""
+    if query.shape[1] != layout.num_video_tokens + layout.num_text_tokens:
+        raise ValueError(f"sequence length {query.shape[1]} != grid {layout.grid} "
+                         f"({layout.num_video_tokens} tokens) + {layout.num_text_tokens} text "
+                         "tokens")
+    if query.device.type == "cuda" and layout.tile_volume % 128:
+        raise ValueError(f"tile_size {layout.tile_size} has {layout.tile_volume} tokens; the "
+                         "GPU FlexAttention kernel needs a multiple of 128 (its query block)")
+    windows = tuple(clamp_window(w, layout.tile_grid) for w in windows)  # one cache entry each
+    if len(set(windows)) == 1:
+        windows = windows[:1]  # one mask broadcast over heads is cheaper to build
+    block_mask = get_sta_block_mask(layout, windows, query.device,
+                                    video_attends_text=video_attends_text,
+                                    text_attends_video=text_attends_video)
+    gather, scatter, _ = _tile_indices(layout, query.device)
+    return block_mask, gather, scatter
+
+
+def attend_tiles(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 block_mask: BlockMask, gather: torch.Tensor, scatter: torch.Tensor, *,
+                 scale: float | None = None) -> torch.Tensor:
+    """Gather `[B, S, H, D]` into tile order, attend with `block_mask`, scatter back."""
+    tiled = [x.index_select(1, gather).transpose(1, 2) for x in (query, key, value)]
+    return _flex(*tiled, block_mask, scale).transpose(1, 2).index_select(1, scatter)
+
+
+@dataclass(frozen=True, kw_only=True)
+class STAContext:
+    """What STA needs to know about the current forward beyond q/k/v."""
+
+    config: STAConfig | None = None
+    grid: Grid | None = None
+    """Latent token grid (T, H, W) after patchify, as the DiT flattens it."""
+    step: int = 0
+    """Denoising step index (windows may change with it)."""
+    num_text_tokens: int = 0
+    """Text tokens appended after the video tokens in the self-attention sequence."""
+
+
+_CONTEXT: ContextVar[STAContext | None] = ContextVar("sta_context", default=None)
+
+
+def current_sta_context() -> STAContext:
+    return _CONTEXT.get() or STAContext()
+
+
+@contextlib.contextmanager
+def sta_context(**fields) -> Iterator[STAContext]:
+    """Overlay `fields` (of `STAContext`) on the current context for the `with` body: the
+    denoising loop sets `config` and `step`, the DiT's forward the `grid`."""
+    context = replace(current_sta_context(), **fields)
+    token = _CONTEXT.set(context)
+    try:
+        yield context
+    finally:
+        _CONTEXT.reset(token)
+
+
+class SlidingTileAttentionImpl(AttentionImpl):
+    """STA with the windows of this layer (`layer_idx`) at the current step (`sta_context`).
+
+    Steps and layers whose heads are all dense run SDPA on the unreordered tokens.
+    """
+
+    def __init__(self, num_heads: int, head_size: int, softmax_scale: float | None = None,
+                 causal: bool = False, *, layer_idx: int | None = None) -> None:
+        if causal:
+            raise ValueError("SLIDING_TILE_ATTN is bidirectional; causal=True is not supported")
+        super().__init__(num_heads, head_size, softmax_scale, causal)
+        self.layer_idx = layer_idx
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, *,
+                head_offset: int | None = None) -> torch.Tensor:
+        """`head_offset`: global index of `query`'s head 0; by default 0 when `query` holds
+        all `num_heads` heads, else this sequence-parallel rank's contiguous slice."""
+        if attn_mask is not None:
+            raise ValueError("SLIDING_TILE_ATTN builds its own mask; attn_mask must be None")
+        plan = self._plan(query, head_offset)
+        if plan is None:
+            out = F.scaled_dot_product_attention(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                scale=self.softmax_scale)
+            return out.transpose(1, 2)
+        return attend_tiles(query, key, value, *plan, scale=self.softmax_scale)
+
+    @torch.compiler.disable
+    def _plan(self, query: torch.Tensor, head_offset: int | None
+              ) -> tuple[BlockMask, torch.Tensor, torch.Tensor] | None:
+        """`sta_plan` for this layer and step, or None when all local heads are dense."""
+        context = current_sta_context()
+        config = context.config
+        if config is None or context.grid is None:
+            raise ValueError("SLIDING_TILE_ATTN needs an STAConfig and the latent grid: run "
+                             "the DiT inside sta_context(config=..., grid=(T, H, W), step=...)")
+        num_local = query.shape[2]
+        if head_offset is None:
+            # Ulysses gives each sequence-parallel rank a contiguous slice of the heads.
+            head_offset = 0 if num_local == self.num_heads else get_sp_rank() * num_local
+        windows = config.head_windows(context.step, self.layer_idx, self.num_heads)
+        local = None if windows is None else windows[head_offset:head_offset + num_local]
+        if local is None or all(w is None for w in local):
+            return None
+        layout = TileLayout(context.grid, config.tile_size, context.num_text_tokens)
+        return sta_plan(query, layout, tuple(layout.tile_grid if w is None else w for w in local),
+                        video_attends_text=config.video_attends_text,
+                        text_attends_video=config.text_attends_video)
+
+
+BACKEND = AttentionBackend(
+    name=_Backend.SLIDING_TILE_ATTN,
+    impl_cls=SlidingTileAttentionImpl,
+    dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
+    device_types=frozenset({"cpu", "cuda"}),
+)

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import flows.pipeline
 from fastvideo.pipelines.stages.decoding import DecodingStage
 from flows.bulk import bulk
+from tasks.stages import decode
 from tests.flows.fault_proxy import FaultProxy
 from tests.flows.helpers import (
     PROMPTS,
@@ -90,3 +92,56 @@ def test_s3_refuses_checkpoint_writes_then_recovers(
     assert rule.refused == 3
     assert row["status"] == "succeeded"
     assert row["video_uri"].startswith(f"s3://{bucket}/refused/videos/")
+
+
+def test_s3_unreachable_mid_run_fails_the_item_cleanly_then_a_rerun_resumes(
+        prefect_server, s3_env, tiny_wan_path: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket = s3_env.create_bucket()
+    s3_env.client().put_object(Bucket=bucket, Key="data/prompts.jsonl",
+                               Body=write_dataset(tmp_path / "p.jsonl", [{"prompt": PROMPTS[2]}])
+                               .read_bytes())
+    run = dict(dataset=f"s3://{bucket}/data/prompts.jsonl", output=f"s3://{bucket}/down",
+               model_path=str(tiny_wan_path), **TINY)
+    # One Prefect retry without delay keeps the test short; the production default is 3.
+    monkeypatch.setattr(flows.pipeline, "decode", decode.with_options(retries=1,
+                                                                      retry_delay_seconds=0))
+    with FaultProxy(s3_env.endpoint_url) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+        rule = proxy.refuse("PUT", "/checkpoints/decode/", times=10**6)
+        state = bulk(**run, return_state=True)
+        (row,) = read_manifest(run["output"]).values()
+        assert state.is_failed()
+        # botocore's attempts x retry_io's attempts x the task's two runs: all refused.
+        assert rule.refused == 3 * 3 * 2
+        assert (row["status"], row["failed_stage"]) == ("failed", "decode")
+        assert "SlowDown" in row["error"] and s3_env.secret_key not in row["error"]
+
+        rule.times = 0  # the store is back
+        state = bulk(**run, return_state=True)
+        (row,) = read_manifest(run["output"]).values()
+    assert state.is_completed(), state.message
+    assert row["status"] == "succeeded"
+    states = task_states(state.state_details.flow_run_id)
+    assert {name.split("-shard")[0]: s for name, s in states.items() if "-shard" in name} == {
+        "encode-text": ["Cached"], "prepare-latents": ["Cached"], "denoise": ["Cached"],
+        "decode": ["Completed"], "write-video": ["Completed"]}
+
+
+@pytest.mark.parametrize("fault", ["missing bucket", "wrong secret"])
+def test_bad_s3_configuration_fails_clearly_and_writes_nothing(
+        prefect_server, s3_env, tiny_wan_path: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+    bucket = s3_env.create_bucket()
+    dataset = write_dataset(tmp_path / "prompts.jsonl", [{"prompt": PROMPTS[0]}])
+    if fault == "missing bucket":
+        output, expected = f"s3://{bucket}-missing/run", f"bucket '{bucket}-missing' does not exist"
+    else:
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        output, expected = f"s3://{bucket}/run", f"access denied to bucket '{bucket}'"
+    state = bulk(dataset=str(dataset), output=output, model_path=str(tiny_wan_path),
+                 return_state=True, **TINY)
+    assert state.is_failed()
+    error = str(state.result(raise_on_failure=False))
+    assert expected in error and "not-the-secret" not in error and s3_env.secret_key not in error
+    assert s3_env.client().list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0

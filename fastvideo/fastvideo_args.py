@@ -56,6 +56,9 @@ class FastVideoArgs:
     """Pipeline class to use; defaults to the `_class_name` in `model_index.json`."""
     enable_torch_compile: bool = False
     """Compile the DiT's repeated blocks with `torch.compile` (one compile per video shape)."""
+    sta_config: str | None = None
+    """JSON of sliding tile attention windows (`python -m fastvideo.attention.sta_search`);
+    used where the SLIDING_TILE_ATTN backend runs."""
 
     def __post_init__(self) -> None:
         if self.num_gpus < 1:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastvideo.attention.backends.abstract import AttentionBackend, AttentionImpl, _Backend
-from fastvideo.attention.selector import get_attn_backend
+from fastvideo.attention.selector import backend_from_name, get_attn_backend
 from fastvideo.distributed.parallel_state import get_sp_group, get_sp_world_size
 
 # Backends that treat every head alike, so heads may be attended in any grouping and the
@@ -27,8 +27,10 @@ class _AttentionLayer(nn.Module):
 
     def __init__(self, num_heads: int, head_size: int, softmax_scale: float | None = None,
                  causal: bool = False,
-                 supported_attention_backends: Sequence[_Backend] = (_Backend.TORCH_SDPA,)) -> None:
+                 supported_attention_backends: Sequence[_Backend] = (_Backend.TORCH_SDPA,),
+                 layer_idx: int | None = None) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         if not supported_attention_backends:
             raise ValueError("supported_attention_backends is empty")
         self.num_heads = num_heads
@@ -36,6 +38,8 @@ class _AttentionLayer(nn.Module):
         self.softmax_scale = softmax_scale
         self.causal = causal
         self.supported_attention_backends = tuple(supported_attention_backends)
+        self.requested_backend: _Backend | None = None
+        """Set by `request_attention_backend` (the engine's `attention_backend` option)."""
         self._impls: dict[tuple[torch.dtype, torch.device], AttentionImpl] = {}
         self._backends: dict[tuple[torch.dtype, torch.device], AttentionBackend] = {}
 
@@ -45,9 +49,10 @@ class _AttentionLayer(nn.Module):
         impl = self._impls.get(key)
         if impl is None:
             backend = get_attn_backend(self.head_size, query.dtype, query.device,
-                                       self.supported_attention_backends)
+                                       self.supported_attention_backends,
+                                       requested=self.requested_backend)
             impl = backend.impl_cls(self.num_heads, self.head_size, self.softmax_scale,
-                                    self.causal)
+                                    self.causal, layer_idx=self.layer_idx)
             self._impls[key] = impl
             self._backends[key] = backend
         return impl
@@ -55,6 +60,23 @@ class _AttentionLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, head_size={self.head_size}, causal={self.causal}, "
                 f"backends={[b.name for b in self.supported_attention_backends]}")
+
+
+def request_attention_backend(model: nn.Module, name: str | _Backend) -> int:
+    """Ask every attention layer of `model` that supports backend `name` to use it.
+
+    Layers that don't list it keep their default (cross-attention, say, when sliding tile
+    is requested for the video self-attention). Returns the number of layers changed;
+    an unknown name raises `ValueError` listing the valid ones.
+    """
+    backend = backend_from_name(name)
+    layers = [m for m in model.modules()
+              if isinstance(m, _AttentionLayer) and backend in m.supported_attention_backends]
+    for layer in layers:
+        layer.requested_backend = backend
+        layer._impls.clear()
+        layer._backends.clear()
+    return len(layers)
 
 
 class LocalAttention(_AttentionLayer):
@@ -81,9 +103,9 @@ class DistributedAttention(_AttentionLayer):
     def __init__(self, num_heads: int, head_size: int, softmax_scale: float | None = None,
                  causal: bool = False,
                  supported_attention_backends: Sequence[_Backend] = (_Backend.TORCH_SDPA,),
-                 num_chunks: int = 1) -> None:
+                 num_chunks: int = 1, layer_idx: int | None = None) -> None:
         super().__init__(num_heads, head_size, softmax_scale, causal,
-                         supported_attention_backends)
+                         supported_attention_backends, layer_idx)
         self.num_chunks = num_chunks
         """Head groups to pipeline the all-to-all over; must divide the heads per rank.
         Backends that index heads (sliding tile) always get one. 1 by default: on 2 and 4

@@ -23,6 +23,7 @@ ATTENTION_BACKEND_ENV = "FASTVIDEO_ATTENTION_BACKEND"
 _BACKEND_MODULES: dict[_Backend, str] = {
     _Backend.TORCH_SDPA: "fastvideo.attention.backends.sdpa",
     _Backend.FLASH_ATTN: "fastvideo.attention.backends.flash_attn",
+    _Backend.SLIDING_TILE_ATTN: "fastvideo.attention.backends.sliding_tile",
 }
 
 

@@ -74,9 +74,11 @@ def test_flash_falls_back_off_cuda_and_for_fp32() -> None:
         assert get_attn_backend(64, torch.float32, CUDA, (FLASH, SDPA)).name is SDPA
 
 
-def test_sliding_tile_is_not_implemented_yet() -> None:
-    with pytest.warns(UserWarning, match="SLIDING_TILE_ATTN cannot run here .not implemented yet"):
-        assert _select((SDPA, STA), requested="SLIDING_TILE_ATTN") is SDPA
+def test_sliding_tile_is_selectable_and_falls_back_off_its_devices() -> None:
+    assert _select((SDPA, STA), requested="SLIDING_TILE_ATTN") is STA
+    with pytest.warns(UserWarning, match=r"SLIDING_TILE_ATTN cannot run here \(device 'mps'"):
+        assert _select((SDPA, STA), requested="SLIDING_TILE_ATTN",
+                       device=torch.device("mps")) is SDPA
 
 
 def test_backend_the_layer_does_not_support_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,8 +136,3 @@ def test_layer_applies_env_choice_with_fallback(monkeypatch: pytest.MonkeyPatch)
     torch.testing.assert_close(out, _reference(q, k, v), atol=1e-6, rtol=0)
 
 
-def test_distributed_attention_with_sequence_parallel_is_not_here_yet(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(attention_layer, "get_sp_world_size", lambda: 2)
-    with pytest.raises(NotImplementedError, match="sequence parallel"):
-        DistributedAttention(3, 8)(*_qkv())

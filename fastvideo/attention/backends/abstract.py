@@ -21,15 +21,17 @@ class AttentionImpl(ABC):
 
     Inputs are `[B, S, H, D]` (batch, sequence, heads, head size); the output has the
     same layout. Sharding across processes happens outside, in `DistributedAttention`.
-    `softmax_scale=None` means `1 / sqrt(head_size)`.
+    `softmax_scale=None` means `1 / sqrt(head_size)`. `layer_idx` is the layer's index in
+    the model, for backends configured per layer (sliding tile windows).
     """
 
     def __init__(self, num_heads: int, head_size: int, softmax_scale: float | None = None,
-                 causal: bool = False) -> None:
+                 causal: bool = False, *, layer_idx: int | None = None) -> None:
         self.num_heads = num_heads
         self.head_size = head_size
         self.softmax_scale = softmax_scale
         self.causal = causal
+        self.layer_idx = layer_idx
 
     @abstractmethod
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

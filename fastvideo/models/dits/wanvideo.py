@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvideo.attention import DistributedAttention, LocalAttention, _Backend
+from fastvideo.attention.backends.sliding_tile import sta_context
 from fastvideo.distributed import (
     get_sp_world_size,
     sequence_model_parallel_all_gather,
@@ -145,10 +146,11 @@ class _WanAttentionProjections(nn.Module):
 class WanSelfAttention(_WanAttentionProjections):
     """Self-attention over all video tokens, with q/k RMSNorm across heads and 3D RoPE."""
 
-    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+    def __init__(self, dim: int, num_heads: int, eps: float, layer_idx: int | None = None) -> None:
         super().__init__(dim, num_heads, eps)
         self.attn = DistributedAttention(num_heads, dim // num_heads,
-                                         supported_attention_backends=_SELF_ATTN_BACKENDS)
+                                         supported_attention_backends=_SELF_ATTN_BACKENDS,
+                                         layer_idx=layer_idx)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor,
                 num_tokens: int | None = None) -> torch.Tensor:
@@ -190,11 +192,11 @@ class WanCrossAttention(_WanAttentionProjections):
 
 class WanTransformerBlock(nn.Module):
 
-    def __init__(self, config: WanTransformerConfig) -> None:
+    def __init__(self, config: WanTransformerConfig, layer_idx: int | None = None) -> None:
         super().__init__()
         dim, eps = config.hidden_size, config.eps
         self.norm1 = LayerNormScaleShift(dim, eps)
-        self.attn1 = WanSelfAttention(dim, config.num_attention_heads, eps)
+        self.attn1 = WanSelfAttention(dim, config.num_attention_heads, eps, layer_idx)
         self.norm2 = FP32LayerNorm(dim, eps) if config.cross_attn_norm else None
         self.attn2 = WanCrossAttention(dim, config.num_attention_heads, eps,
                                        config.added_kv_proj_dim)
@@ -289,7 +291,7 @@ class WanTransformer3DModel(nn.Module):
         self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=cfg.patch_size,
                                          stride=cfg.patch_size)
         self.condition_embedder = WanConditionEmbedder(cfg)
-        self.blocks = nn.ModuleList(WanTransformerBlock(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(WanTransformerBlock(cfg, i) for i in range(cfg.num_layers))
         self.norm_out = LayerNormScaleShift(dim, cfg.eps)
         self.proj_out = ReplicatedLinear(dim, cfg.out_channels * math.prod(cfg.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
@@ -368,8 +370,9 @@ class WanTransformer3DModel(nn.Module):
         num_tokens = x.shape[1]
         x = sequence_model_parallel_shard(_pad_to_multiple(x, 1), dim=1).contiguous()
         freqs = sequence_model_parallel_shard(_pad_to_multiple(freqs, 0), dim=0)
-        for block in self.blocks:
-            x = block(x, context, timestep_proj, freqs, context_image, num_tokens)
+        with sta_context(grid=grid):  # sliding tile attention tiles this token grid
+            for block in self.blocks:
+                x = block(x, context, timestep_proj, freqs, context_image, num_tokens)
 
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = self.proj_out(self.norm_out(x, shift, scale))

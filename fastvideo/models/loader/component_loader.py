@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from fastvideo.attention.layer import request_attention_backend
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.models.compile import compile_repeated_blocks
 from fastvideo.models.loader.weight_utils import WeightFileError, find_weight_files, iterate_weights
@@ -61,6 +62,8 @@ def load_component(name: str, spec: list[str] | tuple[str, str], model_path: str
     logger.info("loading %s (%s) from %s", name, class_name, folder)
     if entry.library == "fastvideo":
         model = _load_fastvideo_model(entry, folder, fastvideo_args.device, dtype)
+        if fastvideo_args.attention_backend is not None:
+            request_attention_backend(model, fastvideo_args.attention_backend)
         if fastvideo_args.enable_torch_compile and name == "transformer":
             compile_repeated_blocks(model)
         return model

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from fastvideo.attention.backends.sliding_tile import sta_context
+from fastvideo.attention.sta_config import STAConfig
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.models.schedulers.state import get_scheduler_state, load_scheduler_state
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
@@ -34,10 +36,13 @@ class DenoisingStage(PipelineStage):
     writes = ("latents",)
 
     def __init__(self, transformer: Any, scheduler: Any,
-                 on_step_end: StepCallback | None = None) -> None:
+                 on_step_end: StepCallback | None = None,
+                 sta_config: STAConfig | None = None) -> None:
         self.transformer = transformer
         self.scheduler = scheduler
         self.on_step_end = on_step_end
+        self.sta_config = sta_config
+        """Sliding tile attention windows per step; used only by layers running that backend."""
 
     def _prepare_scheduler(self, batch: ForwardBatch, device: str) -> None:
         self.scheduler.set_timesteps(batch.num_inference_steps, device=device)
@@ -72,12 +77,14 @@ class DenoisingStage(PipelineStage):
             t = timesteps[i]
             model_input = latents.to(dtype)
             timestep = t.expand(latents.shape[0])
-            noise_pred = self.transformer(hidden_states=model_input, timestep=timestep,
-                                          encoder_hidden_states=prompt_embeds)
-            if negative_embeds is not None:
-                noise_uncond = self.transformer(hidden_states=model_input, timestep=timestep,
-                                                encoder_hidden_states=negative_embeds)
-                noise_pred = noise_uncond + batch.guidance_scale * (noise_pred - noise_uncond)
+            with sta_context(config=self.sta_config, step=i):
+                noise_pred = self.transformer(hidden_states=model_input, timestep=timestep,
+                                              encoder_hidden_states=prompt_embeds)
+                if negative_embeds is not None:
+                    noise_uncond = self.transformer(hidden_states=model_input,
+                                                    timestep=timestep,
+                                                    encoder_hidden_states=negative_embeds)
+                    noise_pred = noise_uncond + batch.guidance_scale * (noise_pred - noise_uncond)
             latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             batch.latents = latents
             batch.step_index = i + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fastvideo.attention.sta_config import STAConfig
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
 from fastvideo.pipelines.stages import (
@@ -29,8 +30,11 @@ class WanPipeline(ComposedPipelineBase):
         self.add_stage("timestep_preparation_stage",
                        TimestepPreparationStage(scheduler=self.get_module("scheduler")))
         self.add_stage("latent_preparation_stage", LatentPreparationStage(self.geometry))
+        sta_config = (STAConfig.load(fastvideo_args.sta_config)
+                      if fastvideo_args.sta_config is not None else None)
         self.add_stage("denoising_stage", DenoisingStage(
-            transformer=self.get_module("transformer"), scheduler=self.get_module("scheduler")))
+            transformer=self.get_module("transformer"), scheduler=self.get_module("scheduler"),
+            sta_config=sta_config))
         self.add_stage("decoding_stage", DecodingStage(vae=self.get_module("vae")))
 
 

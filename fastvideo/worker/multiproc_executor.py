@@ -19,7 +19,6 @@ from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
 from fastvideo.worker.worker_process import READY, SHUTDOWN, worker_main
 
-
 _ERROR_GRACE_S = 10.0
 
 

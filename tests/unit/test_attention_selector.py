@@ -16,7 +16,6 @@ from fastvideo.attention import (
     _Backend,
     get_attn_backend,
 )
-from fastvideo.attention import layer as attention_layer
 
 SDPA, FLASH, STA = _Backend.TORCH_SDPA, _Backend.FLASH_ATTN, _Backend.SLIDING_TILE_ATTN
 CUDA = torch.device("cuda")  # only named: selection never touches the device

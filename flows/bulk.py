@@ -14,6 +14,7 @@ only what is missing. Dataset format and per-row options: `tasks.dataset`.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from typing import Any
@@ -92,6 +93,9 @@ def bulk(
         artifact_key: lowercase-dashed key that versions the result artifacts across runs.
     """
     start = time.perf_counter()
+    if artifact_key is not None and not re.fullmatch(r"[a-z0-9-]+", artifact_key):
+        raise ValueError(f"artifact_key {artifact_key!r} may hold lowercase letters, digits "
+                         "and dashes only")
     output = local_path(output)
     defaults = SamplingParam(negative_prompt=negative_prompt, height=height, width=width,
                              num_frames=num_frames, num_inference_steps=num_inference_steps,

@@ -55,6 +55,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true",
                         help="also time diffusers under torch.compile")
+    parser.add_argument("--sta-windows", nargs="*", default=[],
+                        help="also time sliding tile attention with these (t,h,w) tile windows, "
+                             "e.g. 5,3,5 3,3,4 (on our compiled model with --compile)")
+    parser.add_argument("--sta-tile", default="2,8,8", help="STA tile size (t,h,w)")
     parser.add_argument("--json-out", type=Path, help="write the results as JSON here")
     return parser.parse_args()
 
@@ -122,6 +126,39 @@ def peak_memory_gib(fn: Callable[[], torch.Tensor], device: torch.device) -> flo
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
+def time_sta(model: nn.Module, inputs: dict[str, torch.Tensor], args: argparse.Namespace,
+             device: torch.device, dense: torch.Tensor) -> list[dict[str, Any]]:
+    """Time `model` with sliding tile attention at each window; error against dense."""
+    from fastvideo.attention.backends.sliding_tile import sta_block_density, sta_context
+    from fastvideo.attention.layer import request_attention_backend
+    from fastvideo.attention.sta_config import STAConfig
+
+    tile = tuple(int(v) for v in args.sta_tile.split(","))
+    latent = inputs["hidden_states"].shape[2:]
+    grid = (latent[0], latent[1] // 2, latent[2] // 2)
+    request_attention_backend(model, "SLIDING_TILE_ATTN")
+    results = []
+    for spec in args.sta_windows:
+        window = tuple(int(v) for v in spec.split(","))
+        config = STAConfig(tile_size=tile, default_window=window)
+        with torch.inference_mode(), sta_context(config=config, step=0):
+            out = model(**inputs).float()
+            for _ in range(args.warmup):
+                time_once(lambda: model(**inputs), device)
+            ms = statistics.median(time_once(lambda: model(**inputs), device)
+                                   for _ in range(args.iters))
+        ref = dense.float()
+        entry = {"window": window, "tile": tile, "median_ms": ms,
+                 "density": sta_block_density(grid, tile, window),
+                 "rel_l2_vs_dense": ((out - ref).norm() / ref.norm()).item(),
+                 "max_abs_vs_dense": (out - ref).abs().max().item()}
+        print(f"STA window {window}: {ms:.2f} ms, density {entry['density']:.3f}, "
+              f"rel L2 vs dense {entry['rel_l2_vs_dense']:.3e}")
+        results.append(entry)
+    request_attention_backend(model, "TORCH_SDPA")
+    return results
+
+
 def main() -> None:
     args = parse_args()
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)
@@ -154,6 +191,9 @@ def main() -> None:
             for name, fn in runs.items():
                 times[name].append(time_once(fn, device))
 
+    if args.sta_windows:
+        model = ours_compiled if args.compile else ours
+        result_sta = time_sta(model, inputs, args, device, outputs["ours"])
     median_ms = {name: statistics.median(t) for name, t in times.items()}
     expected = outputs["diffusers"].float()
     result = {
@@ -171,6 +211,8 @@ def main() -> None:
             median_ms["ours_compiled"] / median_ms["diffusers_compiled"])
         result["max_abs_diff_ours_compiled"] = (
             outputs["ours_compiled"].float() - expected).abs().max().item()
+    if args.sta_windows:
+        result["sta"] = result_sta
     for name, ms in median_ms.items():
         mem = f", peak {memory[name]:.2f} GiB" if memory[name] is not None else ""
         print(f"{name:>20}: {ms:9.2f} ms (median of {args.iters}){mem}")

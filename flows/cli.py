@@ -11,7 +11,7 @@ from uuid import UUID
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_UI_URL
 
 # Same names, types and help as `fastvideo generate`'s sampling options.
-from fastvideo.entrypoints.cli import _add_dataclass_options
+from fastvideo.entrypoints.cli import add_dataclass_options
 from fastvideo.fastvideo_args import SamplingParam
 
 RUN_OPTIONS = ("shard_size", "concurrency", "checkpoint_every", "checkpoint_store",
@@ -22,7 +22,7 @@ RUN_OPTIONS = ("shard_size", "concurrency", "checkpoint_every", "checkpoint_stor
 def add_options(parser: argparse.ArgumentParser) -> None:
     """The sampling options of `fastvideo generate` and the run options of the flows."""
     sampling = parser.add_argument_group("sampling options (as in `fastvideo generate`)")
-    _add_dataclass_options(sampling, SamplingParam, skip=set())
+    add_dataclass_options(sampling, SamplingParam, skip=set())
     run = parser.add_argument_group("run options")
     run.add_argument("--shard-size", type=int, help="items per task run (default 1)")
     run.add_argument("--concurrency", type=int,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.s3_server import S3Endpoint, s3_server  # noqa: F401 - one S3 server per session
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -28,3 +30,12 @@ def tiny_wan_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_wan_euler_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same tiny checkpoint with a flow-match Euler scheduler."""
     return _tiny(tmp_path_factory, "euler")
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> S3Endpoint:  # noqa: F811
+    """boto3's standard chain (here and in subprocesses) points at the session's test S3."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return s3_server

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from fastvideo.fastvideo_args import FastVideoArgs, SamplingParam
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
+def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
     """One `--option-name` per dataclass field, typed from its default; help from the field."""
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -32,7 +32,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="prompt text; repeat for several videos")
     gen.add_argument("--output-path", required=True, help="folder for the mp4 files")
     gen.add_argument("--fps", type=int, default=16)
-    _add_dataclass_options(gen, SamplingParam, skip=set())
+    add_dataclass_options(gen, SamplingParam, skip=set())
     engine = gen.add_argument_group("engine options")
     engine.add_argument("--device", default=None)
     engine.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16")

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 import pytest
 
 from tests.flows.helpers import REPO, PrefectServer
-from tests.s3_server import S3Endpoint, s3_server  # noqa: F401 - re-exported fixture
 
 
 @pytest.fixture(scope="session")
@@ -39,15 +38,6 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
             APILogHandler().flush()  # before the server goes away
     finally:
         server.stop()
-
-
-@pytest.fixture
-def s3_env(s3_server: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> S3Endpoint:  # noqa: F811
-    """boto3's standard chain (in this process and in subprocesses) points at the test S3."""
-    for name, value in s3_server.env().items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    return s3_server
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
-"""Fixtures for storage tests; `s3_server` (a SeaweedFS S3 on loopback) is shared."""
+"""Fixtures for storage tests (`s3_server` / `s3_env` come from tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,21 +10,11 @@ import torch
 
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
 from fastvideo.storage import LocalStore
-from tests.s3_server import S3Endpoint, s3_server  # noqa: F401 - re-exported fixture
 
 
 @pytest.fixture
 def local_store(tmp_path: Path) -> LocalStore:
     return LocalStore(tmp_path / "store")
-
-
-@pytest.fixture
-def s3_env(s3_server: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Endpoint]:  # noqa: F811
-    """Point boto3's standard credential chain at the test server."""
-    for name, value in s3_server.env().items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    yield s3_server
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors
 
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
 
@@ -76,7 +77,7 @@ def decode_batch(
         if column.metadata == _JSON_METADATA:
             value = json.loads(value)
         setattr(batch, column.name, value)
-    for name, tensor in safetensors.torch.load(encoded.tensors).items():
+    for name, tensor in load_safetensors(encoded.tensors).items():
         tensor = tensor.to(device)
         field, *path = name.split(_SEP)
         if field not in known:

@@ -1,0 +1,83 @@
+"""End-to-end check of the engine on GPUs: our WanPipeline against diffusers' on the same
+tiny checkpoint and seed (bf16 DiT/text encoder, fp32 VAE, as the Wan reference runs), and
+`VideoGenerator(num_gpus=N)` (sequence parallel over N worker processes) against one process.
+
+    python benchmarks/check_gpu_pipeline.py --num-gpus 2 --json-out result.json
+    python benchmarks/check_gpu_pipeline.py --device cpu --dtype fp32 --num-gpus 2   # CPU, gloo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fastvideo import VideoGenerator
+from fastvideo.fastvideo_args import parse_dtype
+from fastvideo.testing.tiny_wan import make_tiny_wan
+
+REQUEST = dict(prompt="a red fox running through fresh snow", negative_prompt="blurry",
+               height=64, width=96, num_frames=9, num_inference_steps=8, guidance_scale=5.0)
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def diffusers_run(path: Path, device: str, dtype: torch.dtype, seed: int):
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.float32)
+    pipe = WanPipeline.from_pretrained(path, vae=vae, dtype=dtype).to(device)
+    captured = {}
+
+    def keep(pipe, step, t, kwargs):
+        captured["latents"] = kwargs["latents"]
+        return kwargs
+
+    frames = pipe(**REQUEST, generator=torch.Generator().manual_seed(seed), output_type="np",
+                  callback_on_step_end=keep).frames[0]
+    return captured["latents"][0].float().cpu(), torch.from_numpy(frames)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--num-gpus", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+    dtype = parse_dtype(args.dtype)
+    result: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                    "dtype": str(dtype), "request": REQUEST}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_tiny_wan(Path(tmp) / "tiny-wan")
+        ref_latents, ref_frames = diffusers_run(path, args.device, dtype, args.seed)
+        one = VideoGenerator.from_pretrained(path, device=args.device, dtype=args.dtype)
+        start = time.perf_counter()
+        ours = one.generate_video(**REQUEST, seed=args.seed)
+        result["one_process_s"] = time.perf_counter() - start
+        result["vs_diffusers"] = {
+            "latents_rel_l2": _rel_l2(ours.latents, ref_latents),
+            "frames_max_abs": (ours.frames - ref_frames).abs().max().item()}
+        with VideoGenerator.from_pretrained(path, device=args.device, dtype=args.dtype,
+                                            num_gpus=args.num_gpus) as many:
+            start = time.perf_counter()
+            sharded = many.generate_video(**REQUEST, seed=args.seed)
+            result["n_processes_s"] = time.perf_counter() - start
+        result[f"sp{args.num_gpus}_vs_one_process"] = {
+            "latents_rel_l2": _rel_l2(sharded.latents, ours.latents),
+            "latents_max_abs": (sharded.latents - ours.latents).abs().max().item(),
+            "frames_max_abs": (sharded.frames - ours.frames).abs().max().item()}
+    print(json.dumps(result, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

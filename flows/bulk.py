@@ -82,7 +82,8 @@ def bulk(
         checkpoint_every: denoising saves latents and scheduler state every this many steps.
         checkpoint_store: store URI for checkpoints; default the output.
         denoise_dispatch: inprocess, torchrun (this node) or deployment (GPU work pool).
-        nproc_per_node: processes per node under torchrun.
+        nproc_per_node: processes (GPUs) per denoise job under torchrun, here or on the
+            GPU node (which then gets that many GPUs); the DiT runs sequence parallel.
         denoise_deployment: flow-name/deployment-name of the GPU denoise deployment.
         remote_launcher: how the GPU deployment runs a job: inprocess or torchrun.
         device: engine device; default cuda when available, else cpu.

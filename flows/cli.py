@@ -33,7 +33,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                      help="store URI for checkpoints (default: the output)")
     run.add_argument("--denoise-dispatch", choices=["inprocess", "torchrun", "deployment"],
                      help="where denoising runs (default inprocess)")
-    run.add_argument("--nproc-per-node", type=int, help="torchrun processes (default 1)")
+    run.add_argument("--denoise-procs", "--nproc-per-node", dest="nproc_per_node", type=int,
+                     metavar="N",
+                     help="processes (GPUs) per denoise job under torchrun, here or on the GPU "
+                          "node; the DiT runs sequence parallel over them (default 1)")
     run.add_argument("--denoise-deployment",
                      help="GPU deployment for --denoise-dispatch deployment "
                           "(default denoise-job/gpu-denoise)")

@@ -30,11 +30,12 @@ from prefect.runtime import task_run
 from prefect.states import Failed, State
 from prefect.tasks import exponential_backoff
 
-from fastvideo.entrypoints.denoise_worker import CorruptInputError, load_valid_checkpoint
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
 from fastvideo.storage import (
     ArtifactStore,
+    CorruptInputError,
     StoreUnavailableError,
+    load_valid_checkpoint,
     open_store,
     retry_io,
     write_checkpoint,

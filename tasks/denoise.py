@@ -2,7 +2,8 @@
 
 * `inprocess`: in this process, with the pipeline it already holds;
 * `torchrun`: `torchrun --nproc-per-node N -m fastvideo.entrypoints.denoise_worker` on this
-  node (the job and its outcomes travel through the store);
+  node (the job and its outcomes travel through the store); with N > 1 the DiT runs
+  sequence parallel over the N processes, rank 0 doing the store I/O;
 * `deployment`: a flow run of the GPU denoise deployment (`flows.denoise_job`) on its own
   work pool, started with an idempotency key made of this flow run and the job's digest,
   so a retried parent attaches to the GPU run already going instead of starting another.
@@ -29,6 +30,7 @@ from prefect.runtime import flow_run, task_run
 from prefect.states import State
 
 from fastvideo.entrypoints.denoise_worker import (
+    DENOISING_STAGE,
     PROGRESS_PREFIX,
     DenoiseItem,
     DenoiseJob,
@@ -46,6 +48,8 @@ from tasks.stages import stage_key
 DENOISE = "denoise"
 DENOISE_PROGRESS = "denoise-progress"
 Launcher = Literal["inprocess", "torchrun"]
+GPU_COUNT_VARIABLE = "gpu_count"
+"""The GPU work pool's job variable for the GPUs of one job (infra/k8s/gpu-job-template.json)."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,9 @@ class DenoiseDispatch:
 
     mode: Literal["inprocess", "torchrun", "deployment"] = "inprocess"
     nproc_per_node: int = 1
-    """Processes per node under torchrun (here, or on the GPU worker in `deployment` mode)."""
+    """Processes (GPUs) of a denoise job under torchrun, here or on the GPU node in
+    `deployment` mode, where the GPU run also asks its infrastructure for that many GPUs
+    (job variable `gpu_count`). The DiT runs sequence parallel over them."""
     deployment: str = "denoise-job/gpu-denoise"
     """`flow-name/deployment-name` of the GPU denoise deployment."""
     remote_launcher: Launcher = "inprocess"
@@ -69,8 +75,18 @@ class DenoiseDispatch:
         if self.remote_launcher not in ("inprocess", "torchrun"):
             raise ValueError(f"remote_launcher must be inprocess or torchrun, "
                              f"got {self.remote_launcher!r}")
-        if self.nproc_per_node < 1:
-            raise ValueError(f"nproc_per_node must be >= 1, got {self.nproc_per_node}")
+        check_launcher(self.mode if self.mode != "deployment" else self.remote_launcher,
+                       self.nproc_per_node)
+
+
+def check_launcher(launcher: Launcher, nproc_per_node: int) -> None:
+    """ValueError unless `launcher` can run `nproc_per_node` processes."""
+    if nproc_per_node < 1:
+        raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
+    if nproc_per_node > 1 and launcher != "torchrun":
+        raise ValueError(
+            f"nproc_per_node={nproc_per_node} needs torchrun: --denoise-dispatch torchrun, or "
+            f"--denoise-dispatch deployment with --remote-launcher torchrun (got {launcher})")
 
 
 def job_key(job: DenoiseJob) -> str:
@@ -138,7 +154,7 @@ def execute_job(job: DenoiseJob, launcher: Launcher, nproc_per_node: int,
         run_torchrun(store, key, nproc_per_node, on_progress)
         return DenoiseOutcome.list_from_json(retry_io(lambda: store.get_bytes(result_key(key))))
     with ENGINE_LOCK:
-        pipeline = get_pipeline(ctx) if ctx is not None else None
+        pipeline = get_pipeline(ctx, [DENOISING_STAGE]) if ctx is not None else None
         outcomes = run_denoise_job(job, pipeline, on_progress)
     retry_io(lambda: store.put_bytes(result_key(key), DenoiseOutcome.list_to_json(outcomes)))
     return outcomes
@@ -152,13 +168,18 @@ def run_remote(job: DenoiseJob, dispatch: DenoiseDispatch) -> list[DenoiseOutcom
     parameters = {"store_uri": job.store_uri, "job_key": key,
                   "launcher": dispatch.remote_launcher,
                   "nproc_per_node": dispatch.nproc_per_node}
+    # The GPU job's size is fixed before it starts (the Kubernetes template requests
+    # `gpu_count` GPUs; a process worker ignores the variable).
+    job_variables = {GPU_COUNT_VARIABLE: dispatch.nproc_per_node}
     idempotency_key = f"{flow_run.id}-{job.digest}"
     started = datetime.now(timezone.utc)
     child = run_deployment(dispatch.deployment, parameters=parameters,
-                           idempotency_key=idempotency_key, timeout=dispatch.timeout_s)
+                           job_variables=job_variables, idempotency_key=idempotency_key,
+                           timeout=dispatch.timeout_s)
     if not child.state.is_completed() and child.created < started:
         # A run from before this attempt that failed: start one more, deterministically named.
         child = run_deployment(dispatch.deployment, parameters=parameters,
+                               job_variables=job_variables,
                                idempotency_key=f"{idempotency_key}-after-{child.id}",
                                timeout=dispatch.timeout_s)
     run_logger().info("GPU denoise run %s ended %s", child.name, child.state.name)
@@ -226,6 +247,7 @@ def _job_run_name() -> str:
 def run_denoise_job_task(store_uri: str, job_key: str, launcher: Launcher = "inprocess",
                          nproc_per_node: int = 1) -> dict[str, int]:
     """Run a stored denoise job on this node (the GPU deployment's one task)."""
+    check_launcher(launcher, nproc_per_node)
     store = get_store(store_uri)
     job = DenoiseJob.from_json(retry_io(lambda: store.get_bytes(job_key)))
     progress = _StepProgress(len(job.items), f"Denoising steps of job {job.digest[:12]}")

@@ -1,8 +1,10 @@
-"""The engine as tasks see it: one pipeline per process, stages run one batch at a time.
+"""The engine as tasks see it: modules loaded once per process, stages run one batch at a time.
 
-Loading a model costs seconds (tiny) to minutes (14B), so a process loads it once and
-every task run in that process reuses it. A lock serialises engine calls: tasks of a
-thread-pool task runner share one pipeline, and stage objects are not re-entrant.
+Loading a model costs seconds (tiny) to minutes (14B), so a process loads each module
+once, on the first task that runs a stage using it, and every later task run in that
+process reuses it: a process that only decodes loads only the VAE, one that only
+encodes text only the text encoder. A lock serialises engine calls: tasks of a
+thread-pool task runner share the modules, and stage objects are not re-entrant.
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from fastvideo.entrypoints.video_generator import build_pipeline
+from fastvideo.entrypoints.video_generator import build_pipeline_for_stages
 from fastvideo.fastvideo_args import FastVideoArgs, SamplingParam
-from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
+from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase, UnloadedModule
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
 from fastvideo.storage import model_fingerprint
 from tasks.items import RunContext
@@ -27,28 +30,37 @@ from tasks.items import RunContext
 logger = logging.getLogger(__name__)
 
 ENGINE_LOCK = threading.RLock()
-_PIPELINES: dict[tuple[str, str, str], ComposedPipelineBase] = {}
+_EngineKey = tuple[str, str, str]  # model path, device, dtype
+_MODULES: dict[_EngineKey, dict[str, Any]] = {}
+_PIPELINES: dict[tuple[_EngineKey, tuple[str, ...]], ComposedPipelineBase] = {}
 
 
 def engine_args(ctx: RunContext) -> FastVideoArgs:
     return FastVideoArgs(model_path=ctx.model_path, device=ctx.device, dtype=ctx.dtype)
 
 
-def get_pipeline(ctx: RunContext) -> ComposedPipelineBase:
-    """The pipeline for the run's model, device and dtype, loaded on first use."""
+def get_pipeline(ctx: RunContext, stage_names: Sequence[str]) -> ComposedPipelineBase:
+    """A pipeline of the run's model, device and dtype that runs the named stages; the
+    modules they use are loaded on first use and shared with every other such pipeline."""
     key = (ctx.model_path, ctx.device, ctx.dtype)
     with ENGINE_LOCK:
-        if key not in _PIPELINES:
+        if (key, tuple(stage_names)) not in _PIPELINES:
             start = time.perf_counter()
-            _PIPELINES[key] = build_pipeline(engine_args(ctx))
-            logger.info("loaded %s on %s in %.1f s", ctx.model_path, ctx.device,
-                        time.perf_counter() - start)
-        return _PIPELINES[key]
+            loaded = _MODULES.setdefault(key, {})
+            before = set(loaded)
+            pipeline = build_pipeline_for_stages(engine_args(ctx), stage_names, modules=loaded)
+            loaded.update({name: module for name, module in pipeline.modules.items()
+                           if not isinstance(module, UnloadedModule)})
+            _PIPELINES[key, tuple(stage_names)] = pipeline
+            logger.info("stages %s: loaded %s of %s on %s in %.1f s", list(stage_names),
+                        sorted(set(loaded) - before) or "nothing new", ctx.model_path,
+                        ctx.device, time.perf_counter() - start)
+        return _PIPELINES[key, tuple(stage_names)]
 
 
 def run_stages(ctx: RunContext, stage_names: Sequence[str], batch: ForwardBatch) -> ForwardBatch:
     """Run the named stages of the run's pipeline on `batch`, in order."""
-    pipeline = get_pipeline(ctx)
+    pipeline = get_pipeline(ctx, stage_names)
     args = engine_args(ctx)
     with ENGINE_LOCK, torch.no_grad():
         for name in stage_names:

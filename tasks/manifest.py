@@ -15,8 +15,7 @@ import pyarrow.parquet as pq
 import torch
 from prefect import task
 
-from fastvideo.entrypoints.denoise_worker import read_inputs
-from fastvideo.storage import ArtifactStore, ObjectNotFoundError, retry_io
+from fastvideo.storage import ArtifactStore, ObjectNotFoundError, read_inputs, retry_io
 from tasks.common import get_store, retry_on_store_unavailable, shard_cache_key
 from tasks.items import ItemResult, ItemSpec, RunContext, Shard
 

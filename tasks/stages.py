@@ -18,9 +18,8 @@ from typing import Any
 import torch
 from prefect.states import State
 
-from fastvideo.entrypoints.denoise_worker import REQUEST_FIELDS, read_inputs
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
-from fastvideo.storage import CheckpointRef, checkpoint_key, retry_io
+from fastvideo.storage import CheckpointRef, checkpoint_key, read_inputs, retry_io
 from fastvideo.utils.video_io import video_file_name, write_mp4
 from tasks.common import checkpointed, get_store, run_shard, stage_task
 from tasks.engine import run_stages
@@ -92,7 +91,7 @@ def encode_text(shard: Shard, ctx: RunContext, negative: ItemResult | None
                 batch.negative_prompt_embeds = shared[0]  # the stage keeps it, encodes no more
             return _timed(ctx, ["input_validation_stage", "text_encoding_stage"], batch)
 
-        fields = (*REQUEST_FIELDS, "prompt_embeds",
+        fields = (*ForwardBatch.request_field_names(), "prompt_embeds",
                   *(("negative_prompt_embeds",) if own_negative else ()))
         return checkpointed(store, key, item.item_id, fields, compute)
 
@@ -107,8 +106,9 @@ def prepare_latents(shard: Shard, ctx: RunContext, text: list[ItemResult]
 
     def work(item: ItemSpec, _: list[ItemResult]) -> ItemResult:
         key = stage_key(ctx, PREPARE_LATENTS, {"seed": item.seed, **item.sampling})
+        fields = (*ForwardBatch.request_field_names(), "timesteps", "latents", "step_index")
         return checkpointed(
-            store, key, item.item_id, (*REQUEST_FIELDS, "timesteps", "latents", "step_index"),
+            store, key, item.item_id, fields,
             lambda: _timed(ctx, ["timestep_preparation_stage", "latent_preparation_stage"],
                            item.to_batch()))
 
@@ -130,7 +130,8 @@ def decode(shard: Shard, ctx: RunContext, denoised: list[ItemResult]) -> list[It
             batch.output = (batch.output.clamp(0, 1) * 255).round().to(torch.uint8)
             return batch, seconds
 
-        return checkpointed(store, key, item.item_id, (*REQUEST_FIELDS, "output"), compute)
+        return checkpointed(store, key, item.item_id,
+                            (*ForwardBatch.request_field_names(), "output"), compute)
 
     return run_shard(DECODE, shard, [denoised], work)
 

@@ -9,22 +9,35 @@ its output checkpoint and the key of its progress checkpoint. For each item:
   the scheduler's full state) puts the loop back where it stopped;
 * every `checkpoint_every` steps the progress checkpoint is rewritten, so a process killed
   mid-denoise loses at most that many steps, and on CPU fp32 the resumed run ends with
-  bit-identical latents;
+  bit-identical latents (a progress write that fails is logged and skipped: it only
+  saves work, the output write decides);
 * the final latents are written as the output checkpoint and the progress one removed.
 
 One item's failure does not stop the others. Runs in-process (`run_denoise_job`, given
-an already loaded pipeline) or as its own process, also under torchrun:
+an already loaded pipeline) or as its own process(es) under torchrun:
 
-    torchrun --nproc-per-node 1 -m fastvideo.entrypoints.denoise_worker \
+    torchrun --nproc-per-node N -m fastvideo.entrypoints.denoise_worker \
         --store s3://bucket/run --job-key jobs/denoise/<digest>/job.json
 
 which reads the job from the store, prints one `fastvideo-progress <item> <step> <total>`
 line per step, and writes the outcomes next to the job (`result.json`).
+
+A job loads only what denoising uses: the DiT and the scheduler. With N > 1 processes
+every rank loads them and the DiT runs sequence parallel over all N (tp 1). Rank 0 alone touches the store: it reads
+the job and each item's checkpoints, decides skip or run (and from which step), and
+sends the other ranks the job and each item's input batch (latents, embeddings,
+timesteps, scheduler state), as tensor broadcasts of the checkpoint encoding
+(safetensors + parquet bytes, nothing pickled). All ranks then run the loop together;
+rank 0 writes progress, output and outcomes. An error while the ranks compute together
+(a rank that dies, runs out of memory, or fails a collective) ends the whole job: every
+rank exits, torchrun stops the rest, and a rerun resumes each unfinished item from its
+last progress checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,41 +50,37 @@ from typing import Any
 
 import torch
 
+from fastvideo.distributed import (
+    GroupCoordinator,
+    destroy_distributed_environment,
+    get_world_group,
+    init_distributed_environment,
+    initialize_model_parallel,
+)
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
 from fastvideo.storage import (
     ArtifactStore,
-    CheckpointNotFoundError,
     CheckpointRef,
-    CorruptCheckpointError,
-    find_checkpoint,
+    CorruptInputError,
+    delete_checkpoint,
+    load_valid_checkpoint,
     open_store,
-    read_checkpoint,
+    read_inputs,
     retry_io,
     write_checkpoint,
 )
+from fastvideo.storage.batch_codec import EncodedBatch, decode_batch, encode_batch
 
 logger = logging.getLogger(__name__)
 
 DENOISING_STAGE = "denoising_stage"
 PROGRESS_PREFIX = "fastvideo-progress"
-# The request itself: cheap scalars kept in every checkpoint so each one is self-describing.
-REQUEST_FIELDS = ("prompt", "negative_prompt", "height", "width", "num_frames",
-                  "num_inference_steps", "guidance_scale", "seed", "max_sequence_length",
-                  "request_id")
 _PROGRESS_FIELDS = ("latents", "step_index", "extra")
 
 ProgressCallback = Callable[[str, int, int], None]
 """Called as `(item_id, step, total)` after every denoising step."""
-
-
-class CorruptInputError(Exception):
-    """An input checkpoint is missing or fails verification; its producer must redo it."""
-
-    def __init__(self, key: str, cause: Exception) -> None:
-        super().__init__(f"input checkpoint {key} is unusable: {cause}")
-        self.key = key
 
 
 @dataclass(frozen=True)
@@ -115,9 +124,14 @@ class DenoiseJob:
     def digest(self) -> str:
         return hashlib.sha256(self.to_json()).hexdigest()
 
-    def engine_args(self) -> FastVideoArgs:
+    def engine_args(self, world_size: int = 1, local_rank: int = 0) -> FastVideoArgs:
+        """The engine settings; over `world_size` processes the DiT runs sequence parallel."""
         options = {k: v for k, v in (("device", self.device), ("dtype", self.dtype)) if v}
-        return FastVideoArgs(model_path=self.model_path, **options)
+        args = FastVideoArgs(model_path=self.model_path, num_gpus=world_size,
+                             sp_size=world_size, tp_size=1, **options)
+        if world_size > 1 and args.device.startswith("cuda"):
+            args = dataclasses.replace(args, device=f"cuda:{local_rank}")  # a GPU per process
+        return args
 
 
 @dataclass(frozen=True)
@@ -147,90 +161,135 @@ class DenoiseOutcome:
         return outcomes
 
 
-def load_valid_checkpoint(store: ArtifactStore, key: str
-                          ) -> tuple[CheckpointRef, ForwardBatch] | None:
-    """The checkpoint under `key` and its batch, or None if absent or corrupt (with a warning)."""
-    ref = retry_io(lambda: find_checkpoint(store, key))
-    if ref is None:
-        return None
-    try:
-        return ref, retry_io(lambda: read_checkpoint(store, ref))
-    except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
-        logger.warning("ignoring checkpoint %s, recomputing it: %s", store.uri(key), exc)
-        return None
-
-
-def read_inputs(store: ArtifactStore, refs: Sequence[CheckpointRef],
-                batch: ForwardBatch | None = None) -> ForwardBatch:
-    """Merge the checkpoints into one batch; `CorruptInputError` names an unusable one."""
-    batch = batch if batch is not None else ForwardBatch()
-    for ref in refs:
-        try:
-            retry_io(lambda ref=ref: read_checkpoint(store, ref, into=batch))
-        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
-            raise CorruptInputError(ref.key, exc) from exc
-    return batch
-
-
-def delete_checkpoint(store: ArtifactStore, key: str) -> None:
-    """Remove a checkpoint: its manifest first, so no reader ever sees it half-deleted."""
-    keys = retry_io(lambda: store.list(f"{key}/"))
-    for name in sorted(keys, key=lambda k: not k.endswith("/manifest.json")):
-        retry_io(lambda name=name: store.delete(name))
-
-
 def run_denoise_job(job: DenoiseJob, pipeline: ComposedPipelineBase | None = None,
-                    on_progress: ProgressCallback | None = None) -> list[DenoiseOutcome]:
-    """Denoise every item of `job` with one pipeline (loaded here unless given)."""
-    store = open_store(job.store_uri)
-    args = job.engine_args()
+                    on_progress: ProgressCallback | None = None,
+                    group: GroupCoordinator | None = None) -> list[DenoiseOutcome]:
+    """Denoise every item of `job` with one pipeline (loaded here unless given).
+
+    With `group` (the world of a multi-process job) every rank calls this with the same
+    job; rank 0 does the I/O and returns the outcomes, the other ranks return [].
+    """
+    world_size = group.world_size if group is not None else 1
+    rank = group.rank_in_group if group is not None else 0
+    args = job.engine_args(world_size, int(os.environ.get("LOCAL_RANK", rank)))
     if pipeline is None:
-        from fastvideo.entrypoints.video_generator import build_pipeline
+        from fastvideo.entrypoints.video_generator import build_pipeline_for_stages
 
-        pipeline = build_pipeline(args)
-    stage = pipeline.get_stage(DENOISING_STAGE)
-    return [_denoise_item(store, item, stage, args, job.checkpoint_every, on_progress)
-            for item in job.items]
+        pipeline = build_pipeline_for_stages(args, [DENOISING_STAGE])
+    runner = _ItemRunner(store=open_store(job.store_uri) if rank == 0 else None,
+                         stage=pipeline.get_stage(DENOISING_STAGE), args=args,
+                         checkpoint_every=job.checkpoint_every, on_progress=on_progress,
+                         group=group if world_size > 1 else None)
+    outcomes = [runner.run(item) for item in job.items]
+    return outcomes if rank == 0 else []
 
 
-def _denoise_item(store: ArtifactStore, item: DenoiseItem, stage: Any, args: FastVideoArgs,
-                  checkpoint_every: int, on_progress: ProgressCallback | None) -> DenoiseOutcome:
-    try:
-        done = load_valid_checkpoint(store, item.output_key)
-        if done is not None:
-            return DenoiseOutcome(item.item_id, ref=done[0], skipped=True)
-        batch = read_inputs(store, item.inputs)
-        progress = load_valid_checkpoint(store, item.progress_key)
-        if progress is not None:
-            for name in _PROGRESS_FIELDS:
-                setattr(batch, name, getattr(progress[1], name))
+@dataclass
+class _ItemRunner:
+    """Denoises one item at a time; with a `group`, rank 0 holds the store and leads."""
+
+    store: ArtifactStore | None
+    stage: Any
+    args: FastVideoArgs
+    checkpoint_every: int
+    on_progress: ProgressCallback | None
+    group: GroupCoordinator | None
+
+    @property
+    def leads(self) -> bool:
+        return self.store is not None
+
+    def run(self, item: DenoiseItem) -> DenoiseOutcome | None:
+        """The item's outcome on rank 0 (None on the others)."""
+        plan = self._plan(item) if self.leads else None
+        batch = plan if isinstance(plan, ForwardBatch) else None
+        if self.group is not None:
+            batch = _broadcast_batch(self.group, batch)
+        if batch is None:
+            return plan
         resumed_from = batch.step_index
-        if resumed_from:
+        if resumed_from and self.leads:
             logger.info("item %s: resuming denoising at step %d/%d", item.item_id,
                         resumed_from, batch.num_inference_steps)
-
-        def on_step_end(b: ForwardBatch, step: int, total: int) -> None:
-            if step % checkpoint_every == 0 and step < total:
-                retry_io(lambda: write_checkpoint(store, item.progress_key, b, _PROGRESS_FIELDS))
-            if on_progress is not None:
-                on_progress(item.item_id, step, total)
-
-        stage.on_step_end = on_step_end
+        self.stage.on_step_end = self._step_callback(item) if self.leads else None
         try:
             with torch.no_grad():
-                batch = stage(batch, args)
+                batch = self.stage(batch, self.args)
+        except Exception as exc:
+            if self.group is not None:
+                raise  # the ranks may be out of step now: end the job (see the module doc)
+            logger.exception("item %s: denoising failed", item.item_id)
+            return DenoiseOutcome(item.item_id, error=f"{type(exc).__name__}: {exc}")
         finally:
-            stage.on_step_end = None
-        ref = retry_io(lambda: write_checkpoint(store, item.output_key, batch,
-                                                (*REQUEST_FIELDS, "latents")))
-        delete_checkpoint(store, item.progress_key)
-        return DenoiseOutcome(item.item_id, ref=ref, seconds=batch.timings[stage.name],
+            self.stage.on_step_end = None
+        return self._finish(item, batch, resumed_from) if self.leads else None
+
+    def _plan(self, item: DenoiseItem) -> DenoiseOutcome | ForwardBatch:
+        """The outcome of an item with nothing to compute, or the batch to denoise."""
+        try:
+            done = load_valid_checkpoint(self.store, item.output_key)
+            if done is not None:
+                return DenoiseOutcome(item.item_id, ref=done[0], skipped=True)
+            batch = read_inputs(self.store, item.inputs)
+            progress = load_valid_checkpoint(self.store, item.progress_key)
+            if progress is not None:
+                for name in _PROGRESS_FIELDS:
+                    setattr(batch, name, getattr(progress[1], name))
+            return batch
+        except CorruptInputError as exc:
+            return DenoiseOutcome(item.item_id, error=str(exc), corrupt_input=exc.key)
+        except Exception as exc:  # one item's failure must not stop the shard
+            logger.exception("item %s: reading its checkpoints failed", item.item_id)
+            return DenoiseOutcome(item.item_id, error=f"{type(exc).__name__}: {exc}")
+
+    def _step_callback(self, item: DenoiseItem) -> Callable[[ForwardBatch, int, int], None]:
+        def on_step_end(batch: ForwardBatch, step: int, total: int) -> None:
+            if step % self.checkpoint_every == 0 and step < total:
+                try:
+                    retry_io(lambda: write_checkpoint(self.store, item.progress_key, batch,
+                                                      _PROGRESS_FIELDS))
+                except Exception:  # progress only saves work; carry on without it
+                    logger.exception("item %s: saving progress at step %d failed",
+                                     item.item_id, step)
+            if self.on_progress is not None:
+                self.on_progress(item.item_id, step, total)
+        return on_step_end
+
+    def _finish(self, item: DenoiseItem, batch: ForwardBatch, resumed_from: int
+                ) -> DenoiseOutcome:
+        try:
+            ref = retry_io(lambda: write_checkpoint(
+                self.store, item.output_key, batch,
+                (*ForwardBatch.request_field_names(), "latents")))
+            delete_checkpoint(self.store, item.progress_key)
+        except Exception as exc:
+            logger.exception("item %s: writing its output failed", item.item_id)
+            return DenoiseOutcome(item.item_id, error=f"{type(exc).__name__}: {exc}")
+        return DenoiseOutcome(item.item_id, ref=ref, seconds=batch.timings[self.stage.name],
                               resumed_from_step=resumed_from)
-    except CorruptInputError as exc:
-        return DenoiseOutcome(item.item_id, error=str(exc), corrupt_input=exc.key)
-    except Exception as exc:  # one item's failure must not stop the shard
-        logger.exception("item %s: denoising failed", item.item_id)
-        return DenoiseOutcome(item.item_id, error=f"{type(exc).__name__}: {exc}")
+
+
+def _broadcast_bytes(group: GroupCoordinator, data: bytes | None) -> bytes | None:
+    """Rank 0's `data` (None stays None) on every rank: its size, then its bytes."""
+    size = torch.tensor([-1 if data is None else len(data)], dtype=torch.int64)
+    size = group.broadcast(size.to(group.device), src=0).item()
+    if size <= 0:
+        return None if size < 0 else b""
+    buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if data is not None
+              else torch.empty(size, dtype=torch.uint8))
+    return group.broadcast(buffer.to(group.device), src=0).cpu().numpy().tobytes()
+
+
+def _broadcast_batch(group: GroupCoordinator, batch: ForwardBatch | None) -> ForwardBatch | None:
+    """Rank 0's batch (None: nothing to run) on every rank, in the checkpoint encoding."""
+    encoded = encode_batch(batch) if batch is not None else None
+    tensors = _broadcast_bytes(group, encoded.tensors if encoded else None)
+    if tensors is None:
+        return None
+    fields = _broadcast_bytes(group, encoded.fields if encoded else None)
+    if group.rank_in_group == 0:
+        return batch
+    return decode_batch(EncodedBatch(tensors, fields))
 
 
 def result_key(job_key: str) -> str:
@@ -247,22 +306,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--store", required=True, help="store URI holding the job")
     parser.add_argument("--job-key", required=True, help="key of the job's JSON in the store")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s")
+    group = None
     if world_size > 1:
-        raise NotImplementedError(
-            f"WORLD_SIZE={world_size}: the denoise worker runs one process per node until "
-            "sequence-parallel denoising lands; use --nproc-per-node 1")
-    store = open_store(args.store)
-    job = DenoiseJob.from_json(retry_io(lambda: store.get_bytes(args.job_key)))
+        init_distributed_environment()
+        initialize_model_parallel(1, world_size)
+        group = get_world_group()
+    store = open_store(args.store) if rank == 0 else None
+    job_json = retry_io(lambda: store.get_bytes(args.job_key)) if rank == 0 else None
+    if group is not None:
+        job_json = _broadcast_bytes(group, job_json)
+    job = DenoiseJob.from_json(job_json)
     start = time.perf_counter()
-    outcomes = run_denoise_job(job, on_progress=_print_progress)
-    retry_io(lambda: store.put_bytes(result_key(args.job_key),
-                                     DenoiseOutcome.list_to_json(outcomes)))
-    failed = sum(o.error is not None for o in outcomes)
-    logger.info("denoised %d item(s), %d failed, in %.1f s", len(outcomes), failed,
-                time.perf_counter() - start)
+    # An exception ends this process here, without a goodbye to the other ranks: they
+    # may be stuck in a collective, and torchrun stops them.
+    outcomes = run_denoise_job(job, on_progress=_print_progress if rank == 0 else None,
+                               group=group)
+    if group is not None:
+        destroy_distributed_environment()
+    if rank == 0:
+        retry_io(lambda: store.put_bytes(result_key(args.job_key),
+                                         DenoiseOutcome.list_to_json(outcomes)))
+        failed = sum(o.error is not None for o in outcomes)
+        logger.info("denoised %d item(s), %d failed, on %d process(es) in %.1f s",
+                    len(outcomes), failed, world_size, time.perf_counter() - start)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,28 @@ class GenerationResult:
     """Seconds per stage (shared by all videos generated in the same call)."""
 
 
-def build_pipeline(fastvideo_args: FastVideoArgs,
-                   modules: dict[str, Any] | None = None) -> ComposedPipelineBase:
-    """Instantiate the pipeline named by the args or by `model_index.json`."""
+def build_pipeline(fastvideo_args: FastVideoArgs, modules: dict[str, Any] | None = None,
+                   required_modules: Iterable[str] | None = None) -> ComposedPipelineBase:
+    """Instantiate the pipeline named by the args or by `model_index.json`.
+
+    `required_modules` (default: all) are the modules to load; see `ComposedPipelineBase`.
+    """
     name = fastvideo_args.pipeline_name or read_model_index(fastvideo_args.model_path)["_class_name"]
-    return get_pipeline_class(name)(fastvideo_args.model_path, fastvideo_args, modules=modules)
+    return get_pipeline_class(name)(fastvideo_args.model_path, fastvideo_args, modules=modules,
+                                    required_modules=required_modules)
+
+
+def build_pipeline_for_stages(fastvideo_args: FastVideoArgs, stage_names: Iterable[str],
+                              modules: dict[str, Any] | None = None) -> ComposedPipelineBase:
+    """A pipeline that loads only the modules the named stages use (of `modules`, the
+    already loaded ones, it takes those).
+
+    Which modules those are, a first build without any (model configs only, milliseconds)
+    tells, so this works for any pipeline's stages.
+    """
+    needed = build_pipeline(fastvideo_args, required_modules=()).stage_modules(stage_names)
+    given = {name: module for name, module in (modules or {}).items() if name in needed}
+    return build_pipeline(fastvideo_args, modules=given, required_modules=needed)
 
 
 class VideoGenerator:

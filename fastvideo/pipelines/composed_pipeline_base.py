@@ -2,18 +2,75 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from fastvideo.fastvideo_args import FastVideoArgs
-from fastvideo.models.loader.component_loader import load_component, read_model_index
+from fastvideo.models.loader.component_loader import load_component, read_json, read_model_index
+from fastvideo.models.registry import resolve_model
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
 from fastvideo.pipelines.stages.base import PipelineStage
 
 logger = logging.getLogger(__name__)
+
+
+class ModuleNotLoadedError(RuntimeError):
+    """A stage used a module that this process did not load (see `required_modules`)."""
+
+
+class UnloadedModule:
+    """Stands in for a component that `required_modules` left out of this process.
+
+    Its `config` (the component's `config.json` over its class's defaults, no weights) is
+    there, so a pipeline can still derive shapes from it; anything else raises
+    `ModuleNotLoadedError` naming the module, so a stage that needs it fails when used.
+    """
+
+    def __init__(self, name: str, spec: list[str], folder: Path, loaded: list[str]) -> None:
+        self._name, self._spec, self._folder, self._loaded = name, spec, folder, loaded
+
+    @property
+    def config(self) -> dict[str, Any]:
+        path = self._folder / "config.json"
+        if not path.is_file():
+            raise self._error("config")
+        cls = resolve_model(self._spec[1], self._spec[0]).load_class()
+        defaults = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+                    if p.default is not inspect.Parameter.empty}
+        return _AttrDict({**defaults, **read_json(path)})
+
+    def _error(self, what: str) -> ModuleNotLoadedError:
+        return ModuleNotLoadedError(
+            f"module {self._name!r} is not loaded in this process (loaded: {self._loaded}), "
+            f"so its {what} is unavailable; build the pipeline with required_modules "
+            f"including {self._name!r} to run the stages that use it")
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):  # copy, pickle and friends probe for these
+            raise AttributeError(attr)
+        raise self._error(f"attribute {attr!r}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._error("forward")
+
+    def __repr__(self) -> str:
+        return f"UnloadedModule({self._name!r})"
+
+
+class _AttrDict(dict):
+    """A config read as `config["key"]` or `config.key`, like the loaded modules' configs."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
 
 
 class ComposedPipelineBase(ABC):
@@ -23,18 +80,27 @@ class ComposedPipelineBase(ABC):
     build their stages in `create_pipeline_stages` with `add_stage`, and may prepare
     anything else in `initialize_pipeline`. `modules` lets a caller pass already-loaded
     components (e.g. to share a text encoder between pipelines, or in tests).
+
+    `required_modules` (None: all) names the modules this process loads; a process that
+    runs only some stages (the denoise worker: the DiT and the scheduler) loads only
+    theirs. Every other module is an `UnloadedModule`: the stages are still built, and a
+    stage that uses a module that is not loaded raises `ModuleNotLoadedError` when run.
+    `stage_modules` says which modules given stages use.
     """
 
     _required_config_modules: list[str] = []
 
     def __init__(self, model_path: str, fastvideo_args: FastVideoArgs,
-                 modules: dict[str, Any] | None = None) -> None:
+                 modules: dict[str, Any] | None = None,
+                 required_modules: Iterable[str] | None = None) -> None:
         self.model_path = model_path
         self.fastvideo_args = fastvideo_args
         self.model_index = read_model_index(model_path)
-        self.modules: dict[str, Any] = dict(modules or {})
+        # Stand-ins among the given modules (e.g. another subset pipeline's) count as absent.
+        self.modules: dict[str, Any] = {name: module for name, module in (modules or {}).items()
+                                        if not isinstance(module, UnloadedModule)}
         self._stages: dict[str, PipelineStage] = {}
-        self.load_modules()
+        self.load_modules(required_modules)
         self.initialize_pipeline(fastvideo_args)
         self.create_pipeline_stages(fastvideo_args)
 
@@ -42,18 +108,29 @@ class ComposedPipelineBase(ABC):
     def required_config_modules(self) -> list[str]:
         return list(self._required_config_modules)
 
-    def load_modules(self) -> None:
-        missing = [m for m in self.required_config_modules
-                   if m not in self.modules and m not in self.model_index]
+    def load_modules(self, required_modules: Iterable[str] | None = None) -> None:
+        """Load the `required_modules` (default: all) not given; stand-ins for the rest."""
+        names = self.required_config_modules
+        wanted = names if required_modules is None else list(dict.fromkeys(required_modules))
+        unknown = [m for m in wanted if m not in names]
+        if unknown:
+            raise ValueError(f"required_modules {unknown} are not modules of "
+                             f"{type(self).__name__}; its modules: {names}")
+        missing = [m for m in names if m not in self.modules and m not in self.model_index]
         if missing:
             raise ValueError(
                 f"{type(self).__name__} needs components {missing}, which "
                 f"{self.model_path}/model_index.json does not list "
                 f"(it lists {sorted(k for k in self.model_index if not k.startswith('_'))})")
-        for name in self.required_config_modules:
+        for name in wanted:
             if name not in self.modules:
                 self.modules[name] = load_component(
                     name, self.model_index[name], self.model_path, self.fastvideo_args)
+        loaded = sorted(self.modules)
+        for name in names:
+            if name not in self.modules:
+                self.modules[name] = UnloadedModule(name, self.model_index[name],
+                                                    Path(self.model_path) / name, loaded)
 
     def get_module(self, name: str) -> Any:
         try:
@@ -73,6 +150,12 @@ class ComposedPipelineBase(ABC):
     def stages(self) -> dict[str, PipelineStage]:
         """The stages by name, in the order they run."""
         return dict(self._stages)
+
+    def stage_modules(self, stage_names: Iterable[str]) -> list[str]:
+        """The names of the modules (loaded or not) handed to the named stages, sorted
+        (a stage keeps the modules injected through its constructor as attributes)."""
+        held = {id(value) for name in stage_names for value in vars(self.get_stage(name)).values()}
+        return sorted(name for name, module in self.modules.items() if id(module) in held)
 
     def get_stage(self, stage_name: str) -> PipelineStage:
         try:

@@ -66,3 +66,11 @@ class ForwardBatch:
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def request_field_names(cls) -> tuple[str, ...]:
+        """The request's own fields: cheap scalars that every checkpoint keeps, so each
+        checkpoint says what it was made for."""
+        return ("prompt", "negative_prompt", "height", "width", "num_frames",
+                "num_inference_steps", "guidance_scale", "seed", "max_sequence_length",
+                "request_id")

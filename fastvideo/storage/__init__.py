@@ -3,8 +3,12 @@
 from fastvideo.storage.base import ArtifactStore, open_store
 from fastvideo.storage.checkpoint import (
     CheckpointRef,
+    CorruptInputError,
+    delete_checkpoint,
     find_checkpoint,
+    load_valid_checkpoint,
     read_checkpoint,
+    read_inputs,
     write_checkpoint,
 )
 from fastvideo.storage.errors import (
@@ -23,15 +27,19 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointRef",
     "CorruptCheckpointError",
+    "CorruptInputError",
     "LocalStore",
     "ObjectNotFoundError",
     "StoreError",
     "StoreUnavailableError",
     "checkpoint_key",
+    "delete_checkpoint",
     "find_checkpoint",
+    "load_valid_checkpoint",
     "model_fingerprint",
     "open_store",
     "read_checkpoint",
+    "read_inputs",
     "retry_io",
     "write_checkpoint",
 ]

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -36,16 +37,23 @@ from fastvideo.storage.errors import (
     StoreUnavailableError,
 )
 from fastvideo.storage.keys import checkpoint_key, model_fingerprint
+from fastvideo.storage.retry import retry_io
 
 __all__ = [
     "MANIFEST_NAME",
     "CheckpointRef",
+    "CorruptInputError",
     "checkpoint_key",
+    "delete_checkpoint",
     "find_checkpoint",
+    "load_valid_checkpoint",
     "model_fingerprint",
     "read_checkpoint",
+    "read_inputs",
     "write_checkpoint",
 ]
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 _DATA_FILES = {"tensors": "safetensors", "fields": "parquet"}  # role -> file extension
@@ -150,6 +158,50 @@ def read_checkpoint(
         except ValueError as exc:
             raise CorruptCheckpointError(f"checkpoint {where} cannot be decoded: {exc}") from exc
     raise StoreUnavailableError(f"checkpoint {where} kept changing while being read; retry")
+
+
+class CorruptInputError(Exception):
+    """An input checkpoint is missing or fails verification; its producer must redo it."""
+
+    def __init__(self, key: str, cause: Exception) -> None:
+        super().__init__(f"input checkpoint {key} is unusable: {cause}")
+        self.key = key
+
+
+def load_valid_checkpoint(store: ArtifactStore, key: str
+                          ) -> tuple[CheckpointRef, ForwardBatch] | None:
+    """The checkpoint under `key` and its batch, or None if absent or corrupt (with a warning).
+
+    For outputs that are recomputed when unusable; store outages still raise (after retries).
+    """
+    ref = retry_io(lambda: find_checkpoint(store, key))
+    if ref is None:
+        return None
+    try:
+        return ref, retry_io(lambda: read_checkpoint(store, ref))
+    except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+        logger.warning("ignoring checkpoint %s, recomputing it: %s", store.uri(key), exc)
+        return None
+
+
+def read_inputs(store: ArtifactStore, refs: Sequence[CheckpointRef],
+                batch: ForwardBatch | None = None) -> ForwardBatch:
+    """Merge the checkpoints into one batch; `CorruptInputError` names an unusable one."""
+    batch = batch if batch is not None else ForwardBatch()
+    for ref in refs:
+        try:
+            retry_io(lambda ref=ref: read_checkpoint(store, ref, into=batch))
+        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            raise CorruptInputError(ref.key, exc) from exc
+    return batch
+
+
+def delete_checkpoint(store: ArtifactStore, key_prefix: str) -> None:
+    """Remove a checkpoint: its manifest first, so no reader ever sees it half-deleted."""
+    check_key(key_prefix)
+    keys = retry_io(lambda: store.list(f"{key_prefix}/"))
+    for name in sorted(keys, key=lambda k: not k.endswith(f"/{MANIFEST_NAME}")):
+        retry_io(lambda name=name: store.delete(name))
 
 
 def _read_file(store: ArtifactStore, key_prefix: str, entry: _FileEntry) -> bytes:

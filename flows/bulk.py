@@ -57,6 +57,8 @@ def bulk(
     remote_launcher: str = "inprocess",
     device: str | None = None,
     dtype: str | None = None,
+    denoise_device: str | None = None,
+    denoise_dtype: str | None = None,
     fps: int = 16,
     training_data: bool = False,
     manifest_interval_s: float = 60.0,
@@ -88,6 +90,9 @@ def bulk(
         remote_launcher: how the GPU deployment runs a job: inprocess or torchrun.
         device: engine device; default cuda when available, else cpu.
         dtype: engine dtype; default bf16 on cuda, fp32 on cpu.
+        denoise_device: device of the denoise jobs; default `device`, or cuda when they go
+            to the GPU deployment.
+        denoise_dtype: dtype of the denoise jobs; default bf16 on cuda, fp32 on cpu.
         fps: frames per second of the videos.
         training_data: also write prompt embeddings and final latents under training/.
         manifest_interval_s: rewrite the manifest at most this often during the run.
@@ -106,7 +111,9 @@ def bulk(
                                deployment=denoise_deployment, remote_launcher=remote_launcher)
     plan = plan_items(local_path(dataset), output, defaults)
     ctx = prepare_run(model_path, local_path(checkpoint_store or output), output, defaults,
-                      checkpoint_every=checkpoint_every, device=device, dtype=dtype, fps=fps)
+                      checkpoint_every=checkpoint_every, device=device, dtype=dtype, fps=fps,
+                      denoise_device=denoise_device, denoise_dtype=denoise_dtype,
+                      remote_denoise=denoise_dispatch == "deployment")
     rows: list[dict[str, Any]] = list(plan.carried) + [
         failed_row(i.item_id, i.prompt, i.error, flow_run.id) for i in plan.invalid]
     progress = DatasetProgress(total=plan.num_rows, done=len(rows),

@@ -16,7 +16,7 @@ from fastvideo.fastvideo_args import SamplingParam
 
 RUN_OPTIONS = ("shard_size", "concurrency", "checkpoint_every", "checkpoint_store",
                "denoise_dispatch", "nproc_per_node", "denoise_deployment", "remote_launcher",
-               "device", "dtype", "fps")
+               "device", "dtype", "denoise_device", "denoise_dtype", "fps")
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +44,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                      help="how the GPU deployment runs a job (default inprocess)")
     run.add_argument("--device", help="engine device (default: cuda if available, else cpu)")
     run.add_argument("--dtype", help="engine dtype (default: bf16 on cuda, fp32 on cpu)")
+    run.add_argument("--denoise-device",
+                     help="device of the denoise jobs (default: --device, or cuda with "
+                          "--denoise-dispatch deployment)")
+    run.add_argument("--denoise-dtype", help="dtype of the denoise jobs (default: bf16 on cuda)")
     run.add_argument("--fps", type=int, help="frames per second of the videos (default 16)")
 
 

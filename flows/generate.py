@@ -44,6 +44,8 @@ def generate(
     remote_launcher: str = "inprocess",
     device: str | None = None,
     dtype: str | None = None,
+    denoise_device: str | None = None,
+    denoise_dtype: str | None = None,
     fps: int = 16,
 ) -> State:
     """Generate one video for `prompt` into `<output>/videos/`; the result is its manifest row."""
@@ -56,7 +58,9 @@ def generate(
     if invalid:
         return Failed(message=invalid[0].error)
     ctx = prepare_run(model_path, local_path(checkpoint_store or output), output, defaults,
-                      checkpoint_every=checkpoint_every, device=device, dtype=dtype, fps=fps)
+                      checkpoint_every=checkpoint_every, device=device, dtype=dtype, fps=fps,
+                      denoise_device=denoise_device, denoise_dtype=denoise_dtype,
+                      remote_denoise=denoise_dispatch == "deployment")
     dispatch = DenoiseDispatch(mode=denoise_dispatch, nproc_per_node=nproc_per_node,
                                deployment=denoise_deployment, remote_launcher=remote_launcher)
     shard = Shard(index=0, items=tuple(items))

@@ -153,8 +153,10 @@ def execute_job(job: DenoiseJob, launcher: Launcher, nproc_per_node: int,
         retry_io(lambda: store.put_bytes(key, job.to_json()))
         run_torchrun(store, key, nproc_per_node, on_progress)
         return DenoiseOutcome.list_from_json(retry_io(lambda: store.get_bytes(result_key(key))))
+    # The run's pipeline serves only if denoising runs on the same device and dtype.
+    reuse = ctx is not None and (ctx.denoise_device, ctx.denoise_dtype) == (ctx.device, ctx.dtype)
     with ENGINE_LOCK:
-        pipeline = get_pipeline(ctx, [DENOISING_STAGE]) if ctx is not None else None
+        pipeline = get_pipeline(ctx, [DENOISING_STAGE]) if reuse else None
         outcomes = run_denoise_job(job, pipeline, on_progress)
     retry_io(lambda: store.put_bytes(result_key(key), DenoiseOutcome.list_to_json(outcomes)))
     return outcomes
@@ -191,7 +193,8 @@ def run_remote(job: DenoiseJob, dispatch: DenoiseDispatch) -> list[DenoiseOutcom
 
 
 def _job_item(ctx: RunContext, item_id: str, inputs: list) -> DenoiseItem:
-    output_key = stage_key(ctx, DENOISE, {}, combined_digest(inputs))
+    output_key = stage_key(ctx, DENOISE, {}, combined_digest(inputs),
+                           engine=(ctx.denoise_device, ctx.denoise_dtype))
     # The same hash under another stage folder: the progress of exactly that output.
     progress_key = output_key.replace(f"/{DENOISE}/", f"/{DENOISE_PROGRESS}/", 1)
     return DenoiseItem(item_id=item_id, inputs=tuple(inputs), output_key=output_key,
@@ -221,7 +224,8 @@ def denoise(shard: Shard, ctx: RunContext, negative: ItemResult | None, text: li
                 inputs.append(negative.ref)
             job_items.append(_job_item(ctx, item.item_id, inputs))
     job = DenoiseJob(model_path=ctx.model_path, store_uri=ctx.store_uri, items=tuple(job_items),
-                     checkpoint_every=ctx.checkpoint_every, device=ctx.device, dtype=ctx.dtype)
+                     checkpoint_every=ctx.checkpoint_every, device=ctx.denoise_device,
+                     dtype=ctx.denoise_dtype)
     if job_items:
         if dispatch.mode == "deployment":
             outcomes = run_remote(job, dispatch)

@@ -71,14 +71,27 @@ def run_stages(ctx: RunContext, stage_names: Sequence[str], batch: ForwardBatch)
 @task(name="prepare-run", cache_policy=NO_CACHE, persist_result=False)
 def prepare_run(model_path: str, store_uri: str, output_uri: str, defaults: SamplingParam,
                 checkpoint_every: int = 5, device: str | None = None, dtype: str | None = None,
-                fps: int = 16) -> RunContext:
-    """Fingerprint the model and fix the engine settings every task of the run shares."""
+                fps: int = 16, denoise_device: str | None = None,
+                denoise_dtype: str | None = None, remote_denoise: bool = False) -> RunContext:
+    """Fingerprint the model and fix the engine settings every task of the run shares.
+
+    Denoising takes `denoise_device`/`denoise_dtype`; unset, it runs like the other stages,
+    except when it is dispatched to the GPU pool (`remote_denoise`): then on CUDA, whatever
+    this (possibly GPU-less) machine has.
+    """
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     path = Path(model_path).resolve()
     args = FastVideoArgs(model_path=str(path), dtype=dtype, **({"device": device} if device else {}))
+    if denoise_device is None:
+        denoise_device = "cuda" if remote_denoise else args.device
+    if denoise_dtype is None and denoise_device == args.device:
+        denoise_dtype = args.dtype
+    denoise_args = FastVideoArgs(model_path=str(path), device=denoise_device, dtype=denoise_dtype)
     return RunContext(model_path=str(path), model_fingerprint=model_fingerprint(path),
                       store_uri=store_uri, output_uri=output_uri, device=args.device,
-                      dtype=args.dtype, negative_prompt=defaults.negative_prompt or "",
+                      dtype=args.dtype, denoise_device=denoise_args.device,
+                      denoise_dtype=denoise_args.dtype,
+                      negative_prompt=defaults.negative_prompt or "",
                       max_sequence_length=defaults.max_sequence_length,
                       checkpoint_every=checkpoint_every, fps=fps)

@@ -69,6 +69,10 @@ class RunContext:
     """Videos go to `<output_uri>/videos/`."""
     device: str
     dtype: str
+    """Engine device and dtype of the stages this process runs (text, latents, decode)."""
+    denoise_device: str
+    denoise_dtype: str
+    """Where denoising runs: the GPU node's device when it is dispatched to a deployment."""
     negative_prompt: str
     """The run's shared negative prompt."""
     max_sequence_length: int

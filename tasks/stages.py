@@ -33,9 +33,11 @@ WRITE_VIDEO = "write-video"
 
 
 def stage_key(ctx: RunContext, stage: str, params: dict[str, Any],
-              input_digest: str | None = None) -> str:
-    """The checkpoint key of a stage's output; the engine's device kind and dtype count."""
-    engine = {"device": ctx.device.split(":")[0], "dtype": ctx.dtype}
+              input_digest: str | None = None, engine: tuple[str, str] | None = None) -> str:
+    """The checkpoint key of a stage's output; the engine's device kind and dtype count
+    (`engine`: the stage's own (device, dtype), when it is not the run's)."""
+    device, dtype = engine or (ctx.device, ctx.dtype)
+    engine = {"device": device.split(":")[0], "dtype": dtype}
     return checkpoint_key(model_fingerprint=ctx.model_fingerprint, stage=stage,
                           params={**params, "engine": engine}, input_digest=input_digest)
 

@@ -36,12 +36,20 @@ class GenerationResult:
     """Seconds per stage (shared by all videos generated in the same call)."""
 
 
+def check_device_available(device: str) -> None:
+    """Fail before loading anything when a CUDA device is asked for on a machine without one."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but this machine has no usable CUDA "
+                         "GPU (torch.cuda.is_available() is False); use device='cpu'")
+
+
 def build_pipeline(fastvideo_args: FastVideoArgs, modules: dict[str, Any] | None = None,
                    required_modules: Iterable[str] | None = None) -> ComposedPipelineBase:
     """Instantiate the pipeline named by the args or by `model_index.json`.
 
     `required_modules` (default: all) are the modules to load; see `ComposedPipelineBase`.
     """
+    check_device_available(fastvideo_args.device)
     name = fastvideo_args.pipeline_name or read_model_index(fastvideo_args.model_path)["_class_name"]
     return get_pipeline_class(name)(fastvideo_args.model_path, fastvideo_args, modules=modules,
                                     required_modules=required_modules)

@@ -129,9 +129,10 @@ def peak_memory_gib(fn: Callable[[], torch.Tensor], device: torch.device) -> flo
 def time_sta(model: nn.Module, inputs: dict[str, torch.Tensor], args: argparse.Namespace,
              device: torch.device, dense: torch.Tensor) -> list[dict[str, Any]]:
     """Time `model` with sliding tile attention at each window; error against dense."""
-    from fastvideo.attention.backends.sliding_tile import sta_block_density, sta_context
+    from fastvideo.attention.backends.sliding_tile import sta_block_density
     from fastvideo.attention.layer import request_attention_backend
     from fastvideo.attention.sta_config import STAConfig
+    from fastvideo.attention.sta_context import sta_context
 
     tile = tuple(int(v) for v in args.sta_tile.split(","))
     latent = inputs["hidden_states"].shape[2:]

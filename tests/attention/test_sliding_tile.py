@@ -22,9 +22,9 @@ from fastvideo.attention.backends.sliding_tile import (
     get_sta_block_mask,
     sliding_tile_attention,
     sta_block_density,
-    sta_context,
 )
 from fastvideo.attention.sta_config import STAConfig
+from fastvideo.attention.sta_context import sta_context
 
 ATOL = 1e-5
 # CPU runs FlexAttention eagerly on purpose (compiling costs ~17 s per shape here).

@@ -28,19 +28,18 @@ per-head windows refer to global heads.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from fastvideo.attention.backends.abstract import AttentionBackend, AttentionImpl, _Backend
-from fastvideo.attention.sta_config import STAConfig, Window, parse_window
+from fastvideo.attention.sta_config import Window, parse_window
+from fastvideo.attention.sta_context import current_sta_context
 from fastvideo.distributed.parallel_state import get_sp_rank
 
 Grid = tuple[int, int, int]
@@ -277,38 +276,6 @@ def attend_tiles(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     """Gather `[B, S, H, D]` into tile order, attend with `block_mask`, scatter back."""
     tiled = [x.index_select(1, gather).transpose(1, 2) for x in (query, key, value)]
     return _flex(*tiled, block_mask, scale).transpose(1, 2).index_select(1, scatter)
-
-
-@dataclass(frozen=True, kw_only=True)
-class STAContext:
-    """What STA needs to know about the current forward beyond q/k/v."""
-
-    config: STAConfig | None = None
-    grid: Grid | None = None
-    """Latent token grid (T, H, W) after patchify, as the DiT flattens it."""
-    step: int = 0
-    """Denoising step index (windows may change with it)."""
-    num_text_tokens: int = 0
-    """Text tokens appended after the video tokens in the self-attention sequence."""
-
-
-_CONTEXT: ContextVar[STAContext | None] = ContextVar("sta_context", default=None)
-
-
-def current_sta_context() -> STAContext:
-    return _CONTEXT.get() or STAContext()
-
-
-@contextlib.contextmanager
-def sta_context(**fields) -> Iterator[STAContext]:
-    """Overlay `fields` (of `STAContext`) on the current context for the `with` body: the
-    denoising loop sets `config` and `step`, the DiT's forward the `grid`."""
-    context = replace(current_sta_context(), **fields)
-    token = _CONTEXT.set(context)
-    try:
-        yield context
-    finally:
-        _CONTEXT.reset(token)
 
 
 class SlidingTileAttentionImpl(AttentionImpl):

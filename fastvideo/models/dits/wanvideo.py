@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvideo.attention import DistributedAttention, LocalAttention, _Backend
-from fastvideo.attention.backends.sliding_tile import sta_context
+from fastvideo.attention.sta_context import sta_context
 from fastvideo.distributed import (
     get_sp_world_size,
     sequence_model_parallel_all_gather,

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from fastvideo.attention.backends.sliding_tile import sta_context
 from fastvideo.attention.sta_config import STAConfig
+from fastvideo.attention.sta_context import sta_context
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.models.schedulers.state import get_scheduler_state, load_scheduler_state
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch

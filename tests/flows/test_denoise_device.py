@@ -17,7 +17,13 @@ def _ctx(model: Path, tmp_path: Path, **options):
     return prepare_run.fn(str(model), str(tmp_path), str(tmp_path), SamplingParam(), **options)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the defaults of a GPU-less machine")
+@pytest.fixture
+def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Behave as the GPU-less machine a flow often runs on, also where CUDA exists."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.mark.usefixtures("no_gpu")
 def test_remote_denoise_defaults_to_cuda_bf16(tiny_wan_path: Path, tmp_path: Path) -> None:
     local = _ctx(tiny_wan_path, tmp_path)
     remote = _ctx(tiny_wan_path, tmp_path, remote_denoise=True)
@@ -29,12 +35,13 @@ def test_remote_denoise_defaults_to_cuda_bf16(tiny_wan_path: Path, tmp_path: Pat
     assert _job_item(local, "a", []).output_key != _job_item(remote, "a", []).output_key
 
 
+@pytest.mark.usefixtures("no_gpu")
 def test_explicit_denoise_device_wins(tiny_wan_path: Path, tmp_path: Path) -> None:
     ctx = _ctx(tiny_wan_path, tmp_path, remote_denoise=True, denoise_device="cpu")
     assert (ctx.denoise_device, ctx.denoise_dtype) == ("cpu", "float32")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.usefixtures("no_gpu")
 def test_cuda_on_a_machine_without_it_fails_clearly(tiny_wan_path: Path) -> None:
     with pytest.raises(ValueError, match=r"device 'cuda' was requested but this machine has no "
                                          r"usable CUDA GPU"):

@@ -40,7 +40,22 @@ def _load_shard(param_shard: torch.Tensor, loaded_weight: torch.Tensor, dim: int
     param_shard.copy_(loaded_weight.narrow(dim, shard_index * size, size))
 
 
-class ReplicatedLinear(nn.Module):
+class LinearBase(nn.Module):
+    """What every linear layer shares: its (possibly sharded) parameters, each carrying the
+    layer's `weight_loader`, which receives the full checkpoint tensor."""
+
+    def _create_params(self, weight_rows: int, weight_cols: int, bias_size: int, bias: bool,
+                       params_dtype: torch.dtype | None) -> None:
+        self.weight = nn.Parameter(torch.empty(weight_rows, weight_cols, dtype=params_dtype))
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(bias_size, dtype=params_dtype))
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+
+class ReplicatedLinear(LinearBase):
     """A linear layer whose weights are the same on every rank (no sharding)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = True,
@@ -48,13 +63,7 @@ class ReplicatedLinear(nn.Module):
         super().__init__()
         self.input_size = input_size
         self.output_size = output_size
-        self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=params_dtype))
-        self.weight.weight_loader = self.weight_loader
-        if bias:
-            self.bias = nn.Parameter(torch.empty(output_size, dtype=params_dtype))
-            self.bias.weight_loader = self.weight_loader
-        else:
-            self.register_parameter("bias", None)
+        self._create_params(output_size, input_size, output_size, bias, params_dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         _load_shard(param.data, loaded_weight)
@@ -66,7 +75,7 @@ class ReplicatedLinear(nn.Module):
         return f"in_features={self.input_size}, out_features={self.output_size}, bias={self.bias is not None}"
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(LinearBase):
     """`Y = X A^T` with `A` split by output features: each rank computes its slice of `Y`.
 
     With `gather_output=False` the output stays sharded (`[..., output_size / tp]`), ready for a
@@ -83,14 +92,8 @@ class ColumnParallelLinear(nn.Module):
         self.output_size_per_partition = divide(
             output_size, self.tp_size,
             f"output_size of {type(self).__name__} over the tensor parallel size")
-        self.weight = nn.Parameter(
-            torch.empty(self.output_size_per_partition, input_size, dtype=params_dtype))
-        self.weight.weight_loader = self.weight_loader
-        if bias:
-            self.bias = nn.Parameter(torch.empty(self.output_size_per_partition, dtype=params_dtype))
-            self.bias.weight_loader = self.weight_loader
-        else:
-            self.register_parameter("bias", None)
+        self._create_params(self.output_size_per_partition, input_size,
+                            self.output_size_per_partition, bias, params_dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         # Weight and bias both shard along dim 0 (the output features).
@@ -203,7 +206,7 @@ def _check_fused_rows(loaded_weight: torch.Tensor, expected_rows: int) -> None:
                          f"have {expected_rows} rows (all merged outputs)")
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(LinearBase):
     """`Y = X A^T` with `A` split by input features: each rank computes a partial sum of `Y`.
 
     `input_is_parallel=True` takes the rank's slice of `X` (what a `ColumnParallelLinear`
@@ -227,14 +230,8 @@ class RowParallelLinear(nn.Module):
         self.input_size_per_partition = divide(
             input_size, self.tp_size,
             f"input_size of {type(self).__name__} over the tensor parallel size")
-        self.weight = nn.Parameter(
-            torch.empty(output_size, self.input_size_per_partition, dtype=params_dtype))
-        self.weight.weight_loader = self.weight_loader
-        if bias:
-            self.bias = nn.Parameter(torch.empty(output_size, dtype=params_dtype))
-            self.bias.weight_loader = self.weight_loader
-        else:
-            self.register_parameter("bias", None)
+        self._create_params(output_size, self.input_size_per_partition, output_size, bias,
+                            params_dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         if param is self.bias:

@@ -42,8 +42,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
 VAE_SPATIAL, VAE_TEMPORAL = 8, 4
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The model config, video size and dtype options (shared with bench_dit_sp.py)."""
     parser.add_argument("--config", choices=sorted(CONFIGS), default="1.3b")
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
@@ -51,6 +51,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--text-len", type=int, default=512)
     parser.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_workload_args(parser)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true",

@@ -29,7 +29,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from bench_dit import CONFIGS, build_models, make_inputs, peak_memory_gib, time_once
+from bench_dit import (
+    CONFIGS,
+    add_workload_args,
+    build_models,
+    make_inputs,
+    peak_memory_gib,
+    time_once,
+)
 from torch import nn
 
 from fastvideo.attention import DistributedAttention
@@ -47,13 +54,7 @@ Forward = Callable[[], torch.Tensor]
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="1.3b")
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
-    parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--text-len", type=int, default=512)
-    parser.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_workload_args(parser)
     parser.add_argument("--sp-sizes", default="1,2,4",
                         help="comma-separated sp sizes; those not dividing the world are skipped")
     parser.add_argument("--chunks", default="auto",

@@ -3,6 +3,8 @@
     torchrun --nproc-per-node 4 benchmarks/bench_dit_sp.py --sp-sizes 1,2,4 --json-out sp.json
     torchrun --nproc-per-node 4 benchmarks/bench_dit_sp.py --config 14b --height 720 \
         --width 1280 --sp-sizes 4 --iters 2 --warmup 1 --json-out sp14b.json
+    torchrun --nproc-per-node 4 benchmarks/bench_dit_sp.py --sp-sizes 1,2,4 \
+        --query-chunks 1,2 --serial-inputs --profile --json-out sp_overlap.json
     torchrun --nproc-per-node 2 benchmarks/bench_dit_sp.py --config tiny --device cpu \
         --dtype fp32 --height 64 --width 64 --frames 9 --text-len 16    # CPU smoke test (gloo)
 
@@ -13,6 +15,12 @@ At sp=1 diffusers runs plain eager; at k > 1 `enable_parallelism(ContextParallel
 ulysses_degree=k))` on a copy, with a device mesh `(replica, ring=1, ulysses=k)` laid out like
 our sp groups. Each timed forward starts after a barrier; an iteration's time is the slowest
 rank's (CUDA events on GPU, wall clock on CPU); the median over iterations is reported.
+
+Our variants at sp > 1: `ours` (the layers' defaults), `ours_chunksN` (N head chunks),
+`ours_qchunksN` (N query chunks), `ours_serial` (the input all-to-alls started together after
+all projections, as before they overlapped them, with one query chunk). `--profile` then
+runs each variant under torch.profiler and prints rank 0's kernel time per forward by kind,
+with the communication time during which no other kernel ran (exposed).
 """
 
 from __future__ import annotations
@@ -20,10 +28,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +47,8 @@ from bench_dit import (
     time_once,
 )
 from torch import nn
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from fastvideo.attention import DistributedAttention
 from fastvideo.distributed import (
@@ -61,6 +72,17 @@ def parse_args() -> argparse.Namespace:
                         help="comma-separated head-chunk counts of our all-to-all pipeline to "
                              "time ('auto': the layers' default; 1: no overlap); those not "
                              "dividing the heads per rank are skipped")
+    parser.add_argument("--query-chunks", default="auto",
+                        help="comma-separated query-chunk counts of our output all-to-all "
+                             "pipeline to time ('auto': the layers' default; 1: no overlap)")
+    parser.add_argument("--serial-inputs", action="store_true",
+                        help="also time ours with q, k, v exchanged together after all three "
+                             "projections (the path before they overlapped), suffix _serial")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile each of our variants at each sp size and print rank 0's "
+                             "kernel time per forward by kind (comm, attention, matmul, other)")
+    parser.add_argument("--profile-iters", type=int, default=3,
+                        help="forwards per profiled variant")
     parser.add_argument("--high-priority-pass", action="store_true",
                         help="time ours again with the sp groups on high-priority NCCL streams "
                              "(TORCH_NCCL_HIGH_PRIORITY=1), suffix _hp")
@@ -118,18 +140,150 @@ def attention_layers(model: nn.Module) -> list[DistributedAttention]:
     return [m for m in model.modules() if isinstance(m, DistributedAttention)]
 
 
-def ours_forward(ours: nn.Module, inputs: dict[str, torch.Tensor], num_chunks: int) -> Forward:
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """How our attention layers run the all-to-alls."""
+
+    num_chunks: int
+    num_query_chunks: int
+    overlap_inputs: bool = True
+    """False: `scatter_heads` hands the tensor back, so `forward` starts all three inputs'
+    exchanges together, after the projections."""
+
+
+def _keep_tensor(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def set_variant(layers: list[DistributedAttention], variant: Variant) -> None:
+    for layer in layers:
+        layer.num_chunks = variant.num_chunks
+        layer.num_query_chunks = variant.num_query_chunks
+        if variant.overlap_inputs:
+            layer.__dict__.pop("scatter_heads", None)
+        else:
+            layer.scatter_heads = _keep_tensor
+
+
+def ours_forward(ours: nn.Module, inputs: dict[str, torch.Tensor], variant: Variant) -> Forward:
+    layers = attention_layers(ours)  # found once: the forward is timed from its first line
+
     def forward() -> torch.Tensor:
-        for layer in attention_layers(ours):
-            layer.num_chunks = num_chunks
+        set_variant(layers, variant)
         return ours(**inputs)
     return forward
 
 
-def chunk_options(spec: str, default: int, heads_per_rank: int) -> list[int]:
-    """The chunk counts of `spec` ('auto' = `default`) that divide the heads per rank."""
+def chunk_options(spec: str, default: int, heads_per_rank: int | None = None) -> list[int]:
+    """The chunk counts of `spec` ('auto' = `default`), those dividing `heads_per_rank` where
+    given."""
     options = [default if item == "auto" else int(item) for item in spec.split(",")]
-    return [c for c in dict.fromkeys(options) if heads_per_rank % c == 0]
+    for count in options:
+        if count < 1:
+            raise ValueError(f"chunk counts must be >= 1, got {count} in {spec!r}")
+    return [c for c in dict.fromkeys(options) if heads_per_rank is None or heads_per_rank % c == 0]
+
+
+def our_variants(sp_size: int, args: argparse.Namespace, heads: int,
+                 default: Variant) -> dict[str, Variant]:
+    """Name -> variant: the default, then each other head / query chunking asked for."""
+    variants = {"ours": default}
+    if sp_size == 1:  # nothing is exchanged: every variant is the same forward
+        return variants
+    for count in chunk_options(args.chunks, default.num_chunks, heads // sp_size):
+        variants.setdefault(f"ours_chunks{count}" if count != default.num_chunks else "ours",
+                            Variant(count, default.num_query_chunks))
+    for count in chunk_options(args.query_chunks, default.num_query_chunks):
+        variants.setdefault(f"ours_qchunks{count}" if count != default.num_query_chunks
+                            else "ours", Variant(default.num_chunks, count))
+    if args.serial_inputs:
+        variants["ours_serial"] = Variant(default.num_chunks, 1, overlap_inputs=False)
+    return variants
+
+
+# Kernel (GPU) or top-level op (CPU) name fragments of each kind, matched in this order:
+# "fmha_cutlass" is attention, the cuDNN SDPA kernels contain "sdpa".
+_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("comm", ("nccl", "gloo", "c10d::", "all_to_all", "alltoall", "allgather", "all_gather")),
+    ("attention", ("flash", "fmha", "sdpa", "attention", "scaled_dot_product")),
+    ("matmul", ("gemm", "nvjet", "cublas", "xmma", "cutlass", "aten::mm", "aten::addmm",
+                "aten::linear", "aten::matmul", "conv")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, fragments in _KINDS:
+        if any(f in lowered for f in fragments):
+            return kind
+    return "other"
+
+
+def covered_us(intervals: Iterable[tuple[float, float]]) -> float:
+    """Length of the union of `(start, end)` intervals."""
+    total, current_start, current_end = 0.0, None, None
+    for start, end in sorted(intervals):
+        if current_end is None or start > current_end:
+            if current_end is not None:
+                total += current_end - current_start
+            current_start, current_end = start, end
+        else:
+            current_end = max(current_end, end)
+    return total if current_end is None else total + current_end - current_start
+
+
+def kernel_breakdown(events: list[tuple[str, float, float]], num_forwards: int
+                     ) -> dict[str, float]:
+    """Milliseconds per forward: summed kernel time by kind; `comm_exposed`, when only
+    communication ran; `idle`, when nothing ran; `span`, first kernel start to last end."""
+    per_forward = 1e-3 / num_forwards
+    by_kind = {kind: [] for kind, _ in _KINDS} | {"other": []}
+    for name, start, end in events:
+        by_kind[kernel_kind(name)].append((start, end))
+    result = {kind: sum(e - s for s, e in spans) * per_forward for kind, spans in by_kind.items()}
+    compute = [span for kind, spans in by_kind.items() if kind != "comm" for span in spans]
+    busy = covered_us(compute + by_kind["comm"])
+    result["comm_exposed"] = (busy - covered_us(compute)) * per_forward
+    span = (max(e for _, _, e in events) - min(s for _, s, _ in events)) if events else 0.0
+    result["idle"] = (span - busy) * per_forward
+    result["span"] = span * per_forward
+    return result
+
+
+def profile_forward(fn: Forward, device: torch.device, num_forwards: int) -> dict[str, float]:
+    """Run `fn` under torch.profiler; this rank's kernel breakdown (`kernel_breakdown`).
+
+    On CPU the "kernels" are the top-level ops of each thread (gloo's transfers run on
+    their own), so the smoke test exercises the same path."""
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+        torch.cuda.synchronize(device)
+    dist.barrier()
+    with profile(activities=activities) as prof:
+        for _ in range(num_forwards):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    if device.type == "cuda":
+        # CUPTI records this process's kernels only, i.e. this rank's GPU.
+        events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        if not events:
+            print(f"rank {dist.get_rank()}: the profiler recorded no CUDA kernels", flush=True)
+    else:
+        events = [e for e in prof.events()
+                  if e.device_type == DeviceType.CPU and e.cpu_parent is None]
+    return kernel_breakdown([(e.name, e.time_range.start, e.time_range.end) for e in events],
+                            num_forwards)
+
+
+def format_breakdown(name: str, sp_size: int, breakdown: dict[str, float], gpu: bool) -> str:
+    kinds = ", ".join(f"{kind} {breakdown[kind]:.2f}"
+                      for kind in ("comm", "attention", "matmul", "other"))
+    unit = "kernel" if gpu else "top-level op"
+    return (f"profile sp={sp_size} {name} (rank 0, ms per forward): {unit} time {kinds}; "
+            f"comm exposed (nothing else running) {breakdown['comm_exposed']:.2f}, "
+            f"idle {breakdown['idle']:.2f}, span {breakdown['span']:.2f}")
 
 
 def timed(runs: dict[str, Forward], device: torch.device, warmup: int,
@@ -164,20 +318,20 @@ def param_gib(model: nn.Module) -> float:
 
 def bench_sp_size(sp_size: int, args: argparse.Namespace, config: dict[str, Any],
                   reference: nn.Module, ours: nn.Module, inputs: dict[str, torch.Tensor],
-                  device: torch.device, last: bool, high_priority: bool = False
+                  device: torch.device, last: bool, high_priority: bool = False,
+                  ours_sp1_out: torch.Tensor | None = None
                   ) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor]:
-    """Time ours (each chunking) and diffusers at one sp size; returns the results and the
+    """Time ours (each variant) and diffusers at one sp size; returns the results and the
     outputs of diffusers (None where it did not run) and ours. With `high_priority` only ours
-    runs, its sp group on high-priority NCCL streams."""
+    runs, its sp group on high-priority NCCL streams. `ours_sp1_out`: ours at sp=1, to check
+    every variant against."""
     with nccl_high_priority(high_priority):
         initialize_model_parallel(1, sp_size)
-    runs: dict[str, Forward] = {}
-    default = attention_layers(ours)[0].num_chunks
-    chunks = [default] if sp_size == 1 else chunk_options(
-        args.chunks, default, config["num_attention_heads"] // sp_size)
-    for num_chunks in chunks:
-        name = "ours" if num_chunks == default else f"ours_chunks{num_chunks}"
-        runs[name] = ours_forward(ours, inputs, num_chunks)
+    layer = attention_layers(ours)[0]
+    variants = our_variants(sp_size, args, config["num_attention_heads"],
+                            Variant(layer.num_chunks, layer.num_query_chunks))
+    runs: dict[str, Forward] = {name: ours_forward(ours, inputs, variant)
+                                for name, variant in variants.items()}
     diffusers_model = None
     if sp_size == 1 and not high_priority:
         diffusers_model = reference
@@ -190,16 +344,27 @@ def bench_sp_size(sp_size: int, args: argparse.Namespace, config: dict[str, Any]
         outputs = {name: fn() for name, fn in runs.items()}
         memory = {name: peak_memory_gib(fn, device) for name, fn in runs.items()}
         times = timed(runs, device, args.warmup, args.iters)
+        profiles = ({name: profile_forward(runs[name], device, args.profile_iters)
+                     for name in variants} if args.profile and not high_priority else {})
+    set_variant(attention_layers(ours), variants["ours"])  # defaults again for the next sp size
     hp_streams = high_priority_streams(device) if device.type == "cuda" else None
     destroy_model_parallel()
+    if dist.get_rank() == 0:
+        for name, breakdown in profiles.items():
+            print(format_breakdown(name, sp_size, breakdown, device.type == "cuda"), flush=True)
     result: dict[str, Any] = {
         "nccl_high_priority_streams": hp_streams,
         "median_ms": {name: statistics.median(t) for name, t in times.items()},
         "all_ms": times, "peak_memory_gib": memory,
+        "variants": {name: dataclasses.asdict(v) for name, v in variants.items()},
+        "profile_ms_per_forward_rank0": profiles or None,
         "max_abs_diff_ours_vs_diffusers_same_sp": (
             max_abs_diff(outputs["ours"], outputs["diffusers"]) if "diffusers" in outputs
             else None),
     }
+    if ours_sp1_out is not None:
+        result["max_abs_diff_vs_ours_sp1"] = {name: max_abs_diff(outputs[name], ours_sp1_out)
+                                              for name in variants}
     return result, outputs.get("diffusers"), outputs["ours"]
 
 
@@ -240,7 +405,8 @@ def main() -> None:
     reference_out = ours_sp1_out = None
     for sp_size in sp_sizes:
         result, diffusers_out, ours_out = bench_sp_size(
-            sp_size, args, config, reference, ours, inputs, device, last=sp_size == sp_sizes[-1])
+            sp_size, args, config, reference, ours, inputs, device, last=sp_size == sp_sizes[-1],
+            ours_sp1_out=ours_sp1_out)
         if args.high_priority_pass and sp_size > 1 and device.type == "cuda":
             high, _, _ = bench_sp_size(sp_size, args, config, reference, ours, inputs, device,
                                        last=False, high_priority=True)

@@ -11,15 +11,17 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from fastvideo.attention.backends.abstract import AttentionBackend, AttentionImpl, _Backend
 from fastvideo.attention.selector import backend_from_name, get_attn_backend
 from fastvideo.distributed.parallel_state import get_sp_group, get_sp_world_size
 
-# Backends that treat every head alike, so heads may be attended in any grouping and the
-# all-to-all can be pipelined over head chunks. Sliding tile reads a head's window from its
-# global index, which it derives from the sp rank assuming one contiguous slice of heads.
+# Backends that treat every head and every query alike, so heads and queries may be attended
+# in any grouping and the all-to-all can be pipelined over head or query chunks. Sliding tile
+# reads a head's window from its global index (derived from the sp rank, assuming one
+# contiguous slice of heads) and tiles the whole query grid.
 _HEAD_AGNOSTIC_BACKENDS = frozenset({_Backend.TORCH_SDPA, _Backend.FLASH_ATTN})
 
 
@@ -86,15 +88,59 @@ class LocalAttention(_AttentionLayer):
         return self.get_impl(q).forward(q, k, v)
 
 
+class HeadExchange:
+    """An all-to-all in flight, started by `DistributedAttention.scatter_heads`: this rank's
+    tokens of every head go out, all tokens of this rank's heads come in.
+
+    Pass it to `DistributedAttention.forward` in place of the tensor; it is waited on there,
+    only when the attention needs it.
+    """
+
+    __slots__ = ("local_shape", "_parts")
+
+    def __init__(self, local_shape: torch.Size,
+                 parts: list[tuple[torch.Tensor, dist.Work]]) -> None:
+        self.local_shape = local_shape
+        """`[B, S_local, H, D]` of the tensor sent."""
+        self._parts = parts
+        """Per head chunk: the receive buffer `[P, B, S_local, h, D]` (block j from rank j)
+        and its collective's handle."""
+
+    @property
+    def num_head_chunks(self) -> int:
+        return len(self._parts)
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The first receive buffer, without waiting (for its dtype and device)."""
+        return self._parts[0][0]
+
+    def received(self, chunk: int) -> torch.Tensor:
+        """Head chunk `chunk`'s receive buffer, once it has arrived."""
+        buffer, work = self._parts[chunk]
+        work.wait()
+        return buffer
+
+
+AttentionInput = torch.Tensor | HeadExchange
+"""A q, k or v for `DistributedAttention.forward`: the tensor, or its exchange started."""
+
+
 class DistributedAttention(_AttentionLayer):
     """Attention over a token sequence sharded across the sequence-parallel (sp) group.
 
     Ulysses: an all-to-all turns this rank's block of tokens `[B, S/P, H, D]` into all tokens
     of a slice of the heads `[B, S, H/P, D]`, the backend attends over the whole sequence, and
-    a second all-to-all turns the output back. With `num_chunks` > 1 the heads go through in
-    groups, with asynchronous collectives: while the backend attends one group, the inputs of
-    the next groups and the output of the previous are in flight on NCCL's stream.
-    Rank r holds heads `[r * H/P, (r + 1) * H/P)`, as in plain Ulysses, whatever the chunking.
+    a second all-to-all turns the output back. Rank r holds heads `[r * H/P, (r + 1) * H/P)`,
+    as in plain Ulysses, whatever the chunking. Three ways to hide the all-to-alls, all with
+    asynchronous collectives on NCCL's stream:
+
+    - `scatter_heads(x)` starts one input's exchange as soon as the model has computed it, so
+      it runs while the model computes the next input (`forward` takes the handles).
+    - `num_query_chunks` > 1: the queries go through in chunks; while the backend attends one,
+      the output of the previous is on its way back.
+    - `num_chunks` > 1: the heads go through in groups; while the backend attends one, the
+      inputs of the next groups and the output of the previous are in flight.
 
     A sequence the model padded to a multiple of P tokens is cut back to its `valid_len`
     tokens once gathered, so padded keys are never attended and the backend runs unmasked.
@@ -103,7 +149,8 @@ class DistributedAttention(_AttentionLayer):
     def __init__(self, num_heads: int, head_size: int, softmax_scale: float | None = None,
                  causal: bool = False,
                  supported_attention_backends: Sequence[_Backend] = (_Backend.TORCH_SDPA,),
-                 num_chunks: int = 1, layer_idx: int | None = None) -> None:
+                 num_chunks: int = 1, layer_idx: int | None = None,
+                 num_query_chunks: int = 1) -> None:
         super().__init__(num_heads, head_size, softmax_scale, causal,
                          supported_attention_backends, layer_idx)
         self.num_chunks = num_chunks
@@ -111,41 +158,119 @@ class DistributedAttention(_AttentionLayer):
         Backends that index heads (sliding tile) always get one. 1 by default: on 2 and 4
         H200s (Wan 1.3B, bench_dit_sp.py) 2 or 3 groups were 1-3% slower than one, as
         NCCL's kernels then compete with the attention kernels for SMs."""
+        self.num_query_chunks = num_query_chunks
+        """Query chunks to pipeline the output all-to-all over (capped at the tokens per
+        rank). Chunk c holds rows `[c * S_local // C, (c + 1) * S_local // C)` of every
+        rank's block, so its output exchange returns one contiguous block to each rank.
+        Keys and values are always the whole sequence. Only head-agnostic, non-causal
+        backends chunk; others get one. 1 by default (no overlap) until GPU measurements
+        (bench_dit_sp.py --query-chunks 1,2) show a gain: head groups, the same kind of
+        overlap, were slower."""
         check_heads_divide(num_heads, get_sp_world_size())
+        _check_query_chunks(num_query_chunks)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, num_chunks={self.num_chunks}, "
+                f"num_query_chunks={self.num_query_chunks}")
+
+    def scatter_heads(self, x: torch.Tensor) -> AttentionInput:
+        """Start sending `x` `[B, S_local, H, D]` (this rank's block of the sequence) to the
+        ranks that attend its heads; pass what it returns to `forward` in place of `x`.
+
+        Called as soon as each of q, k, v is computed, the transfer runs while the model
+        computes the next. With one sp rank there is nothing to send: `x` comes back.
+        """
+        if get_sp_world_size() == 1:
+            return x
+        return self._scatter((x,))[0]
+
+    def forward(self, q: AttentionInput, k: AttentionInput, v: AttentionInput,
                 valid_len: int | None = None) -> torch.Tensor:
         """`q`, `k`, `v` `[B, S_local, H, D]`: this rank's contiguous block of a sequence of
-        `P * S_local` tokens. `valid_len`: how many of those are real (padding comes last);
-        None: all. Returns `[B, S_local, H, D]`; rows of padding tokens are zero."""
+        `P * S_local` tokens, as tensors or as `scatter_heads` handles. `valid_len`: how many
+        of those are real (padding comes last); None: all. Returns `[B, S_local, H, D]`;
+        rows of padding tokens are zero."""
         num_ranks = get_sp_world_size()
-        impl = self.get_impl(q)
+        inputs = (q, k, v)
         if num_ranks == 1:
-            return _attend_valid(impl, q, k, v, valid_len)
-        check_heads_divide(q.shape[2], num_ranks)
-        seq_len = num_ranks * q.shape[1]
+            if not all(isinstance(x, torch.Tensor) for x in inputs):
+                raise ValueError("got a HeadExchange at sp size 1: it was started under "
+                                 "another sp group; pass tensors")
+            return _attend_valid(self.get_impl(q), q, k, v, valid_len)
+        shapes = [x.shape if isinstance(x, torch.Tensor) else x.local_shape for x in inputs]
+        if len(set(shapes)) != 1:
+            raise ValueError(f"q, k, v must have the same [B, S_local, H, D] shape for "
+                             f"Ulysses attention, got {[tuple(s) for s in shapes]}")
+        check_heads_divide(shapes[0][2], num_ranks)
+        seq_len = num_ranks * shapes[0][1]
         if valid_len is not None and not 0 < valid_len <= seq_len:
             raise ValueError(f"valid_len={valid_len} outside (0, {seq_len}] for {num_ranks} "
-                             f"sequence shards of {q.shape[1]} tokens")
-        backend = self._backends.get((q.dtype, q.device))
+                             f"sequence shards of {shapes[0][1]} tokens")
+        # Tensors not yet sent go out together, head chunk by head chunk.
+        started = iter(self._scatter([x for x in inputs if isinstance(x, torch.Tensor)]))
+        exchanges = [next(started) if isinstance(x, torch.Tensor) else x for x in inputs]
+        if len({x.num_head_chunks for x in exchanges}) != 1:
+            raise ValueError("q, k, v were sent in different numbers of head chunks "
+                             f"{[x.num_head_chunks for x in exchanges]}: num_chunks changed "
+                             "between scatter_heads and forward")
+        impl, backend = self._sp_impl(exchanges[0].buffer, num_ranks)
+        num_query_chunks = self._query_chunks_for(impl, backend)
+        return _ulysses_attention(impl, exchanges, valid_len, num_query_chunks,
+                                  get_sp_group().device_group)
+
+    def _scatter(self, tensors: Sequence[torch.Tensor]) -> list[HeadExchange]:
+        """Start the input all-to-alls of `tensors`, all head chunk 0 first, then chunk 1...:
+        on NCCL's stream each then starts straight after the previous one, and the first
+        attention waits for the fewest transfers."""
+        if not tensors:
+            return []
+        num_ranks = get_sp_world_size()
+        check_heads_divide(tensors[0].shape[2], num_ranks)
+        impl, backend = self._sp_impl(tensors[0], num_ranks)
+        num_chunks = self._chunks_for(impl, backend, tensors[0].shape[2] // num_ranks)
+        group = get_sp_group().device_group
+        parts: list[list[tuple[torch.Tensor, dist.Work]]] = [[] for _ in tensors]
+        for chunk in range(num_chunks):
+            for x, sent in zip(tensors, parts):
+                sent.append(_all_to_all(_heads_to_ranks(x, num_ranks, num_chunks, chunk), group))
+        return [HeadExchange(x.shape, sent) for x, sent in zip(tensors, parts)]
+
+    def _sp_impl(self, x: torch.Tensor,
+                 num_ranks: int) -> tuple[AttentionImpl, AttentionBackend | None]:
+        impl = self.get_impl(x)
+        backend = self._backends.get((x.dtype, x.device))
         if backend is not None and not backend.supports_sequence_parallel:
             raise ValueError(f"attention backend {backend.name.name} does not support sequence "
                              f"parallelism (sp size {num_ranks}); choose another backend")
-        num_chunks = self._chunks_for(impl, backend, q.shape[2] // num_ranks)
-        return _ulysses_attention(impl, q, k, v, valid_len, num_chunks,
-                                  get_sp_group().device_group)
+        return impl, backend
+
+    @staticmethod
+    def _pipelines(impl: AttentionImpl, backend: AttentionBackend | None) -> bool:
+        # `type(impl)` also catches a wrapped impl (e.g. the STA window search's) that
+        # records per-head results by head position.
+        return (backend is not None and backend.name in _HEAD_AGNOSTIC_BACKENDS
+                and type(impl) is backend.impl_cls)
 
     def _chunks_for(self, impl: AttentionImpl, backend: AttentionBackend | None,
                     heads_per_rank: int) -> int:
-        # `type(impl)` also catches a wrapped impl (e.g. the STA window search's) that
-        # records per-head results by head position.
-        if (backend is None or backend.name not in _HEAD_AGNOSTIC_BACKENDS
-                or type(impl) is not backend.impl_cls):
+        if not self._pipelines(impl, backend):
             return 1
         if self.num_chunks < 1 or heads_per_rank % self.num_chunks:
             raise ValueError(f"num_chunks={self.num_chunks} must divide the {heads_per_rank} "
                              "heads each sequence parallel rank attends")
         return self.num_chunks
+
+    def _query_chunks_for(self, impl: AttentionImpl, backend: AttentionBackend | None) -> int:
+        _check_query_chunks(self.num_query_chunks)
+        # A causal mask would need each chunk's query offsets.
+        if self.causal or not self._pipelines(impl, backend):
+            return 1
+        return self.num_query_chunks
+
+
+def _check_query_chunks(num_query_chunks: int) -> None:
+    if num_query_chunks < 1:
+        raise ValueError(f"num_query_chunks={num_query_chunks} must be >= 1")
 
 
 def check_heads_divide(num_heads: int, sp_size: int) -> None:
@@ -156,14 +281,34 @@ def check_heads_divide(num_heads: int, sp_size: int) -> None:
                          f"parallel size of {sp_size}; sp sizes that work: {valid}")
 
 
+def _attend_rows(impl: AttentionImpl, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 valid_rows: int) -> torch.Tensor:
+    """Attention of the first `valid_rows` queries to all of `k`, `v`; later rows are zero."""
+    num_rows = q.shape[1]
+    if valid_rows == num_rows:
+        return impl.forward(q, k, v)
+    if valid_rows == 0:  # kernels may reject empty queries
+        return q.new_zeros(q.shape)
+    out = impl.forward(q[:, :valid_rows], k, v)
+    return F.pad(out, (0, 0, 0, 0, 0, num_rows - valid_rows))
+
+
 def _attend_valid(impl: AttentionImpl, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   valid_len: int | None) -> torch.Tensor:
     """Attention over the first `valid_len` tokens; padding rows of the output are zero."""
-    seq_len = q.shape[1]
-    if valid_len is None or valid_len == seq_len:
+    if valid_len is None or valid_len == q.shape[1]:
         return impl.forward(q, k, v)
-    out = impl.forward(q[:, :valid_len], k[:, :valid_len], v[:, :valid_len])
-    return torch.nn.functional.pad(out, (0, 0, 0, 0, 0, seq_len - valid_len))
+    return _attend_rows(impl, q, k[:, :valid_len], v[:, :valid_len], valid_len)
+
+
+def _heads_to_ranks(x: torch.Tensor, num_ranks: int, num_chunks: int,
+                    chunk: int) -> torch.Tensor:
+    """`[B, S/P, H, D]` -> head chunk `chunk` as `[P, B, S/P, h, D]`, block j holding rank j's
+    heads: the one copy of an input on its way out."""
+    batch, local_len, num_heads, head_size = x.shape
+    split = x.reshape(batch, local_len, num_ranks, num_chunks,
+                      num_heads // num_ranks // num_chunks, head_size)
+    return split[:, :, :, chunk].permute(2, 0, 1, 3, 4).contiguous()
 
 
 def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> tuple[torch.Tensor, dist.Work]:
@@ -172,41 +317,46 @@ def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> tuple[torch.Tensor
     return out, dist.all_to_all_single(out, x, group=group, async_op=True)
 
 
-def _ulysses_attention(impl: AttentionImpl, q: torch.Tensor, k: torch.Tensor,
-                       v: torch.Tensor, valid_len: int | None, num_chunks: int,
+def _full_sequence(buffer: torch.Tensor) -> torch.Tensor:
+    """Received `[P, B, S/P, h, D]` in rank (= sequence block) order -> `[B, S, h, D]`; a view
+    at B = 1."""
+    num_ranks, batch, local_len, heads, head_size = buffer.shape
+    return buffer.transpose(0, 1).reshape(batch, num_ranks * local_len, heads, head_size)
+
+
+def _ulysses_attention(impl: AttentionImpl, inputs: Sequence[HeadExchange],
+                       valid_len: int | None, num_query_chunks: int,
                        group: dist.ProcessGroup) -> torch.Tensor:
+    q, k, v = inputs
     num_ranks = dist.get_world_size(group)
-    batch, local_len, num_heads, head_size = q.shape
-    seq_len = num_ranks * local_len
+    batch, local_len, num_heads, head_size = q.local_shape
+    num_chunks = q.num_head_chunks
     heads = num_heads // num_ranks // num_chunks
-    # Head h sits at [rank, chunk, head in chunk]: rank r's heads are one contiguous slice.
-    split = (batch, local_len, num_ranks, num_chunks, heads, head_size)
+    kv_len = num_ranks * local_len if valid_len is None else valid_len
+    num_query_chunks = min(num_query_chunks, local_len)
+    bounds = [c * local_len // num_query_chunks for c in range(num_query_chunks + 1)]
 
-    def send_inputs(chunk: int) -> list[tuple[torch.Tensor, dist.Work]]:
-        # [B, S/P, P, h, D] -> [P, B, S/P, h, D]: block j (its heads j) goes to rank j.
-        return [_all_to_all(x.reshape(split)[:, :, :, chunk].permute(2, 0, 1, 3, 4)
-                            .contiguous(), group) for x in (q, k, v)]
+    pending = []
+    for chunk in range(num_chunks):
+        q_buffer = q.received(chunk)
+        key, value = (_full_sequence(x.received(chunk))[:, :kv_len] for x in (k, v))
+        for start, end in zip(bounds, bounds[1:]):
+            rows = end - start
+            query = (_full_sequence(q_buffer) if num_query_chunks == 1 else
+                     _full_sequence(q_buffer[:, :, start:end]))  # a copy of 1/C of q
+            # Real tokens are a prefix of the sequence, so their rows in this chunk (rank
+            # by rank, each a prefix of the rank's rows) are a prefix of the chunk too.
+            valid_rows = sum(min(max(kv_len - r * local_len - start, 0), rows)
+                             for r in range(num_ranks))
+            out = _attend_rows(impl, query, key, value, valid_rows)
+            # [B, P * rows, h, D] -> [P, B, rows, h, D]: block j goes back to rank j.
+            send = out.reshape(batch, num_ranks, rows, heads, head_size).transpose(0, 1)
+            pending.append((chunk, start, end, _all_to_all(send.contiguous(), group)))
 
-    def full_sequence(received: tuple[torch.Tensor, dist.Work]) -> torch.Tensor:
-        buffer, work = received
+    # Waited for only now: each output exchange overlaps the attention queued after it.
+    result = q.buffer.new_empty(batch, local_len, num_ranks, num_chunks, heads, head_size)
+    for chunk, start, end, (buffer, work) in pending:
         work.wait()
-        # [P, B, S/P, h, D] in rank (= sequence block) order -> [B, S, h, D]; a view at B=1.
-        return buffer.transpose(0, 1).reshape(batch, seq_len, heads, head_size)
-
-    # Every input exchange is queued first: on the NCCL stream each then starts straight
-    # after the previous one, before the attention waiting for that previous one. Queued
-    # behind an output exchange (which waits for an attention) it would stall the pipeline.
-    pending_inputs = [send_inputs(chunk) for chunk in range(num_chunks)]
-    pending_outputs = []
-    for inputs in pending_inputs:
-        out = _attend_valid(impl, *(full_sequence(x) for x in inputs), valid_len)
-        # [B, S, h, D] -> [P, B, S/P, h, D]: sequence block j goes back to rank j.
-        send = out.reshape(batch, num_ranks, local_len, heads, head_size).transpose(0, 1)
-        pending_outputs.append(_all_to_all(send.contiguous(), group))
-
-    result = q.new_empty(split)
-    for chunk, (buffer, work) in enumerate(pending_outputs):
-        work.wait()
-        # Received from rank j: its heads of this chunk, for this rank's tokens.
-        result[:, :, :, chunk] = buffer.permute(1, 2, 0, 3, 4)
+        # Received from rank j: its heads of this head chunk, for these rows of our tokens.
+        result[:, start:end, :, chunk] = buffer.permute(1, 2, 0, 3, 4)
     return result.view(batch, local_len, num_heads, head_size)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from rank_launcher import assert_max_abs_diff, run_on_ranks
 
 from fastvideo.attention import DistributedAttention
+from fastvideo.attention.layer import HeadExchange
 from fastvideo.distributed import get_sp_world_size, sequence_model_parallel_shard
 
 # Each rank attends the same fp32 numbers per head as one process does; only the
@@ -21,20 +22,27 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
-def _check_matches_sdpa(seq_len: int, num_chunks: int) -> None:
+def _sharded_inputs(seq_len: int, padded_len: int | None = None
+                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """This rank's blocks of q, k, v zero-padded to `padded_len` (default: the next multiple
+    of the sp size, as the model pads), and its block of single-process SDPA's output."""
     num_ranks = get_sp_world_size()
     torch.manual_seed(0)  # every rank builds the same full sequence
     q, k, v = (torch.randn(2, seq_len, NUM_HEADS, HEAD_SIZE) for _ in range(3))
-    expected = _sdpa(q, k, v)
-    # What the model does: zero-pad to a multiple of the sp size, keep this rank's block.
-    padding = -seq_len % num_ranks
-    q_pad, k_pad, v_pad = (F.pad(x, (0, 0, 0, 0, 0, padding)) for x in (q, k, v))
-    local = [sequence_model_parallel_shard(x, dim=1) for x in (q_pad, k_pad, v_pad)]
+    padding = (-seq_len % num_ranks if padded_len is None else padded_len - seq_len)
+    local = [sequence_model_parallel_shard(F.pad(x, (0, 0, 0, 0, 0, padding)), dim=1)
+             for x in (q, k, v)]
+    expected = sequence_model_parallel_shard(F.pad(_sdpa(q, k, v), (0, 0, 0, 0, 0, padding)), 1)
+    return local, expected
 
-    attention = DistributedAttention(NUM_HEADS, HEAD_SIZE, num_chunks=num_chunks)
+
+def _check_matches_sdpa(seq_len: int, num_chunks: int, num_query_chunks: int = 1,
+                        padded_len: int | None = None) -> None:
+    local, expected = _sharded_inputs(seq_len, padded_len)
+    attention = DistributedAttention(NUM_HEADS, HEAD_SIZE, num_chunks=num_chunks,
+                                     num_query_chunks=num_query_chunks)
     out = attention(*local, valid_len=seq_len)
-    expected_local = sequence_model_parallel_shard(F.pad(expected, (0, 0, 0, 0, 0, padding)), 1)
-    assert_max_abs_diff(out, expected_local, TOL)  # padding rows must come back zero
+    assert_max_abs_diff(out, expected, TOL)  # padding rows must come back zero
 
 
 @pytest.mark.parametrize(("seq_len", "num_chunks"), [
@@ -44,6 +52,71 @@ def _check_matches_sdpa(seq_len: int, num_chunks: int) -> None:
 ])
 def test_equals_single_process_sdpa(seq_len: int, num_chunks: int) -> None:
     run_on_ranks(_check_matches_sdpa, seq_len, num_chunks, sp_size=2)
+
+
+@pytest.mark.parametrize(("seq_len", "num_chunks", "num_query_chunks", "padded_len"), [
+    (10, 1, 2, None),  # 5 rows per rank: uneven query chunks of 2 and 3 rows
+    (7, 1, 2, None),  # padded to 8: the one padding token is in chunk 1 (rank 1's last row)
+    (7, 2, 2, None),  # head chunks and query chunks together
+    (12, 1, 3, None),  # 3 chunks of 2 rows per rank
+    (3, 1, 2, 8),  # chunk 1 has one real row (token 2 of rank 0)
+    (2, 1, 2, 8),  # chunk 1 is all padding
+    (10, 1, 8, None),  # more chunks than the 5 rows per rank: one row each
+])
+def test_query_chunks_equal_single_process_sdpa(seq_len: int, num_chunks: int,
+                                                num_query_chunks: int,
+                                                padded_len: int | None) -> None:
+    run_on_ranks(_check_matches_sdpa, seq_len, num_chunks, num_query_chunks, padded_len,
+                 sp_size=2)
+
+
+def _check_head_exchanges(seq_len: int, num_chunks: int, num_query_chunks: int) -> None:
+    (q, k, v), expected = _sharded_inputs(seq_len)
+    attention = DistributedAttention(NUM_HEADS, HEAD_SIZE, num_chunks=num_chunks,
+                                     num_query_chunks=num_query_chunks)
+    tensors_out = attention(q, k, v, valid_len=seq_len)
+    # Started one at a time in the model's order (v, q, k), and mixed with a tensor.
+    v_sent = attention.scatter_heads(v)
+    q_sent = attention.scatter_heads(q)
+    k_sent = attention.scatter_heads(k)
+    assert all(isinstance(x, HeadExchange) for x in (q_sent, k_sent, v_sent))
+    out = attention(q_sent, k_sent, v_sent, valid_len=seq_len)
+    mixed = attention(q, attention.scatter_heads(k), attention.scatter_heads(v),
+                      valid_len=seq_len)
+    assert_max_abs_diff(out, expected, TOL)
+    assert_max_abs_diff(out, tensors_out, TOL)
+    assert_max_abs_diff(mixed, expected, TOL)
+
+
+@pytest.mark.parametrize(("seq_len", "num_chunks", "num_query_chunks"), [
+    (10, 1, 1),
+    (7, 1, 1),  # padded to 8
+    (7, 1, 2),
+    (7, 2, 1),  # each handle carries one exchange per head chunk
+    (7, 2, 2),
+])
+def test_scatter_heads_equals_tensor_inputs(seq_len: int, num_chunks: int,
+                                            num_query_chunks: int) -> None:
+    run_on_ranks(_check_head_exchanges, seq_len, num_chunks, num_query_chunks, sp_size=2)
+
+
+def _check_bad_exchanges() -> None:
+    attention = DistributedAttention(NUM_HEADS, HEAD_SIZE)
+    x = torch.randn(1, 2, NUM_HEADS, HEAD_SIZE)
+    q = attention.scatter_heads(x)
+    attention.num_chunks = 2
+    with pytest.raises(ValueError, match=r"different numbers of head chunks \[1, 2, 2\]"):
+        attention(q, x, x)
+    attention.num_chunks = 1
+    with pytest.raises(ValueError, match=r"same \[B, S_local, H, D\] shape .*\(1, 3, 4, 8\)"):
+        attention(attention.scatter_heads(x), x, torch.randn(1, 3, NUM_HEADS, HEAD_SIZE))
+    attention.num_query_chunks = 0
+    with pytest.raises(ValueError, match="num_query_chunks=0 must be >= 1"):
+        attention(x, x, x)
+
+
+def test_bad_exchanges_raise() -> None:
+    run_on_ranks(_check_bad_exchanges, sp_size=2)
 
 
 def _check_bad_head_counts() -> None:
@@ -68,3 +141,15 @@ def test_valid_len_masks_padding_in_one_process() -> None:
     out = DistributedAttention(NUM_HEADS, HEAD_SIZE)(q, k, v, valid_len=4)
     torch.testing.assert_close(out[:, :4], _sdpa(q[:, :4], k[:, :4], v[:, :4]), rtol=0, atol=TOL)
     assert not out[:, 4:].any()
+
+
+def test_one_process_scatter_heads_is_identity_and_query_chunks_mask_padding() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 6, NUM_HEADS, HEAD_SIZE) for _ in range(3))
+    attention = DistributedAttention(NUM_HEADS, HEAD_SIZE, num_query_chunks=2)
+    assert attention.scatter_heads(q) is q  # nothing to send, nothing allocated
+    out = attention(q, k, v, valid_len=4)
+    torch.testing.assert_close(out[:, :4], _sdpa(q[:, :4], k[:, :4], v[:, :4]), rtol=0, atol=TOL)
+    assert not out[:, 4:].any()
+    with pytest.raises(ValueError, match="num_query_chunks=0 must be >= 1"):
+        DistributedAttention(NUM_HEADS, HEAD_SIZE, num_query_chunks=0)

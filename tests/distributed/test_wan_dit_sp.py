@@ -8,6 +8,8 @@ import pytest
 import torch
 from rank_launcher import assert_max_abs_diff, run_on_ranks
 
+from fastvideo.attention import DistributedAttention
+from fastvideo.attention.layer import HeadExchange
 from fastvideo.models.dits.wanvideo import WanTransformer3DModel
 from tests.parity.test_wan_dit import TINY_CONFIG
 
@@ -16,19 +18,29 @@ TOL = 1e-5
 
 
 def _check_sp_equals_one_process(state: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
-                                 expected: torch.Tensor) -> None:
+                                 expected: torch.Tensor, num_query_chunks: int) -> None:
     model = WanTransformer3DModel(**TINY_CONFIG).eval()
     model.load_state_dict(state)
+    inputs_seen: list[type] = []
+    for layer in model.modules():
+        if isinstance(layer, DistributedAttention):
+            layer.num_query_chunks = num_query_chunks
+            layer.register_forward_pre_hook(
+                lambda _, args: inputs_seen.extend(type(x) for x in args))
     with torch.no_grad():
         out = model(**inputs)
     assert_max_abs_diff(out, expected, TOL)  # every rank holds the gathered output
+    # The self-attention started its all-to-alls itself, overlapping its projections.
+    assert inputs_seen and set(inputs_seen) == {HeadExchange}
 
 
-@pytest.mark.parametrize("latent_shape", [
-    (2, 4, 3, 4, 6),  # 3 x 2 x 3 = 18 tokens: 9 per rank
-    (1, 4, 3, 6, 2),  # 3 x 3 x 1 = 9 tokens: padded to 10
+@pytest.mark.parametrize(("latent_shape", "num_query_chunks"), [
+    ((2, 4, 3, 4, 6), 1),  # 3 x 2 x 3 = 18 tokens: 9 per rank
+    ((1, 4, 3, 6, 2), 1),  # 3 x 3 x 1 = 9 tokens: padded to 10
+    ((2, 4, 3, 4, 6), 2),  # query chunks of 4 and 5 rows per rank
+    ((1, 4, 3, 6, 2), 2),  # the padding token in the second chunk
 ])
-def test_sp2_equals_sp1(latent_shape: tuple[int, ...]) -> None:
+def test_sp2_equals_sp1(latent_shape: tuple[int, ...], num_query_chunks: int) -> None:
     torch.manual_seed(0)
     model = WanTransformer3DModel(**TINY_CONFIG).eval()
     with torch.no_grad():
@@ -44,4 +56,5 @@ def test_sp2_equals_sp1(latent_shape: tuple[int, ...]) -> None:
     }
     with torch.no_grad():
         expected = model(**inputs)
-    run_on_ranks(_check_sp_equals_one_process, model.state_dict(), inputs, expected, sp_size=2)
+    run_on_ranks(_check_sp_equals_one_process, model.state_dict(), inputs, expected,
+                 num_query_chunks, sp_size=2)

@@ -155,11 +155,15 @@ class WanSelfAttention(_WanAttentionProjections):
     def forward(self, x: torch.Tensor, freqs: torch.Tensor,
                 num_tokens: int | None = None) -> torch.Tensor:
         """`num_tokens`: real tokens of the whole (possibly padded, sharded) sequence."""
-        q = self.norm_q(self.to_q(x)).unflatten(2, (self.num_heads, -1))
-        k = self.norm_k(self.to_k(x)).unflatten(2, (self.num_heads, -1))
-        v = self.to_v(x).unflatten(2, (self.num_heads, -1))
-        out = self.attn(apply_rotary_emb(q, freqs), apply_rotary_emb(k, freqs), v,
-                        valid_len=num_tokens)
+        heads = (self.num_heads, -1)
+        # Under sequence parallelism each input's all-to-all starts as soon as it is ready,
+        # so it runs while the next projection computes; only k's is left exposed.
+        v = self.attn.scatter_heads(self.to_v(x).unflatten(2, heads))
+        q = self.attn.scatter_heads(
+            apply_rotary_emb(self.norm_q(self.to_q(x)).unflatten(2, heads), freqs))
+        k = self.attn.scatter_heads(
+            apply_rotary_emb(self.norm_k(self.to_k(x)).unflatten(2, heads), freqs))
+        out = self.attn(q, k, v, valid_len=num_tokens)
         return self.to_out(out.flatten(2))
 
 

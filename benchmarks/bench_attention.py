@@ -31,12 +31,13 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from fastvideo.attention.backends.sliding_tile import (
     TileLayout,
+    block_size_for,
     get_sta_block_mask,
     sliding_tile_attention,
     sta_block_density,
     sta_mask_mod,
 )
-from fastvideo.attention.sta_config import Window
+from fastvideo.attention.sta_config import Window, choose_tile_size
 from fastvideo.fastvideo_args import parse_dtype
 
 SDPA_KERNELS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
@@ -47,6 +48,10 @@ def _window(text: str) -> Window:
     return tuple(int(v) for v in text.split(","))
 
 
+def _tile(text: str) -> Window | str:
+    return text if text == "auto" else _window(text)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", type=int, nargs=3, default=[21, 30, 52],
@@ -55,10 +60,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tile-size", type=_window, default=(2, 8, 8))
+    parser.add_argument("--tile-size", type=_tile, default=(2, 8, 8),
+                        help="t,h,w or auto (choose_tile_size: (3, 6, 7) at 480p)")
     parser.add_argument("--windows", type=_window, nargs="+", default=[(5, 3, 5), (3, 3, 4)],
                         help="STA windows in tiles; defaults give 24%% and 12%% of the tile "
                              "pairs of 480p with (2, 8, 8) tiles")
+    parser.add_argument("--kernel-options", type=json.loads, nargs="*", default=[],
+                        help="FlexAttention kernel_options dicts (JSON) to also time the STA "
+                             "kernel with, e.g. '{\"USE_TMA\": true}'")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true",
@@ -67,6 +76,8 @@ def parse_args() -> argparse.Namespace:
                         help="tiny fp32 shapes on CPU, eager: checks the script runs")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
+    if args.tile_size == "auto":
+        args.tile_size = choose_tile_size(tuple(args.grid))
     if args.smoke:
         args.grid, args.heads, args.head_dim, args.dtype = [4, 6, 10], 2, 16, "fp32"
         args.device, args.tile_size, args.windows = "cpu", (2, 2, 4), [(1, 2, 2), (1, 1, 1)]
@@ -90,7 +101,7 @@ def masked_sdpa_error(layout: TileLayout, window: Window, q_BHLD: torch.Tensor,
     """STA kernel output on the first and last two query tiles against SDPA with the mask
     made explicit from the exact STA mask_mod."""
     mask_mod = sta_mask_mod(layout, (window,), q_BHLD.device)
-    vol, num_tiles = layout.tile_volume, math.prod(layout.tile_grid)
+    vol, num_tiles = layout.block_size, math.prod(layout.tile_grid)
     rows = torch.cat([torch.arange(2 * vol), torch.arange((num_tiles - 2) * vol, num_tiles * vol)])
     rows = rows.to(q_BHLD.device)
     kv = torch.arange(layout.seq_len, device=q_BHLD.device)
@@ -168,7 +179,7 @@ def bench_sta(args: argparse.Namespace, window: Window, q: torch.Tensor, k: torc
               v: torch.Tensor, ref: torch.Tensor, flex: Callable[..., torch.Tensor],
               dense_flops: int) -> dict[str, dict[str, Any]]:
     device, grid, tile_size = q.device, tuple(args.grid), tuple(args.tile_size)
-    layout = TileLayout(grid, tile_size)
+    layout = TileLayout(grid, tile_size, block_size=block_size_for(math.prod(tile_size), device))
     label = f"sta_{'x'.join(map(str, window))}"
     start = time.perf_counter()
     block_mask = get_sta_block_mask(layout, (window,), device)
@@ -189,7 +200,20 @@ def bench_sta(args: argparse.Namespace, window: Window, q: torch.Tensor, k: torc
     out = sta()
     sta_ms = time_ms(sta, device, args.iters, args.warmup)
     kernel_ms = time_ms(kernel, device, args.iters, args.warmup)
-    return {
+    rows = {}
+    for options in args.kernel_options:
+        def tuned(options=options) -> torch.Tensor:
+            return flex(q_l, k_l, v_l, block_mask=block_mask, kernel_options=options)
+        try:
+            tuned_ms = time_ms(tuned, device, args.iters, args.warmup)
+        except Exception as e:  # noqa: BLE001 - an option this torch lacks: report, go on
+            rows[f"{label}_kernel {json.dumps(options)}"] = {"skipped": str(e).splitlines()[0]}
+            continue
+        rows[f"{label}_kernel {json.dumps(options)}"] = {
+            **common, "ms": tuned_ms, "effective_tflops": dense_flops / tuned_ms / 1e9,
+            "rel_err": rel_err(layout.from_tiles(tuned()), ref.transpose(1, 2)),
+            "max_abs_vs_default_options": (tuned() - kernel()).abs().max().item()}
+    return rows | {
         label: {**common, "ms": sta_ms, "effective_tflops": dense_flops / sta_ms / 1e9,
                 "rel_err": rel_err(out.transpose(1, 2), ref), "mask_build_s": build_s},
         f"{label}_kernel": {**common, "ms": kernel_ms,

@@ -42,14 +42,13 @@ def _parse_optional_window(value: Any, what: str) -> Window | None:
 class STAConfig:
     """Tile size and windows of Sliding Tile Attention for one model and step schedule."""
 
-    tile_size: Window = (2, 8, 8)
-    """Latent positions (after patchify) per tile along (t, h, w). Its volume is the block
-    size of the FlexAttention block mask; on GPUs it must be a multiple of 128 (the kernel's
-    query block). No such tile divides Wan's 480p grid (21, 30, 52), so some padding is paid
-    whatever the choice: (2, 8, 8) pads it by 20% (720p, (21, 45, 80): 12%), the least of the
-    128-token tiles that keep at least 4 tiles along each spatial axis (the reference STA's
-    (6, 8, 8) pads 480p by 31%). Padding costs compute: at 480p the kernel computes 1.45x the
-    pairs the window density says."""
+    tile_size: Window | str = "auto"
+    """Latent positions (after patchify) per tile along (t, h, w), or "auto": per latent grid,
+    the compact tile of at most 128 positions that pads the grid least (`choose_tile_size`).
+    On GPUs each tile fills one 128-token block of the FlexAttention kernel, the rest of the
+    block being padding, and a grid that is not a whole number of tiles is padded too; padding
+    costs compute. At Wan's 480p grid (21, 30, 52) "auto" picks (3, 6, 7): 9% padding, where
+    (2, 8, 8) pads 20% and the reference STA's (6, 8, 8) 31%."""
     num_full_steps: int = 0
     """Steps `0 .. num_full_steps - 1` attend densely: early steps lay out the whole scene."""
     default_window: Window | None = None
@@ -62,7 +61,11 @@ class STAConfig:
     """Text queries attend all video keys (they always attend the text)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tile_size", parse_window(self.tile_size, "tile_size"))
+        if self.tile_size != "auto":
+            if isinstance(self.tile_size, str):
+                raise ValueError(f'tile_size must be "auto" or three positive ints (t, h, w), '
+                                 f"got {self.tile_size!r}")
+            object.__setattr__(self, "tile_size", parse_window(self.tile_size, "tile_size"))
         if (not isinstance(self.num_full_steps, int) or isinstance(self.num_full_steps, bool)
                 or self.num_full_steps < 0):
             raise ValueError(f"num_full_steps must be an int >= 0, got {self.num_full_steps!r}")
@@ -77,6 +80,10 @@ class STAConfig:
                       for head, w in enumerate(heads))
                 for layer, heads in enumerate(layers))
         object.__setattr__(self, "windows", windows)
+
+    def tile_for(self, grid: Window) -> Window:
+        """The tile size used on latent `grid`."""
+        return choose_tile_size(grid) if self.tile_size == "auto" else self.tile_size
 
     def head_windows(self, step: int, layer: int | None, num_heads: int) -> LayerWindows | None:
         """The window of each of the `num_heads` heads of `layer` at `step`; `None` when every
@@ -102,7 +109,7 @@ class STAConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "tile_size": list(self.tile_size),
+            "tile_size": self.tile_size if self.tile_size == "auto" else list(self.tile_size),
             "num_full_steps": self.num_full_steps,
             "default_window": None if self.default_window is None else list(self.default_window),
             "video_attends_text": self.video_attends_text,
@@ -133,6 +140,32 @@ class STAConfig:
     @classmethod
     def load(cls, path: str | Path) -> STAConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+KERNEL_BLOCK = 128
+"""Tokens per query/key block of the GPU FlexAttention kernel: one tile per block."""
+
+
+def choose_tile_size(grid: Window, block: int = KERNEL_BLOCK) -> Window:
+    """The tile for latent `grid` that pads it least once every tile fills a `block`-token
+    block, among compact tiles: at most `block` positions, at least 4 tiles along each axis
+    (fewer only where the axis is shorter), height and width within 2x of each other, no
+    longer in time than in space. Ties go to the most cube-like, then the larger tile."""
+    grid = parse_window(tuple(grid), "grid")
+    best: tuple[tuple[float, ...], Window] | None = None
+    for t in range(1, min(grid[0], block) + 1):
+        for h in range(1, min(grid[1], block // t) + 1):
+            for w in range(1, min(grid[2], block // (t * h)) + 1):
+                tiles = [-(-n // size) for n, size in zip(grid, (t, h, w))]
+                if (any(n < min(4, g) for n, g in zip(tiles, grid))
+                        or max(h, w) > 2 * min(h, w) or t > max(h, w)):
+                    continue
+                score = (tiles[0] * tiles[1] * tiles[2], max(t, h, w) / min(t, h, w), -t * h * w)
+                if best is None or score < best[0]:
+                    best = (score, (t, h, w))
+    if best is None:  # unreachable: (1, 1, 1) always qualifies
+        raise ValueError(f"no tile fits grid {grid}")
+    return best[1]
 
 
 def _parse_step(key: str) -> int:

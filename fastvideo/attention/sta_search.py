@@ -35,7 +35,7 @@ from fastvideo.attention.backends.sliding_tile import (
     sta_block_density,
 )
 from fastvideo.attention.layer import DistributedAttention
-from fastvideo.attention.sta_config import STAConfig, Window, parse_window
+from fastvideo.attention.sta_config import STAConfig, Window, choose_tile_size, parse_window
 from fastvideo.distributed.parallel_state import get_sp_world_size
 
 
@@ -44,7 +44,8 @@ class _Calibration:
     """Errors seen so far: (step, layer) -> `[num_candidates, num_heads]`, worst over calls."""
 
     candidates: tuple[Window, ...]
-    tile_size: Window
+    tile_size: Window | str
+    """"auto" until the grid is known, then `choose_tile_size(grid)`."""
     num_full_steps: int
     grid: Grid | None = None
     step: int = 0
@@ -59,6 +60,8 @@ class _Calibration:
         if self.grid is not None and grid != self.grid:
             raise ValueError(f"calibrate on one latent shape: saw grid {self.grid}, then {grid}")
         self.grid = grid
+        if self.tile_size == "auto":
+            self.tile_size = choose_tile_size(grid)
         self.step = self.timesteps.setdefault(float(timestep.flatten()[0]), len(self.timesteps))
 
     @torch.no_grad()
@@ -97,12 +100,13 @@ class _CalibrationImpl(SDPAImpl):
 
 def search_windows(transformer: nn.Module, run: Callable[[], object], *,
                    candidates: Sequence[Window], threshold: float,
-                   tile_size: Window = STAConfig.tile_size,
+                   tile_size: Window | str = STAConfig.tile_size,
                    num_full_steps: int = 0) -> STAConfig:
     """Run `run()` (a calibration generation or DiT forwards) and return the STA config.
 
     `transformer` is the DiT that `run` calls; it needs `config.patch_size` and a forward
     taking `hidden_states [B, C, T, H, W]` and `timestep` (as keywords or 1st / 3rd arg).
+    `tile_size` "auto" is resolved on the calibration grid; the config names the tile used.
     """
     if not candidates:
         raise ValueError("candidates is empty: give at least one window")
@@ -113,7 +117,8 @@ def search_windows(transformer: nn.Module, run: Callable[[], object], *,
                          "each rank would only see its own heads")
     calibration = _Calibration(
         candidates=tuple(parse_window(w, "candidate") for w in candidates),
-        tile_size=parse_window(tile_size, "tile_size"), num_full_steps=num_full_steps)
+        tile_size=tile_size if tile_size == "auto" else parse_window(tile_size, "tile_size"),
+        num_full_steps=num_full_steps)
     layers = [m for m in transformer.modules() if isinstance(m, DistributedAttention)]
     if not layers:
         raise ValueError(f"{type(transformer).__name__} has no DistributedAttention to search")
@@ -148,7 +153,8 @@ def _choose(calibration: _Calibration, num_layers: int, threshold: float) -> STA
 
 def search_windows_for_model(model_path: str | Path, prompt: str, *,
                              candidates: Sequence[Window], threshold: float,
-                             tile_size: Window = STAConfig.tile_size, num_full_steps: int = 0,
+                             tile_size: Window | str = STAConfig.tile_size,
+                             num_full_steps: int = 0,
                              device: str | None = None, **sampling: Any) -> STAConfig:
     """Load a Diffusers-format model, generate one video for `prompt` (with `sampling`
     options of `VideoGenerator.generate_video`) and search its windows."""
@@ -169,6 +175,10 @@ def _window_arg(text: str) -> Window:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
 
+def _tile_arg(text: str) -> Window | str:
+    return text if text == "auto" else _window_arg(text)
+
+
 def main(argv: Sequence[str] | None = None) -> STAConfig:
     parser = argparse.ArgumentParser(prog="python -m fastvideo.attention.sta_search",
                                      description=__doc__.split("\n\n")[0])
@@ -179,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> STAConfig:
                         help="windows in tiles as t,h,w, e.g. 3,3,3 5,3,5")
     parser.add_argument("--threshold", required=True, type=float,
                         help="largest relative L2 error of a head's output against dense")
-    parser.add_argument("--tile-size", type=_window_arg, default=STAConfig.tile_size)
+    parser.add_argument("--tile-size", type=_tile_arg, default=STAConfig.tile_size,
+                        help='t,h,w, or "auto": the tile that pads the calibration grid least')
     parser.add_argument("--num-full-steps", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--height", type=int, default=480)

@@ -19,11 +19,12 @@ from fastvideo.attention.backends.sliding_tile import (
     BACKEND,
     SlidingTileAttentionImpl,
     TileLayout,
+    block_size_for,
     get_sta_block_mask,
     sliding_tile_attention,
     sta_block_density,
 )
-from fastvideo.attention.sta_config import STAConfig
+from fastvideo.attention.sta_config import STAConfig, choose_tile_size
 from fastvideo.attention.sta_context import sta_context
 
 ATOL = 1e-5
@@ -86,9 +87,12 @@ def test_window_covering_the_grid_is_dense_attention(grid, tile_size, num_text) 
 @pytest.mark.parametrize("grid, tile_size", [((4, 6, 8), (2, 3, 4)), ((5, 7, 6), (2, 4, 4))],
                          ids=["whole-tiles", "padded"])
 @pytest.mark.parametrize("window", [(1, 1, 1), (2, 3, 1), (3, 1, 2)])
-def test_small_window_matches_reference_mask(grid, tile_size, window) -> None:
+@pytest.mark.parametrize("block_pad", [0, 5], ids=["block=tile", "block>tile"])
+def test_small_window_matches_reference_mask(grid, tile_size, window, block_pad) -> None:
+    """Also with each tile padded to a larger block, as on GPU for tiles under 128 tokens."""
     q, k, v = _qkv(math.prod(grid), num_heads=2)
-    out = sliding_tile_attention(q, k, v, grid=grid, tile_size=tile_size, windows=window)
+    out = sliding_tile_attention(q, k, v, grid=grid, tile_size=tile_size, windows=window,
+                                 block_size=math.prod(tile_size) + block_pad)
     expected = _sdpa(q, k, v, reference_mask(grid, tile_size, [window])[None])
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
 
@@ -157,7 +161,7 @@ def test_dense_steps_and_missing_context() -> None:
 def _mask_of_fused_kernel(block_mask, layout: TileLayout) -> torch.Tensor:
     """`[H, L, L]`: what the compiled kernel applies: full blocks, and mask_mod inside the
     partial blocks; every other block is skipped."""
-    vol, size = layout.tile_volume, layout.seq_len
+    vol, size = layout.block_size, layout.seq_len
 
     def expand(num_blocks, indices) -> torch.Tensor:
         blocks = BlockMask.from_kv_blocks(num_blocks, indices, BLOCK_SIZE=vol).to_dense()[0]
@@ -171,10 +175,12 @@ def _mask_of_fused_kernel(block_mask, layout: TileLayout) -> torch.Tensor:
 
 @pytest.mark.parametrize("windows, video_attends_text", [([(1, 2, 1), (3, 1, 2)], True),
                                                          ([(2, 1, 1)], False)])
-def test_fused_kernel_mask_matches_reference(windows, video_attends_text: bool) -> None:
+@pytest.mark.parametrize("block_size", [None, 40], ids=["block=tile", "block>tile"])
+def test_fused_kernel_mask_matches_reference(windows, video_attends_text: bool,
+                                             block_size: int | None) -> None:
     """On GPU partial blocks mask padding only (the kernel skips the blocks outside the
     windows): check the mask this amounts to, as the CPU's eager kernel cannot."""
-    layout = TileLayout((5, 6, 7), (2, 4, 4), 3)
+    layout = TileLayout((5, 6, 7), (2, 4, 4), 3, block_size)
     block_mask = get_sta_block_mask(layout, tuple(windows), torch.device("cpu"), fused=True,
                                     video_attends_text=video_attends_text)
     tiled = _mask_of_fused_kernel(block_mask, layout)
@@ -219,6 +225,33 @@ def test_block_density() -> None:
     mask = get_sta_block_mask(layout, windows, torch.device("cpu"))
     assert 1 - mask.sparsity() / 100 == pytest.approx(
         sta_block_density(layout.grid, layout.tile_size, windows))
+
+
+def test_auto_tile_through_the_backend() -> None:
+    """STAConfig's "auto" tile is `choose_tile_size(grid)`, here (1, 2, 2) with 5 x 4 x 4
+    tiles; on GPU each 4-token tile would fill a 128-token block, on CPU it fills 4."""
+    grid, window = (5, 8, 8), (2, 1, 3)
+    assert choose_tile_size(grid) == (1, 2, 2)
+    q, k, v = _qkv(math.prod(grid), num_heads=2)
+    with sta_context(config=STAConfig(default_window=window), grid=grid):
+        out = SlidingTileAttentionImpl(2, 8, layer_idx=0).forward(q, k, v)
+    mask = reference_mask(grid, (1, 2, 2), [window])
+    torch.testing.assert_close(out, _sdpa(q, k, v, mask[None]), atol=ATOL, rtol=0)
+    assert block_size_for(4, torch.device("cpu")) == 4
+    assert block_size_for(4, torch.device("cuda")) == 128
+    assert block_size_for(130, torch.device("cuda")) == 256
+
+
+def test_blocks_padded_past_the_tile() -> None:
+    layout = TileLayout((3, 5, 7), (2, 2, 4), 2, block_size=20)
+    assert layout.seq_len == 2 * 3 * 2 * 20 + 2
+    x = torch.randn(1, layout.num_video_tokens + 2, 2, 4)
+    tiled = layout.to_tiles(x)
+    torch.testing.assert_close(layout.from_tiles(tiled), x, atol=0, rtol=0)
+    # Tile 1 starts at block 1: token (0, 0, 4) is its first position.
+    torch.testing.assert_close(tiled[:, :, 20], x[:, 4])
+    with pytest.raises(ValueError, match="block_size 15 is smaller than tile_size"):
+        TileLayout((3, 5, 7), (2, 2, 4), block_size=15)
 
 
 def test_tile_layout_round_trip_and_bad_shapes() -> None:

@@ -1,14 +1,16 @@
 """Sliding Tile Attention (STA) on PyTorch FlexAttention, for any latent shape.
 
 The video tokens of a `(T, H, W)` latent grid (row-major, as the DiT flattens them) are
-padded to whole tiles of `tile_size` positions and reordered tile by tile, so one tile is
-one block of the FlexAttention block mask (block size = tile volume). A query tile attends
-the `window` tiles around it along each axis; at the borders the window is shifted to stay
-inside the grid at full size (as the STA paper does), and a window larger than the grid is
-clamped to it, i.e. attends the whole axis. Text tokens, appended after the video tokens,
-are attended by all queries and attend everything (each direction configurable). Padding
-keys are never attended; padding query rows are dropped from the output, which comes back
-in the input's token order.
+padded to whole tiles of `tile_size` positions and reordered tile by tile; each tile then
+fills one block of `block_size` tokens of the FlexAttention block mask, its last
+`block_size - tile_volume` tokens being padding. So the tile need not have 128 positions
+(the GPU kernel's block): a tile that fits the grid better (`choose_tile_size`) pads less
+overall. A query tile attends the `window` tiles around it along each axis; at the borders
+the window is shifted to stay inside the grid at full size (as the STA paper does), and a
+window larger than the grid is clamped to it, i.e. attends the whole axis. Text tokens,
+appended after the video tokens, are attended by all queries and attend everything (each
+direction configurable). Padding keys are never attended; padding query rows are dropped
+from the output, which comes back in the input's token order.
 
 Windows may differ per head: the mask_mod reads the window of head `h` from a small tensor,
 so all heads run in one kernel launch with a per-head block mask (one mask per distinct
@@ -17,9 +19,8 @@ and the reorder indices are built once per (shape, windows, device) and cached; 
 kernel is the compiled FlexAttention kernel, which never visits the blocks outside the
 windows, so inside the blocks it does visit only padding keys remain to be masked.
 
-Measured on one H200 (bf16, 12 heads x 32760 tokens x 128, Wan 480p grid (21, 30, 52), tiles
-(2, 8, 8)): cuDNN SDPA 11.9 ms, dense FlexAttention 15.1 ms, STA at 24% of the tile pairs
-6.0 ms and at 12% 3.1 ms, reorder included (`benchmarks/bench_attention.py`).
+Kernel timings against cuDNN dense attention: `benchmarks/bench_attention.py` and
+`benchmarks/RESULTS.md`.
 
 Under sequence parallelism the backend sees the full sequence and a contiguous slice of the
 heads (after the Ulysses all-to-all); `head_offset` (global index of local head 0) makes
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from fastvideo.attention.backends.abstract import AttentionBackend, AttentionImpl, _Backend
-from fastvideo.attention.sta_config import Window, parse_window
+from fastvideo.attention.sta_config import KERNEL_BLOCK, Window, choose_tile_size, parse_window
 from fastvideo.attention.sta_context import current_sta_context
 from fastvideo.distributed.parallel_state import get_sp_rank
 
@@ -52,6 +53,9 @@ class TileLayout:
     grid: Grid
     tile_size: Window
     num_text_tokens: int = 0
+    block_size: int | None = None
+    """Tokens per tile in the tiled sequence (the block mask's block), at least the tile's
+    volume; the rest of each block is padding. None: the tile's volume."""
 
     def __post_init__(self) -> None:
         # Tuples whatever came in: layouts are cache keys.
@@ -59,6 +63,11 @@ class TileLayout:
         object.__setattr__(self, "tile_size", parse_window(self.tile_size, "tile_size"))
         if self.num_text_tokens < 0:
             raise ValueError(f"num_text_tokens must be >= 0, got {self.num_text_tokens}")
+        if self.block_size is None:
+            object.__setattr__(self, "block_size", self.tile_volume)
+        elif self.block_size < self.tile_volume:
+            raise ValueError(f"block_size {self.block_size} is smaller than tile_size "
+                             f"{self.tile_size} ({self.tile_volume} tokens)")
 
     @property
     def tile_grid(self) -> Grid:
@@ -75,8 +84,8 @@ class TileLayout:
 
     @property
     def num_tiled_video_tokens(self) -> int:
-        """Video tokens including padding: whole tiles."""
-        return math.prod(self.tile_grid) * self.tile_volume
+        """Video tokens including padding: one block per tile."""
+        return math.prod(self.tile_grid) * self.block_size
 
     @property
     def seq_len(self) -> int:
@@ -108,10 +117,15 @@ def _tile_indices(layout: TileLayout, device: torch.device) -> tuple[torch.Tenso
     def tile_order(x_THW: torch.Tensor) -> torch.Tensor:
         return x_THW.view(nt, tt, nh, th, nw, tw).permute(0, 2, 4, 1, 3, 5).reshape(-1)
 
+    def blocks(x_THW: torch.Tensor) -> torch.Tensor:
+        # One row per tile, padded at its end to a whole block.
+        tiles = tile_order(F.pad(x_THW, pad_spec)).view(-1, layout.tile_volume)
+        return F.pad(tiles, (0, layout.block_size - layout.tile_volume)).reshape(-1)
+
     num_video, text = layout.num_video_tokens, torch.arange(layout.num_text_tokens)
     tokens = torch.arange(num_video).view(layout.grid)
-    gather = torch.cat([tile_order(F.pad(tokens, pad_spec)), num_video + text])
-    real = torch.cat([tile_order(F.pad(torch.ones(layout.grid, dtype=torch.bool), pad_spec)),
+    gather = torch.cat([blocks(tokens), num_video + text])
+    real = torch.cat([blocks(torch.ones(layout.grid, dtype=torch.bool)),
                       torch.ones(layout.num_text_tokens, dtype=torch.bool)])
     scatter = torch.empty(num_video + layout.num_text_tokens, dtype=torch.int64)
     scatter[gather[real]] = torch.nonzero(real).flatten()
@@ -131,11 +145,11 @@ def sta_mask_mod(layout: TileLayout, windows: tuple[Window, ...], device: torch.
                               dtype=torch.int32, device=device)
     real = _tile_indices(layout, device)[2]
     nt, nh, nw = layout.tile_grid
-    vol, num_video = layout.tile_volume, layout.num_tiled_video_tokens
+    block, num_video = layout.block_size, layout.num_tiled_video_tokens
     per_head = windows_H3.shape[0] > 1
 
     def tile_coords(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tile = idx // vol
+        tile = idx // block
         return tile // (nh * nw), (tile // nw) % nh, tile % nw
 
     def window_start(q_tile: torch.Tensor, window: torch.Tensor, num_tiles: int) -> torch.Tensor:
@@ -189,13 +203,13 @@ def _build_block_mask(layout: TileLayout, windows: tuple[Window, ...], device: t
     # On GPU compile the mask construction: eager would materialise [H, L, L] booleans.
     build = _compiled(create_block_mask) if device.type == "cuda" else create_block_mask
     exact = build(exact_mod, None, len(windows) if len(windows) > 1 else None, layout.seq_len,
-                  layout.seq_len, device=device, BLOCK_SIZE=layout.tile_volume)
+                  layout.seq_len, device=device, BLOCK_SIZE=layout.block_size)
     if not fused:
         return exact
     # A block is one (query tile, key tile) pair, or text: whether the pair is in the window
     # is decided per block, so inside a partial block only padding keys are masked. The
-    # kernel evaluates mask_mod on every element of a partial block (41% of the key tiles
-    # of 480p have padding): one lookup there instead of the window test is 27% faster.
+    # kernel evaluates mask_mod on every element of a partial block: one lookup there
+    # instead of the window test is 27% faster.
     real = _tile_indices(layout, device)[2]
 
     def padding_mask_mod(b, h, q_idx, kv_idx):
@@ -206,9 +220,12 @@ def _build_block_mask(layout: TileLayout, windows: tuple[Window, ...], device: t
         BLOCK_SIZE=exact.BLOCK_SIZE, mask_mod=padding_mask_mod, seq_lengths=exact.seq_lengths)
 
 
-def sta_block_density(grid: Grid, tile_size: Window, windows: Window | Sequence[Window]) -> float:
+def sta_block_density(grid: Grid, tile_size: Window | str,
+                      windows: Window | Sequence[Window]) -> float:
     """Fraction of (query tile, key tile) pairs of the video that STA computes, averaged over
-    heads: the compute of STA relative to dense attention on the tiled grid."""
+    heads: the compute of STA relative to dense attention on the tiled grid (padding makes
+    the work relative to dense attention on the real tokens larger: see `TileLayout`)."""
+    tile_size = choose_tile_size(grid) if tile_size == "auto" else tile_size
     tile_grid = TileLayout(grid, tile_size).tile_grid
     per_head = [windows] if isinstance(windows[0], int) else windows
     return sum(math.prod(w / n for w, n in zip(clamp_window(parse_window(window, "window"),
@@ -221,26 +238,47 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
+# Hopper's bulk tensor copies (TMA) for the kernel's loads: 4-5% faster on an H100 at Wan
+# 480p; Inductor turns it off by itself where the device or layout can't use it.
+_CUDA_KERNEL_OPTIONS = {"USE_TMA": True}
+
+
 def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask,
           scale: float | None) -> torch.Tensor:
-    # Eager FlexAttention materialises the scores: fine on CPU at test sizes, never on GPU.
-    if query.device.type == "cuda" and not torch.compiler.is_compiling():
-        return _compiled(flex_attention)(query, key, value, block_mask=block_mask, scale=scale)
-    return flex_attention(query, key, value, block_mask=block_mask, scale=scale)
+    if query.device.type != "cuda":
+        return flex_attention(query, key, value, block_mask=block_mask, scale=scale)
+    # Eager FlexAttention materialises the scores: on GPU always the compiled kernel.
+    flex = flex_attention if torch.compiler.is_compiling() else _compiled(flex_attention)
+    return flex(query, key, value, block_mask=block_mask, scale=scale,
+                kernel_options=_CUDA_KERNEL_OPTIONS)
+
+
+def block_size_for(tile_volume: int, device: torch.device) -> int:
+    """Tokens per tile in the tiled sequence: on GPU the tile's volume rounded up to whole
+    kernel blocks; elsewhere the volume itself (the eager kernel masks per element)."""
+    if torch.device(device).type != "cuda":
+        return tile_volume
+    return -(-tile_volume // KERNEL_BLOCK) * KERNEL_BLOCK
 
 
 def sliding_tile_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
-                           grid: Grid, tile_size: Window, windows: Window | Sequence[Window],
-                           num_text_tokens: int = 0, scale: float | None = None,
-                           video_attends_text: bool = True,
-                           text_attends_video: bool = True) -> torch.Tensor:
+                           grid: Grid, tile_size: Window | str,
+                           windows: Window | Sequence[Window], num_text_tokens: int = 0,
+                           scale: float | None = None, video_attends_text: bool = True,
+                           text_attends_video: bool = True,
+                           block_size: int | None = None) -> torch.Tensor:
     """STA on `[B, S, H, D]` tensors, `S = T * H' * W' + num_text_tokens` (video first, in
-    grid order); `windows` is one window for all heads or one per head of the input."""
+    grid order); `windows` is one window for all heads or one per head of the input.
+    `tile_size` "auto": `choose_tile_size(grid)`; `block_size` None: `block_size_for`."""
+    tile_size = choose_tile_size(grid) if tile_size == "auto" else parse_window(tile_size,
+                                                                               "tile_size")
+    if block_size is None:
+        block_size = block_size_for(math.prod(tile_size), query.device)
     per_head = (parse_window(windows, "window"),) if isinstance(windows[0], int) else tuple(
         parse_window(w, f"window of head {i}") for i, w in enumerate(windows))
     if len(per_head) not in (1, query.shape[2]):
         raise ValueError(f"{len(per_head)} windows for {query.shape[2]} heads")
-    plan = sta_plan(query, TileLayout(grid, tile_size, num_text_tokens), per_head,
+    plan = sta_plan(query, TileLayout(grid, tile_size, num_text_tokens, block_size), per_head,
                     video_attends_text=video_attends_text, text_attends_video=text_attends_video)
     return attend_tiles(query, key, value, *plan, scale=scale)
 
@@ -257,9 +295,10 @@ def sta_plan(query: torch.Tensor, layout: TileLayout, windows: tuple[Window, ...
         raise ValueError(f"sequence length {query.shape[1]} != grid {layout.grid} "
                          f"({layout.num_video_tokens} tokens) + {layout.num_text_tokens} text "
                          "tokens")
-    if query.device.type == "cuda" and layout.tile_volume % 128:
-        raise ValueError(f"tile_size {layout.tile_size} has {layout.tile_volume} tokens; the "
-                         "GPU FlexAttention kernel needs a multiple of 128 (its query block)")
+    if query.device.type == "cuda" and layout.block_size % KERNEL_BLOCK:
+        raise ValueError(f"block_size {layout.block_size} (tile_size {layout.tile_size}) is "
+                         f"not a multiple of {KERNEL_BLOCK}, the GPU FlexAttention kernel's "
+                         "block; leave block_size None to round the tile up")
     windows = tuple(clamp_window(w, layout.tile_grid) for w in windows)  # one cache entry each
     if len(set(windows)) == 1:
         windows = windows[:1]  # one mask broadcast over heads is cheaper to build
@@ -323,7 +362,9 @@ class SlidingTileAttentionImpl(AttentionImpl):
         local = None if windows is None else windows[head_offset:head_offset + num_local]
         if local is None or all(w is None for w in local):
             return None
-        layout = TileLayout(context.grid, config.tile_size, context.num_text_tokens)
+        tile_size = config.tile_for(context.grid)
+        layout = TileLayout(context.grid, tile_size, context.num_text_tokens,
+                            block_size_for(math.prod(tile_size), query.device))
         return sta_plan(query, layout, tuple(layout.tile_grid if w is None else w for w in local),
                         video_attends_text=config.video_attends_text,
                         text_attends_video=config.text_attends_video)

@@ -28,7 +28,7 @@ from fastvideo.distributed import (
     sequence_model_parallel_all_gather,
     sequence_model_parallel_shard,
 )
-from fastvideo.layers.activation import get_act_fn
+from fastvideo.layers.activation import get_act_fn, is_gelu_tanh, linear_gelu_tanh
 from fastvideo.layers.embeddings import MLPEmbedder, timestep_embedding
 from fastvideo.layers.layernorm import FP32LayerNorm, LayerNormScaleShift, RMSNorm
 from fastvideo.layers.linear import ReplicatedLinear
@@ -126,6 +126,8 @@ class FeedForward(nn.Module):
         self.fc_out = ReplicatedLinear(hidden_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_gelu_tanh(self.act):
+            return self.fc_out(linear_gelu_tanh(x, self.fc_in.weight, self.fc_in.bias))
         return self.fc_out(self.act(self.fc_in(x)))
 
 

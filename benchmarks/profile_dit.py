@@ -53,6 +53,11 @@ def main() -> None:
     config = CONFIGS[args.config]
     with torch.device(device):
         model = WanTransformer3DModel.from_config(config).eval()
+    # Random weights, as bench_dit.py's: uninitialised (often zero) memory makes the tensor
+    # cores draw less power, and an H100 then holds higher clocks (~15% faster forwards).
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(std=param.shape[-1] ** -0.5 if param.dim() > 1 else 0.02)
     model.to_compute_dtype(dtype)
     if args.compile:
         compile_repeated_blocks(model, mode=args.compile_mode)

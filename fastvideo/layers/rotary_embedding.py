@@ -61,8 +61,11 @@ class RotaryEmbedding3D(nn.Module):
 
 def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate `x` `[B, S, H, D]` by `freqs` `[S, D / 2, 2]`; fp32 math, result in `x.dtype`."""
-    real, imag = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    pairs = x.float().unflatten(-1, (-1, 2))  # (real, imag)
     cos, sin = freqs.unsqueeze(1).unbind(-1)
-    # The complex product (real + i imag)(cos + i sin), written out.
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    # The complex product (real + i imag)(cos + i sin) as (real, imag) * cos + (imag, real) *
+    # (-sin, sin): the same fp32 operations as writing both parts out, but with the stack on
+    # the small `freqs` only, so Inductor fuses it all into one kernel with the q/k norm (a
+    # stack of the two results made it write an fp32 copy of q and k first).
+    signed_sin = torch.stack((-sin, sin), dim=-1)
+    return (pairs * cos.unsqueeze(-1) + pairs.flip(-1) * signed_sin).flatten(-2).type_as(x)

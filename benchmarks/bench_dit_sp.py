@@ -59,6 +59,7 @@ from fastvideo.distributed import (
     initialize_model_parallel,
 )
 from fastvideo.fastvideo_args import parse_dtype
+from fastvideo.models.compile import compile_repeated_blocks
 
 Forward = Callable[[], torch.Tensor]
 
@@ -86,6 +87,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--high-priority-pass", action="store_true",
                         help="time ours again with the sp groups on high-priority NCCL streams "
                              "(TORCH_NCCL_HIGH_PRIORITY=1), suffix _hp")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time our model with its blocks compiled, as the engine's "
+                             "enable_torch_compile does, as ours_compiled")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json-out", type=Path, help="write the results as JSON here (rank 0)")
@@ -319,7 +323,8 @@ def param_gib(model: nn.Module) -> float:
 def bench_sp_size(sp_size: int, args: argparse.Namespace, config: dict[str, Any],
                   reference: nn.Module, ours: nn.Module, inputs: dict[str, torch.Tensor],
                   device: torch.device, last: bool, high_priority: bool = False,
-                  ours_sp1_out: torch.Tensor | None = None
+                  ours_sp1_out: torch.Tensor | None = None,
+                  ours_compiled: nn.Module | None = None
                   ) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor]:
     """Time ours (each variant) and diffusers at one sp size; returns the results and the
     outputs of diffusers (None where it did not run) and ours. With `high_priority` only ours
@@ -332,6 +337,8 @@ def bench_sp_size(sp_size: int, args: argparse.Namespace, config: dict[str, Any]
                             Variant(layer.num_chunks, layer.num_query_chunks))
     runs: dict[str, Forward] = {name: ours_forward(ours, inputs, variant)
                                 for name, variant in variants.items()}
+    if ours_compiled is not None and not high_priority:
+        runs["ours_compiled"] = lambda: ours_compiled(**inputs)
     diffusers_model = None
     if sp_size == 1 and not high_priority:
         diffusers_model = reference
@@ -362,6 +369,9 @@ def bench_sp_size(sp_size: int, args: argparse.Namespace, config: dict[str, Any]
             max_abs_diff(outputs["ours"], outputs["diffusers"]) if "diffusers" in outputs
             else None),
     }
+    if "ours_compiled" in outputs:  # Inductor's fused bf16 element-wise rounds differently
+        result["max_abs_diff_compiled_vs_ours_same_sp"] = max_abs_diff(
+            outputs["ours_compiled"], outputs["ours"])
     if ours_sp1_out is not None:
         result["max_abs_diff_vs_ours_sp1"] = {name: max_abs_diff(outputs[name], ours_sp1_out)
                                               for name in variants}
@@ -374,9 +384,12 @@ def summarise(results: dict[int, dict[str, Any]]) -> None:
     for sp_size, result in results.items():
         if base is None:
             continue
+        # Each run against itself at sp=1, a variant against plain `ours` (it has no sp=1).
+        base_name = {name: name if name in base["median_ms"] else name.split("_")[0]
+                     for name in result["median_ms"]}
         result["speedup_over_sp1"] = {
-            name: base["median_ms"][name.split("_")[0]] / ms
-            for name, ms in result["median_ms"].items() if name.split("_")[0] in base["median_ms"]}
+            name: base["median_ms"][base_name[name]] / ms
+            for name, ms in result["median_ms"].items() if base_name[name] in base["median_ms"]}
         result["scaling_efficiency"] = {name: s / sp_size
                                         for name, s in result["speedup_over_sp1"].items()}
 
@@ -400,13 +413,17 @@ def main() -> None:
     inputs = make_inputs(config, args, device, dtype)
     with torch.no_grad():
         broadcast_([*reference.parameters(), *ours.parameters(), *inputs.values()])
+    ours_compiled = None
+    if args.compile:
+        ours_compiled = copy.deepcopy(ours)
+        compile_repeated_blocks(ours_compiled)
 
     results: dict[int, dict[str, Any]] = {}
     reference_out = ours_sp1_out = None
     for sp_size in sp_sizes:
         result, diffusers_out, ours_out = bench_sp_size(
             sp_size, args, config, reference, ours, inputs, device, last=sp_size == sp_sizes[-1],
-            ours_sp1_out=ours_sp1_out)
+            ours_sp1_out=ours_sp1_out, ours_compiled=ours_compiled)
         if args.high_priority_pass and sp_size > 1 and device.type == "cuda":
             high, _, _ = bench_sp_size(sp_size, args, config, reference, ours, inputs, device,
                                        last=False, high_priority=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -58,7 +59,7 @@ class FastVideoArgs:
     """Compile the DiT's repeated blocks with `torch.compile` (one compile per video shape)."""
     sta_config: str | None = None
     """JSON of sliding tile attention windows (`python -m fastvideo.attention.sta_search`);
-    used where the SLIDING_TILE_ATTN backend runs."""
+    setting it selects the SLIDING_TILE_ATTN backend when `attention_backend` is unset."""
 
     def __post_init__(self) -> None:
         if self.num_gpus < 1:
@@ -71,6 +72,16 @@ class FastVideoArgs:
             raise ValueError(
                 f"num_gpus={self.num_gpus} must be a multiple of sp_size x tp_size "
                 f"({self.sp_size} x {self.tp_size})")
+        if self.sta_config is not None:
+            # A window config asks for sliding tile attention; any other backend would ignore it.
+            if self.attention_backend is None:
+                self.attention_backend = "SLIDING_TILE_ATTN"
+            elif self.attention_backend.upper() != "SLIDING_TILE_ATTN":
+                raise ValueError(f"sta_config is used by the SLIDING_TILE_ATTN backend only, but "
+                                 f"attention_backend={self.attention_backend!r}; drop one of them")
+            if not Path(self.sta_config).is_file():
+                raise ValueError(f"sta_config {self.sta_config!r} is not a file (write one with "
+                                 "python -m fastvideo.attention.sta_search)")
         if self.dtype is None:
             self.dtype = "float32" if self.device == "cpu" else "bfloat16"
         parse_dtype(self.dtype)

@@ -39,7 +39,13 @@ def _build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--num-gpus", type=int, default=1)
     engine.add_argument("--sp-size", type=int, default=None)
     engine.add_argument("--tp-size", type=int, default=1)
-    engine.add_argument("--attention-backend", default=None)
+    engine.add_argument("--attention-backend", default=None,
+                        help="TORCH_SDPA, FLASH_ATTN or SLIDING_TILE_ATTN (default: per layer)")
+    engine.add_argument("--sta-config", default=None,
+                        help="sliding tile attention windows (JSON from "
+                             "python -m fastvideo.attention.sta_search); selects that backend")
+    engine.add_argument("--enable-torch-compile", action="store_true", default=None,
+                        help="compile the DiT's blocks (first video of each shape is slower)")
 
     tiny = sub.add_parser("make-tiny-model",
                           help="write a tiny random-weight Wan2.1 T2V checkpoint (Diffusers format)")

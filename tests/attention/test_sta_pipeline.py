@@ -9,6 +9,9 @@ import torch
 
 from fastvideo import VideoGenerator
 from fastvideo.attention.sta_config import STAConfig
+from fastvideo.entrypoints.cli import _build_parser
+from fastvideo.entrypoints.cli import main as cli_main
+from fastvideo.fastvideo_args import FastVideoArgs
 
 # 32x48 pixels, 5 frames -> latent (3, 8, 12) -> token grid (3, 4, 6) with patch (1, 2, 2).
 REQUEST = dict(prompt="a cat walks across a sunny garden", height=32, width=48, num_frames=5,
@@ -44,3 +47,35 @@ def test_small_window_changes_the_result_after_the_full_steps(tiny_wan_path: Pat
     all_full = _generate(tiny_wan_path, tmp_path, STAConfig(
         tile_size=(1, 2, 2), default_window=(1, 1, 1), num_full_steps=REQUEST["num_inference_steps"]))
     torch.testing.assert_close(all_full.latents, dense.latents, rtol=0, atol=1e-5)
+
+
+def test_sta_config_alone_selects_sliding_tile(tiny_wan_path: Path, tmp_path: Path) -> None:
+    config = STAConfig(tile_size=(1, 2, 2), default_window=(1, 1, 1))
+    path = str(config.save(tmp_path / "sta.json"))
+    args = FastVideoArgs(model_path=str(tiny_wan_path), device="cpu", sta_config=path)
+    assert args.attention_backend == "SLIDING_TILE_ATTN"
+    implicit = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu",
+                                              sta_config=path).generate_video(**REQUEST)
+    explicit = _generate(tiny_wan_path, tmp_path, config)
+    torch.testing.assert_close(implicit.latents, explicit.latents, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="used by the SLIDING_TILE_ATTN backend only, but "
+                                         "attention_backend='TORCH_SDPA'"):
+        FastVideoArgs(model_path=str(tiny_wan_path), attention_backend="TORCH_SDPA",
+                      sta_config=path)
+    with pytest.raises(ValueError, match="missing.json' is not a file"):
+        FastVideoArgs(model_path=str(tiny_wan_path), sta_config=str(tmp_path / "missing.json"))
+
+
+def test_command_line_engine_options(tiny_wan_path: Path, tmp_path: Path) -> None:
+    """`fastvideo generate` takes the STA config and the compile switch."""
+    path = STAConfig(tile_size=(1, 2, 2), default_window=(3, 2, 3)).save(tmp_path / "sta.json")
+    args = _build_parser().parse_args([
+        "generate", "--model-path", str(tiny_wan_path), "--prompt", REQUEST["prompt"],
+        "--output-path", str(tmp_path), "--sta-config", str(path), "--enable-torch-compile"])
+    assert (args.sta_config, args.enable_torch_compile) == (str(path), True)
+    assert cli_main(["generate", "--model-path", str(tiny_wan_path), "--prompt",
+                     REQUEST["prompt"], "--output-path", str(tmp_path / "videos"),
+                     "--device", "cpu", "--sta-config", str(path), "--height", "32",
+                     "--width", "48", "--num-frames", "5", "--num-inference-steps", "3",
+                     "--seed", "5"]) == 0
+    assert len(list((tmp_path / "videos").glob("*.mp4"))) == 1

@@ -10,6 +10,7 @@ from rank_launcher import assert_max_abs_diff, run_on_ranks
 
 from fastvideo.attention import DistributedAttention
 from fastvideo.attention.layer import HeadExchange
+from fastvideo.models.compile import compile_repeated_blocks
 from fastvideo.models.dits.wanvideo import WanTransformer3DModel
 from tests.parity.test_wan_dit import TINY_CONFIG
 
@@ -58,3 +59,31 @@ def test_sp2_equals_sp1(latent_shape: tuple[int, ...], num_query_chunks: int) ->
         expected = model(**inputs)
     run_on_ranks(_check_sp_equals_one_process, model.state_dict(), inputs, expected,
                  num_query_chunks, sp_size=2)
+
+
+def _check_compiled_sp(state: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
+                       expected: torch.Tensor) -> None:
+    model = WanTransformer3DModel(**TINY_CONFIG).eval()
+    model.load_state_dict(state)
+    assert compile_repeated_blocks(model) == TINY_CONFIG["num_layers"]
+    with torch.no_grad():
+        for _ in range(2):  # the second call runs the compiled code without recompiling
+            assert_max_abs_diff(model(**inputs), expected, TOL)
+
+
+def test_compiled_blocks_under_sp2_equal_sp1() -> None:
+    """`enable_torch_compile` with `num_gpus=2`: the all-to-alls split the compiled graphs."""
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**TINY_CONFIG).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.2)
+    generator = torch.Generator().manual_seed(1)
+    inputs = {"hidden_states": torch.randn((1, 4, 3, 6, 2), generator=generator),  # padded
+              "encoder_hidden_states": torch.randn(1, 7, TINY_CONFIG["text_dim"],
+                                                   generator=generator),
+              "timestep": torch.tensor([999.0])}
+    with torch.no_grad():
+        expected = model(**inputs)
+    run_on_ranks(_check_compiled_sp, model.state_dict(), inputs, expected, sp_size=2,
+                 timeout_s=240)

@@ -239,8 +239,11 @@ def _compiled(fn: Callable) -> Callable:
 
 
 # Hopper's bulk tensor copies (TMA) for the kernel's loads: 4-5% faster on an H100 at Wan
-# 480p; Inductor turns it off by itself where the device or layout can't use it.
-_CUDA_KERNEL_OPTIONS = {"USE_TMA": True}
+# 480p; Inductor turns it off by itself where the device or layout can't use it. Measured
+# with torch 2.11; older releases get their defaults.
+_CUDA_KERNEL_OPTIONS = ({"USE_TMA": True}
+                        if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 11)
+                        else {})
 
 
 def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask,

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bench_dit import time_once  # the script's folder is on sys.path
+from bench_dit import parse_tile, time_once  # the script's folder is on sys.path
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
@@ -37,7 +37,7 @@ from fastvideo.attention.backends.sliding_tile import (
     sta_block_density,
     sta_mask_mod,
 )
-from fastvideo.attention.sta_config import Window, choose_tile_size
+from fastvideo.attention.sta_config import Window, resolve_tile_size
 from fastvideo.fastvideo_args import parse_dtype
 
 SDPA_KERNELS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
@@ -48,10 +48,6 @@ def _window(text: str) -> Window:
     return tuple(int(v) for v in text.split(","))
 
 
-def _tile(text: str) -> Window | str:
-    return text if text == "auto" else _window(text)
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", type=int, nargs=3, default=[21, 30, 52],
@@ -60,7 +56,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tile-size", type=_tile, default=(2, 8, 8),
+    parser.add_argument("--tile-size", type=parse_tile, default=(2, 8, 8),
                         help="t,h,w or auto (choose_tile_size: (3, 6, 7) at 480p)")
     parser.add_argument("--windows", type=_window, nargs="+", default=[(5, 3, 5), (3, 3, 4)],
                         help="STA windows in tiles; defaults give 24%% and 12%% of the tile "
@@ -76,8 +72,7 @@ def parse_args() -> argparse.Namespace:
                         help="tiny fp32 shapes on CPU, eager: checks the script runs")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
-    if args.tile_size == "auto":
-        args.tile_size = choose_tile_size(tuple(args.grid))
+    args.tile_size = resolve_tile_size(args.tile_size, tuple(args.grid))
     if args.smoke:
         args.grid, args.heads, args.head_dim, args.dtype = [4, 6, 10], 2, 16, "fp32"
         args.device, args.tile_size, args.windows = "cpu", (2, 2, 4), [(1, 2, 2), (1, 1, 1)]

@@ -43,6 +43,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
 VAE_SPATIAL, VAE_TEMPORAL = 8, 4
 
 
+def parse_tile(text: str) -> tuple[int, ...] | str:
+    """A `--*-tile` option: "auto" or t,h,w."""
+    return text if text == "auto" else tuple(int(v) for v in text.split(","))
+
+
 def add_workload_args(parser: argparse.ArgumentParser) -> None:
     """The model config, video size and dtype options (shared with bench_dit_sp.py)."""
     parser.add_argument("--config", choices=sorted(CONFIGS), default="1.3b")
@@ -64,7 +69,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sta-windows", nargs="*", default=[],
                         help="also time sliding tile attention with these (t,h,w) tile windows, "
                              "e.g. 5,3,5 3,3,4 (on our compiled model with --compile)")
-    parser.add_argument("--sta-tile", default="auto",
+    parser.add_argument("--sta-tile", type=parse_tile, default="auto",
                         help="STA tile size t,h,w, or auto (choose_tile_size: (3, 6, 7) at 480p)")
     parser.add_argument("--json-out", type=Path, help="write the results as JSON here")
     return parser.parse_args()
@@ -142,13 +147,12 @@ def time_sta(model: nn.Module, inputs: dict[str, torch.Tensor], args: argparse.N
         sta_block_density,
     )
     from fastvideo.attention.layer import request_attention_backend
-    from fastvideo.attention.sta_config import STAConfig, choose_tile_size
+    from fastvideo.attention.sta_config import STAConfig, resolve_tile_size
     from fastvideo.attention.sta_context import sta_context
 
     latent = inputs["hidden_states"].shape[2:]
     grid = (latent[0], latent[1] // 2, latent[2] // 2)
-    tile = (choose_tile_size(grid) if args.sta_tile == "auto"
-            else tuple(int(v) for v in args.sta_tile.split(",")))
+    tile = resolve_tile_size(args.sta_tile, grid)
     layout = TileLayout(grid, tile, block_size=block_size_for(math.prod(tile), device))
     padding = layout.num_tiled_video_tokens / layout.num_video_tokens
     request_attention_backend(model, "SLIDING_TILE_ATTN")

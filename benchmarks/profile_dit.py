@@ -14,10 +14,17 @@ import argparse
 import json
 import re
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from bench_dit import CONFIGS, add_workload_args, make_inputs, time_once  # script's folder
+from bench_dit import (  # the script's folder is on sys.path
+    CONFIGS,
+    add_workload_args,
+    make_inputs,
+    parse_tile,
+    time_once,
+)
 from torch.profiler import ProfilerActivity, profile
 
 from fastvideo.fastvideo_args import parse_dtype
@@ -45,7 +52,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="compile the blocks")
     parser.add_argument("--compile-mode", default=None)
     parser.add_argument("--sta-window", default=None, help="STA window t,h,w (default dense)")
-    parser.add_argument("--sta-tile", default="auto")
+    parser.add_argument("--sta-tile", type=parse_tile, default="auto")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
@@ -63,19 +70,15 @@ def main() -> None:
         compile_repeated_blocks(model, mode=args.compile_mode)
     inputs = make_inputs(config, args, device, dtype)
 
-    from contextlib import nullcontext
-
     context = nullcontext()
     if args.sta_window:
         from fastvideo.attention.layer import request_attention_backend
         from fastvideo.attention.sta_config import STAConfig
         from fastvideo.attention.sta_context import sta_context
 
-        tile = args.sta_tile if args.sta_tile == "auto" else tuple(
-            int(v) for v in args.sta_tile.split(","))
         window = tuple(int(v) for v in args.sta_window.split(","))
         request_attention_backend(model, "SLIDING_TILE_ATTN")
-        context = sta_context(config=STAConfig(tile_size=tile, default_window=window), step=0)
+        context = sta_context(config=STAConfig(tile_size=args.sta_tile, default_window=window), step=0)
 
     with torch.inference_mode(), context:
         for _ in range(3):

@@ -14,6 +14,7 @@ JSON form (`save` / `load`), `windows` keyed by step, then a list over layers, t
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ class STAConfig:
 
     def tile_for(self, grid: Window) -> Window:
         """The tile size used on latent `grid`."""
-        return choose_tile_size(grid) if self.tile_size == "auto" else self.tile_size
+        return resolve_tile_size(self.tile_size, grid)
 
     def head_windows(self, step: int, layer: int | None, num_heads: int) -> LayerWindows | None:
         """The window of each of the `num_heads` heads of `layer` at `step`; `None` when every
@@ -146,12 +147,25 @@ KERNEL_BLOCK = 128
 """Tokens per query/key block of the GPU FlexAttention kernel: one tile per block."""
 
 
+def resolve_tile_size(tile_size: Window | str, grid: Window) -> Window:
+    """`tile_size` as three ints: "auto" becomes `choose_tile_size(grid)`."""
+    if tile_size == "auto":
+        return choose_tile_size(grid)
+    return parse_window(tile_size, "tile_size")
+
+
 def choose_tile_size(grid: Window, block: int = KERNEL_BLOCK) -> Window:
     """The tile for latent `grid` that pads it least once every tile fills a `block`-token
     block, among compact tiles: at most `block` positions, at least 4 tiles along each axis
     (fewer only where the axis is shorter), height and width within 2x of each other, no
-    longer in time than in space. Ties go to the most cube-like, then the larger tile."""
-    grid = parse_window(tuple(grid), "grid")
+    longer in time than in space. Ties go to the most cube-like, then the larger tile.
+
+    Cached: attention asks at every layer and step, and the search takes milliseconds."""
+    return _choose_tile_size(parse_window(tuple(grid), "grid"), block)
+
+
+@functools.lru_cache(maxsize=64)
+def _choose_tile_size(grid: Window, block: int) -> Window:
     best: tuple[tuple[float, ...], Window] | None = None
     for t in range(1, min(grid[0], block) + 1):
         for h in range(1, min(grid[1], block // t) + 1):

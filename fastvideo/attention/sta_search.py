@@ -35,7 +35,7 @@ from fastvideo.attention.backends.sliding_tile import (
     sta_block_density,
 )
 from fastvideo.attention.layer import DistributedAttention
-from fastvideo.attention.sta_config import STAConfig, Window, choose_tile_size, parse_window
+from fastvideo.attention.sta_config import STAConfig, Window, parse_window, resolve_tile_size
 from fastvideo.distributed.parallel_state import get_sp_world_size
 
 
@@ -60,8 +60,7 @@ class _Calibration:
         if self.grid is not None and grid != self.grid:
             raise ValueError(f"calibrate on one latent shape: saw grid {self.grid}, then {grid}")
         self.grid = grid
-        if self.tile_size == "auto":
-            self.tile_size = choose_tile_size(grid)
+        self.tile_size = resolve_tile_size(self.tile_size, grid)
         self.step = self.timesteps.setdefault(float(timestep.flatten()[0]), len(self.timesteps))
 
     @torch.no_grad()

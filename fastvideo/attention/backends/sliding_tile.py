@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from fastvideo.attention.backends.abstract import AttentionBackend, AttentionImpl, _Backend
-from fastvideo.attention.sta_config import KERNEL_BLOCK, Window, choose_tile_size, parse_window
+from fastvideo.attention.sta_config import KERNEL_BLOCK, Window, parse_window, resolve_tile_size
 from fastvideo.attention.sta_context import current_sta_context
 from fastvideo.distributed.parallel_state import get_sp_rank
 
@@ -225,8 +225,7 @@ def sta_block_density(grid: Grid, tile_size: Window | str,
     """Fraction of (query tile, key tile) pairs of the video that STA computes, averaged over
     heads: the compute of STA relative to dense attention on the tiled grid (padding makes
     the work relative to dense attention on the real tokens larger: see `TileLayout`)."""
-    tile_size = choose_tile_size(grid) if tile_size == "auto" else tile_size
-    tile_grid = TileLayout(grid, tile_size).tile_grid
+    tile_grid = TileLayout(grid, resolve_tile_size(tile_size, grid)).tile_grid
     per_head = [windows] if isinstance(windows[0], int) else windows
     return sum(math.prod(w / n for w, n in zip(clamp_window(parse_window(window, "window"),
                                                             tile_grid), tile_grid))
@@ -241,9 +240,7 @@ def _compiled(fn: Callable) -> Callable:
 # Hopper's bulk tensor copies (TMA) for the kernel's loads: 4-5% faster on an H100 at Wan
 # 480p; Inductor turns it off by itself where the device or layout can't use it. Measured
 # with torch 2.11; older releases get their defaults.
-_CUDA_KERNEL_OPTIONS = ({"USE_TMA": True}
-                        if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 11)
-                        else {})
+_CUDA_KERNEL_OPTIONS = {"USE_TMA": True} if torch.__version__ >= "2.11" else {}
 
 
 def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask,
@@ -273,8 +270,7 @@ def sliding_tile_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     """STA on `[B, S, H, D]` tensors, `S = T * H' * W' + num_text_tokens` (video first, in
     grid order); `windows` is one window for all heads or one per head of the input.
     `tile_size` "auto": `choose_tile_size(grid)`; `block_size` None: `block_size_for`."""
-    tile_size = choose_tile_size(grid) if tile_size == "auto" else parse_window(tile_size,
-                                                                               "tile_size")
+    tile_size = resolve_tile_size(tile_size, grid)
     if block_size is None:
         block_size = block_size_for(math.prod(tile_size), query.device)
     per_head = (parse_window(windows, "window"),) if isinstance(windows[0], int) else tuple(

@@ -34,7 +34,7 @@ from fastvideo.entrypoints.denoise_worker import (
 from fastvideo.entrypoints.video_generator import build_pipeline_for_stages
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
-from fastvideo.storage import open_store, read_checkpoint, write_checkpoint
+from fastvideo.storage import CheckpointRef, open_store, read_checkpoint, write_checkpoint
 from fastvideo.testing.tiny_wan import make_tiny_wan
 
 PREPARE = ("input_validation_stage", "text_encoding_stage", "timestep_preparation_stage",
@@ -43,12 +43,12 @@ PROMPTS = ("a red fox running through fresh snow", "a paper boat on a rainy stre
 SAMPLING = dict(height=64, width=96, num_frames=9, num_inference_steps=8, guidance_scale=5.0)
 
 
-def write_inputs(path: Path, store_uri: str, device: str, dtype: str) -> list[DenoiseItem]:
-    """Each prompt's denoise input as one checkpoint; the items of a job that uses them."""
+def write_inputs(path: Path, store_uri: str, device: str, dtype: str) -> list[CheckpointRef]:
+    """Each prompt's denoise input, as one checkpoint."""
     args = FastVideoArgs(model_path=str(path), device=device, dtype=dtype)
     pipeline = build_pipeline_for_stages(args, PREPARE)
     store = open_store(store_uri)
-    items = []
+    refs = []
     for index, prompt in enumerate(PROMPTS):
         batch = ForwardBatch(prompt=[prompt], negative_prompt=["blurry"], seed=index,
                              request_id=f"item{index}", **SAMPLING)
@@ -57,16 +57,14 @@ def write_inputs(path: Path, store_uri: str, device: str, dtype: str) -> list[De
                 batch = pipeline.get_stage(name)(batch, args)
         fields = (*ForwardBatch.request_field_names(), "prompt_embeds", "negative_prompt_embeds",
                   "timesteps", "latents", "step_index")
-        ref = write_checkpoint(store, f"inputs/item{index}", batch, fields)
-        items.append(DenoiseItem(f"item{index}", (ref,), f"OUT/item{index}",
-                                 f"PROGRESS/item{index}"))
-    return items
+        refs.append(write_checkpoint(store, f"inputs/item{index}", batch, fields))
+    return refs
 
 
-def with_prefix(items: list[DenoiseItem], prefix: str) -> tuple[DenoiseItem, ...]:
-    return tuple(DenoiseItem(i.item_id, i.inputs, i.output_key.replace("OUT", f"{prefix}/out"),
-                             i.progress_key.replace("PROGRESS", f"{prefix}/progress"))
-                 for i in items)
+def job_items(refs: list[CheckpointRef], run: str) -> tuple[DenoiseItem, ...]:
+    """One item per input, its output and progress under `run/`."""
+    return tuple(DenoiseItem(f"item{i}", (ref,), f"{run}/out/item{i}", f"{run}/progress/item{i}")
+                 for i, ref in enumerate(refs))
 
 
 def latents_of(store_uri: str, outcomes: list[DenoiseOutcome]) -> dict[str, torch.Tensor]:
@@ -90,17 +88,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_wan(Path(tmp) / "tiny-wan")
         store_uri = str(Path(tmp) / "store")
-        items = write_inputs(path, store_uri, args.device, dtype)
+        refs = write_inputs(path, store_uri, args.device, dtype)
 
         job = DenoiseJob(model_path=str(path), store_uri=store_uri,
-                         items=with_prefix(items, "inprocess"), checkpoint_every=3,
+                         items=job_items(refs, "inprocess"), checkpoint_every=3,
                          device=args.device, dtype=dtype)
         start = time.perf_counter()
         expected = latents_of(store_uri, run_denoise_job(job))
         result["inprocess_s"] = time.perf_counter() - start
 
         job = DenoiseJob(model_path=str(path), store_uri=store_uri,
-                         items=with_prefix(items, "torchrun"), checkpoint_every=3,
+                         items=job_items(refs, "torchrun"), checkpoint_every=3,
                          device=args.device, dtype=dtype)
         open_store(store_uri).put_bytes("jobs/job.json", job.to_json())
         start = time.perf_counter()

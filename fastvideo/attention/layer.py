@@ -16,7 +16,11 @@ from torch import nn
 
 from fastvideo.attention.backends.abstract import AttentionBackend, AttentionImpl, _Backend
 from fastvideo.attention.selector import backend_from_name, get_attn_backend
-from fastvideo.distributed.parallel_state import get_sp_group, get_sp_world_size
+from fastvideo.distributed.parallel_state import (
+    GroupCoordinator,
+    get_sp_group,
+    get_sp_world_size,
+)
 
 # Backends that treat every head and every query alike, so heads and queries may be attended
 # in any grouping and the all-to-all can be pipelined over head or query chunks. Sliding tile
@@ -215,8 +219,7 @@ class DistributedAttention(_AttentionLayer):
                              "between scatter_heads and forward")
         impl, backend = self._sp_impl(exchanges[0].buffer, num_ranks)
         num_query_chunks = self._query_chunks_for(impl, backend)
-        return _ulysses_attention(impl, exchanges, valid_len, num_query_chunks,
-                                  get_sp_group().device_group)
+        return _ulysses_attention(impl, exchanges, valid_len, num_query_chunks, get_sp_group())
 
     def _scatter(self, tensors: Sequence[torch.Tensor]) -> list[HeadExchange]:
         """Start the input all-to-alls of `tensors`, all head chunk 0 first, then chunk 1...:
@@ -228,7 +231,7 @@ class DistributedAttention(_AttentionLayer):
         check_heads_divide(tensors[0].shape[2], num_ranks)
         impl, backend = self._sp_impl(tensors[0], num_ranks)
         num_chunks = self._chunks_for(impl, backend, tensors[0].shape[2] // num_ranks)
-        group = get_sp_group().device_group
+        group = get_sp_group()
         parts: list[list[tuple[torch.Tensor, dist.Work]]] = [[] for _ in tensors]
         for chunk in range(num_chunks):
             for x, sent in zip(tensors, parts):
@@ -303,18 +306,19 @@ def _attend_valid(impl: AttentionImpl, q: torch.Tensor, k: torch.Tensor, v: torc
 
 def _heads_to_ranks(x: torch.Tensor, num_ranks: int, num_chunks: int,
                     chunk: int) -> torch.Tensor:
-    """`[B, S/P, H, D]` -> head chunk `chunk` as `[P, B, S/P, h, D]`, block j holding rank j's
-    heads: the one copy of an input on its way out."""
+    """`[B, S/P, H, D]` -> head chunk `chunk` as a `[P, B, S/P, h, D]` view, block j holding
+    rank j's heads; the exchange copies it into its send buffer, the one copy on the way out."""
     batch, local_len, num_heads, head_size = x.shape
     split = x.reshape(batch, local_len, num_ranks, num_chunks,
                       num_heads // num_ranks // num_chunks, head_size)
-    return split[:, :, :, chunk].permute(2, 0, 1, 3, 4).contiguous()
+    return split[:, :, :, chunk].permute(2, 0, 1, 3, 4)
 
 
-def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> tuple[torch.Tensor, dist.Work]:
-    """Start exchanging blocks `x[j]` with rank j; returns the receive buffer and its handle."""
-    out = torch.empty_like(x)
-    return out, dist.all_to_all_single(out, x, group=group, async_op=True)
+@torch.compiler.disable  # streams, events and async collectives: kept out of graphs
+def _all_to_all(x: torch.Tensor, group: GroupCoordinator) -> tuple[torch.Tensor, dist.Work]:
+    """Start exchanging blocks `x[j]` (any strides) with rank j; returns the receive buffer
+    and its handle."""
+    return group.start_all_to_all(x)
 
 
 def _full_sequence(buffer: torch.Tensor) -> torch.Tensor:
@@ -326,9 +330,9 @@ def _full_sequence(buffer: torch.Tensor) -> torch.Tensor:
 
 def _ulysses_attention(impl: AttentionImpl, inputs: Sequence[HeadExchange],
                        valid_len: int | None, num_query_chunks: int,
-                       group: dist.ProcessGroup) -> torch.Tensor:
+                       group: GroupCoordinator) -> torch.Tensor:
     q, k, v = inputs
-    num_ranks = dist.get_world_size(group)
+    num_ranks = group.world_size
     batch, local_len, num_heads, head_size = q.local_shape
     num_chunks = q.num_head_chunks
     heads = num_heads // num_ranks // num_chunks
@@ -351,7 +355,7 @@ def _ulysses_attention(impl: AttentionImpl, inputs: Sequence[HeadExchange],
             out = _attend_rows(impl, query, key, value, valid_rows)
             # [B, P * rows, h, D] -> [P, B, rows, h, D]: block j goes back to rank j.
             send = out.reshape(batch, num_ranks, rows, heads, head_size).transpose(0, 1)
-            pending.append((chunk, start, end, _all_to_all(send.contiguous(), group)))
+            pending.append((chunk, start, end, _all_to_all(send, group)))
 
     # Waited for only now: each output exchange overlaps the attention queued after it.
     result = q.buffer.new_empty(batch, local_len, num_ranks, num_chunks, heads, head_size)

@@ -5,8 +5,6 @@
         --width 1280 --sp-sizes 4 --iters 2 --warmup 1 --json-out sp14b.json
     torchrun --nproc-per-node 4 benchmarks/bench_dit_sp.py --sp-sizes 1,2,4 \
         --query-chunks 1,2 --serial-inputs --profile --json-out sp_overlap.json
-    torchrun --nproc-per-node 4 benchmarks/bench_dit_sp.py --sp-sizes 1,2,4 --compile \
-        --copy-engine --json-out sp_ce.json     # all-to-alls on copy engines as well as NCCL
     torchrun --nproc-per-node 2 benchmarks/bench_dit_sp.py --config tiny --device cpu \
         --dtype fp32 --height 64 --width 64 --frames 9 --text-len 16    # CPU smoke test (gloo)
 
@@ -20,8 +18,7 @@ rank's (CUDA events on GPU, wall clock on CPU); the median over iterations is re
 
 Our variants at sp > 1: `ours` (the layers' defaults), `ours_chunksN` (N head chunks),
 `ours_qchunksN` (N query chunks), `ours_serial` (the input all-to-alls started together after
-all projections, as before they overlapped them, with one query chunk), `ours_ce` (the
-all-to-alls on the GPUs' copy engines). `--profile` then
+all projections, as before they overlapped them, with one query chunk). `--profile` then
 runs each variant under torch.profiler and prints rank 0's kernel time per forward by kind,
 with the communication time during which no other kernel ran (exposed).
 """
@@ -93,9 +90,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="also time our model with its blocks compiled, as the engine's "
                              "enable_torch_compile does, as ours_compiled")
-    parser.add_argument("--copy-engine", action="store_true",
-                        help="also time ours (and ours_compiled) with the all-to-alls on the "
-                             "GPUs' copy engines instead of NCCL, suffix _ce")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json-out", type=Path, help="write the results as JSON here (rank 0)")
@@ -159,8 +153,6 @@ class Variant:
     overlap_inputs: bool = True
     """False: `scatter_heads` hands the tensor back, so `forward` starts all three inputs'
     exchanges together, after the projections."""
-    all_to_all: str = "collective"
-    """The sp group's `all_to_all_impl`: "collective" (NCCL) or "copy_engine"."""
 
 
 def _keep_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +160,6 @@ def _keep_tensor(x: torch.Tensor) -> torch.Tensor:
 
 
 def set_variant(layers: list[DistributedAttention], variant: Variant) -> None:
-    get_sp_group().all_to_all_impl = variant.all_to_all
     for layer in layers:
         layer.num_chunks = variant.num_chunks
         layer.num_query_chunks = variant.num_query_chunks
@@ -211,8 +202,6 @@ def our_variants(sp_size: int, args: argparse.Namespace, heads: int,
                             else "ours", Variant(default.num_chunks, count))
     if args.serial_inputs:
         variants["ours_serial"] = Variant(default.num_chunks, 1, overlap_inputs=False)
-    if args.copy_engine:
-        variants["ours_ce"] = dataclasses.replace(default, all_to_all="copy_engine")
     return variants
 
 
@@ -349,11 +338,7 @@ def bench_sp_size(sp_size: int, args: argparse.Namespace, config: dict[str, Any]
     runs: dict[str, Forward] = {name: ours_forward(ours, inputs, variant)
                                 for name, variant in variants.items()}
     if ours_compiled is not None and not high_priority:
-        compiled_variants = {"ours_compiled": variants["ours"]}
-        if "ours_ce" in variants:
-            compiled_variants["ours_compiled_ce"] = variants["ours_ce"]
-        for name, variant in compiled_variants.items():
-            runs[name] = ours_forward(ours_compiled, inputs, variant)
+        runs["ours_compiled"] = ours_forward(ours_compiled, inputs, variants["ours"])
     diffusers_model = None
     if sp_size == 1 and not high_priority:
         diffusers_model = reference
@@ -387,13 +372,20 @@ def bench_sp_size(sp_size: int, args: argparse.Namespace, config: dict[str, Any]
     if "ours_compiled" in outputs:  # Inductor's fused bf16 element-wise rounds differently
         result["max_abs_diff_compiled_vs_ours_same_sp"] = max_abs_diff(
             outputs["ours_compiled"], outputs["ours"])
-    if "ours_compiled_ce" in outputs:
-        result["max_abs_diff_compiled_ce_vs_compiled"] = max_abs_diff(
-            outputs["ours_compiled_ce"], outputs["ours_compiled"])
     if ours_sp1_out is not None:
         result["max_abs_diff_vs_ours_sp1"] = {name: max_abs_diff(outputs[name], ours_sp1_out)
                                               for name in variants}
     return result, outputs.get("diffusers"), outputs["ours"]
+
+
+def _base_run(name: str, runs_at_sp1: dict[str, float]) -> str:
+    """The sp=1 run `name` compares with: itself, else its longest prefix that ran at sp=1
+    (`ours_chunks2` -> `ours`, `ours_compiled_x` -> `ours_compiled`)."""
+    parts = name.split("_")
+    for end in range(len(parts), 0, -1):
+        if "_".join(parts[:end]) in runs_at_sp1:
+            return "_".join(parts[:end])
+    return name
 
 
 def summarise(results: dict[int, dict[str, Any]]) -> None:
@@ -403,8 +395,7 @@ def summarise(results: dict[int, dict[str, Any]]) -> None:
         if base is None:
             continue
         # Each run against itself at sp=1, a variant against plain `ours` (it has no sp=1).
-        base_name = {name: name if name in base["median_ms"] else name.split("_")[0]
-                     for name in result["median_ms"]}
+        base_name = {name: _base_run(name, base["median_ms"]) for name in result["median_ms"]}
         result["speedup_over_sp1"] = {
             name: base["median_ms"][base_name[name]] / ms
             for name, ms in result["median_ms"].items() if base_name[name] in base["median_ms"]}

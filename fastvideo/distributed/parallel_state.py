@@ -33,8 +33,6 @@ from torch.distributed import ProcessGroup
 
 from fastvideo.distributed.utils import divide
 
-ALL_TO_ALL_IMPLS = ("collective", "copy_engine")
-
 
 class GroupCoordinator:
     """The processes of one parallel axis (world, tp or sp), as seen from this rank.
@@ -59,33 +57,14 @@ class GroupCoordinator:
         assert self.ranks, f"rank {self.rank} belongs to no {name} group in {group_ranks}"
         self.world_size = len(self.ranks)
         self.rank_in_group = self.ranks.index(self.rank)
-        self._all_to_all_impl = "collective"
-        self._copy_engine = None
-
-    @property
-    def all_to_all_impl(self) -> str:
-        """How `start_all_to_all` moves data: "collective" (NCCL or gloo) or "copy_engine"
-        (CUDA copy engines over symmetric memory; see `copy_engine.py`)."""
-        return self._all_to_all_impl
-
-    @all_to_all_impl.setter
-    def all_to_all_impl(self, impl: str) -> None:
-        if impl not in ALL_TO_ALL_IMPLS:
-            raise ValueError(f"unknown all-to-all implementation {impl!r}; "
-                             f"choose one of {list(ALL_TO_ALL_IMPLS)}")
-        if impl == "copy_engine" and self.device.type != "cuda":
-            raise ValueError(f"all-to-all 'copy_engine' needs CUDA devices; the {self.name} "
-                             f"group runs on {self.device} ({self.backend}): use 'collective'")
-        self._all_to_all_impl = impl
 
     def start_all_to_all(self, x: torch.Tensor) -> tuple[torch.Tensor, dist.Work]:
         """Start sending block `x[j]` of `x` `[P, ...]` (any strides) to rank j; returns the
-        receive tensor (block j from rank j) and a handle to `wait()` on before reading it."""
-        if self._all_to_all_impl == "copy_engine" and self.world_size > 1:
-            if self._copy_engine is None:
-                from fastvideo.distributed.copy_engine import CopyEngineAllToAll
-                self._copy_engine = CopyEngineAllToAll(self.device_group, self.device)
-            return self._copy_engine.start(x)
+        receive tensor (block j from rank j) and a handle to `wait()` on before reading it.
+
+        NCCL runs it on its own stream, so the caller's stream computes on meanwhile. (An
+        all-to-all on the copy engines over symmetric memory, which leaves the SMs to
+        compute, measured no faster on 4 H100s: benchmarks/RESULTS.md.)"""
         x = x.contiguous()
         out = torch.empty_like(x)
         return out, dist.all_to_all_single(out, x, group=self.device_group, async_op=True)

@@ -100,28 +100,35 @@ class HeadExchange:
     only when the attention needs it.
     """
 
-    __slots__ = ("local_shape", "_parts")
+    __slots__ = ("local_shape", "batch_bounds", "_parts")
 
-    def __init__(self, local_shape: torch.Size,
+    def __init__(self, local_shape: torch.Size, batch_bounds: Sequence[int],
                  parts: list[tuple[torch.Tensor, dist.Work]]) -> None:
         self.local_shape = local_shape
         """`[B, S_local, H, D]` of the tensor sent."""
+        self.batch_bounds = tuple(batch_bounds)
+        """Micro-batch m is batch items `[bounds[m], bounds[m + 1])`."""
         self._parts = parts
-        """Per head chunk: the receive buffer `[P, B, S_local, h, D]` (block j from rank j)
-        and its collective's handle."""
+        """Per micro-batch, then per head chunk: the receive buffer `[P, b, S_local, h, D]`
+        (block j from rank j) and its collective's handle."""
+
+    @property
+    def num_micro_batches(self) -> int:
+        return len(self.batch_bounds) - 1
 
     @property
     def num_head_chunks(self) -> int:
-        return len(self._parts)
+        return len(self._parts) // self.num_micro_batches
 
     @property
     def buffer(self) -> torch.Tensor:
         """The first receive buffer, without waiting (for its dtype and device)."""
         return self._parts[0][0]
 
-    def received(self, chunk: int) -> torch.Tensor:
-        """Head chunk `chunk`'s receive buffer, once it has arrived."""
-        buffer, work = self._parts[chunk]
+    def received(self, part: int) -> torch.Tensor:
+        """Part `part`'s receive buffer (micro-batch `part // num_head_chunks`, head chunk
+        `part % num_head_chunks`), once it has arrived."""
+        buffer, work = self._parts[part]
         work.wait()
         return buffer
 
@@ -145,6 +152,9 @@ class DistributedAttention(_AttentionLayer):
       the output of the previous is on its way back.
     - `num_chunks` > 1: the heads go through in groups; while the backend attends one, the
       inputs of the next groups and the output of the previous are in flight.
+    - `num_micro_batches` > 1 (the default, for batches of several items, e.g. the
+      conditional and unconditional inputs of classifier-free guidance): the same over
+      groups of batch items, which keeps every kernel as large as for one item.
 
     A sequence the model padded to a multiple of P tokens is cut back to its `valid_len`
     tokens once gathered, so padded keys are never attended and the backend runs unmasked.
@@ -154,7 +164,7 @@ class DistributedAttention(_AttentionLayer):
                  causal: bool = False,
                  supported_attention_backends: Sequence[_Backend] = (_Backend.TORCH_SDPA,),
                  num_chunks: int = 1, layer_idx: int | None = None,
-                 num_query_chunks: int = 1) -> None:
+                 num_query_chunks: int = 1, num_micro_batches: int = 2) -> None:
         super().__init__(num_heads, head_size, softmax_scale, causal,
                          supported_attention_backends, layer_idx)
         self.num_chunks = num_chunks
@@ -170,12 +180,17 @@ class DistributedAttention(_AttentionLayer):
         backends chunk; others get one. 1 by default (no overlap): on 4 H100s (Wan 1.3B
         480p, bench_dit_sp.py) 2 chunks hid half the exposed output exchange but slowed the
         other kernels more (sp=2 340.2 against 337.7 ms, sp=4 177.7 against 176.4)."""
+        self.num_micro_batches = num_micro_batches
+        """Groups of batch items to pipeline the all-to-alls over (capped at the batch
+        size): the exchanges of one group run while the backend attends another."""
         check_heads_divide(num_heads, get_sp_world_size())
         _check_query_chunks(num_query_chunks)
+        _check_micro_batches(num_micro_batches)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, num_chunks={self.num_chunks}, "
-                f"num_query_chunks={self.num_query_chunks}")
+                f"num_query_chunks={self.num_query_chunks}, "
+                f"num_micro_batches={self.num_micro_batches}")
 
     def scatter_heads(self, x: torch.Tensor) -> AttentionInput:
         """Start sending `x` `[B, S_local, H, D]` (this rank's block of the sequence) to the
@@ -213,10 +228,11 @@ class DistributedAttention(_AttentionLayer):
         # Tensors not yet sent go out together, head chunk by head chunk.
         started = iter(self._scatter([x for x in inputs if isinstance(x, torch.Tensor)]))
         exchanges = [next(started) if isinstance(x, torch.Tensor) else x for x in inputs]
-        if len({x.num_head_chunks for x in exchanges}) != 1:
-            raise ValueError("q, k, v were sent in different numbers of head chunks "
-                             f"{[x.num_head_chunks for x in exchanges]}: num_chunks changed "
-                             "between scatter_heads and forward")
+        if len({(x.num_head_chunks, x.batch_bounds) for x in exchanges}) != 1:
+            raise ValueError(
+                "q, k, v were sent in different head chunks or micro-batches "
+                f"{[(x.num_head_chunks, x.batch_bounds) for x in exchanges]}: num_chunks or "
+                "num_micro_batches changed between scatter_heads and forward")
         impl, backend = self._sp_impl(exchanges[0].buffer, num_ranks)
         num_query_chunks = self._query_chunks_for(impl, backend)
         return _ulysses_attention(impl, exchanges, valid_len, num_query_chunks, get_sp_group())
@@ -231,12 +247,18 @@ class DistributedAttention(_AttentionLayer):
         check_heads_divide(tensors[0].shape[2], num_ranks)
         impl, backend = self._sp_impl(tensors[0], num_ranks)
         num_chunks = self._chunks_for(impl, backend, tensors[0].shape[2] // num_ranks)
+        _check_micro_batches(self.num_micro_batches)
+        batch = tensors[0].shape[0]
+        num_micro = min(self.num_micro_batches, batch)
+        bounds = [m * batch // num_micro for m in range(num_micro + 1)]
         group = get_sp_group()
         parts: list[list[tuple[torch.Tensor, dist.Work]]] = [[] for _ in tensors]
-        for chunk in range(num_chunks):
-            for x, sent in zip(tensors, parts):
-                sent.append(_all_to_all(_heads_to_ranks(x, num_ranks, num_chunks, chunk), group))
-        return [HeadExchange(x.shape, sent) for x, sent in zip(tensors, parts)]
+        for first, end in zip(bounds, bounds[1:]):
+            for chunk in range(num_chunks):
+                for x, sent in zip(tensors, parts):
+                    blocks = _heads_to_ranks(x[first:end], num_ranks, num_chunks, chunk)
+                    sent.append(_all_to_all(blocks, group))
+        return [HeadExchange(x.shape, bounds, sent) for x, sent in zip(tensors, parts)]
 
     def _sp_impl(self, x: torch.Tensor,
                  num_ranks: int) -> tuple[AttentionImpl, AttentionBackend | None]:
@@ -274,6 +296,11 @@ class DistributedAttention(_AttentionLayer):
 def _check_query_chunks(num_query_chunks: int) -> None:
     if num_query_chunks < 1:
         raise ValueError(f"num_query_chunks={num_query_chunks} must be >= 1")
+
+
+def _check_micro_batches(num_micro_batches: int) -> None:
+    if num_micro_batches < 1:
+        raise ValueError(f"num_micro_batches={num_micro_batches} must be >= 1")
 
 
 def check_heads_divide(num_heads: int, sp_size: int) -> None:
@@ -341,26 +368,30 @@ def _ulysses_attention(impl: AttentionImpl, inputs: Sequence[HeadExchange],
     bounds = [c * local_len // num_query_chunks for c in range(num_query_chunks + 1)]
 
     pending = []
-    for chunk in range(num_chunks):
-        q_buffer = q.received(chunk)
-        key, value = (_full_sequence(x.received(chunk))[:, :kv_len] for x in (k, v))
-        for start, end in zip(bounds, bounds[1:]):
-            rows = end - start
-            query = (_full_sequence(q_buffer) if num_query_chunks == 1 else
-                     _full_sequence(q_buffer[:, :, start:end]))  # a copy of 1/C of q
-            # Real tokens are a prefix of the sequence, so their rows in this chunk (rank
-            # by rank, each a prefix of the rank's rows) are a prefix of the chunk too.
-            valid_rows = sum(min(max(kv_len - r * local_len - start, 0), rows)
-                             for r in range(num_ranks))
-            out = _attend_rows(impl, query, key, value, valid_rows)
-            # [B, P * rows, h, D] -> [P, B, rows, h, D]: block j goes back to rank j.
-            send = out.reshape(batch, num_ranks, rows, heads, head_size).transpose(0, 1)
-            pending.append((chunk, start, end, _all_to_all(send, group)))
+    micro_batches = list(zip(q.batch_bounds, q.batch_bounds[1:]))
+    for micro, (first, last) in enumerate(micro_batches):
+        items = last - first
+        for chunk in range(num_chunks):
+            part = micro * num_chunks + chunk
+            q_buffer = q.received(part)
+            key, value = (_full_sequence(x.received(part))[:, :kv_len] for x in (k, v))
+            for start, end in zip(bounds, bounds[1:]):
+                rows = end - start
+                query = (_full_sequence(q_buffer) if num_query_chunks == 1 else
+                         _full_sequence(q_buffer[:, :, start:end]))  # a copy of 1/C of q
+                # Real tokens are a prefix of the sequence, so their rows in this chunk
+                # (rank by rank, each a prefix of the rank's rows) are a prefix of it too.
+                valid_rows = sum(min(max(kv_len - r * local_len - start, 0), rows)
+                                 for r in range(num_ranks))
+                out = _attend_rows(impl, query, key, value, valid_rows)
+                # [b, P * rows, h, D] -> [P, b, rows, h, D]: block j goes back to rank j.
+                send = out.reshape(items, num_ranks, rows, heads, head_size).transpose(0, 1)
+                pending.append((first, last, chunk, start, end, _all_to_all(send, group)))
 
     # Waited for only now: each output exchange overlaps the attention queued after it.
     result = q.buffer.new_empty(batch, local_len, num_ranks, num_chunks, heads, head_size)
-    for chunk, start, end, (buffer, work) in pending:
+    for first, last, chunk, start, end, (buffer, work) in pending:
         work.wait()
         # Received from rank j: its heads of this head chunk, for these rows of our tokens.
-        result[:, start:end, :, chunk] = buffer.permute(1, 2, 0, 3, 4)
+        result[first:last, start:end, :, chunk] = buffer.permute(1, 2, 0, 3, 4)
     return result.view(batch, local_len, num_heads, head_size)

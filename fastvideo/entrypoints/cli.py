@@ -46,6 +46,9 @@ def _build_parser() -> argparse.ArgumentParser:
                              "python -m fastvideo.attention.sta_search); selects that backend")
     engine.add_argument("--enable-torch-compile", action="store_true", default=None,
                         help="compile the DiT's blocks (first video of each shape is slower)")
+    engine.add_argument("--no-batch-cfg", dest="batch_cfg", action="store_false", default=None,
+                        help="run guidance's conditional and unconditional forwards one after "
+                             "the other instead of as one batch of 2 (half the activations)")
 
     tiny = sub.add_parser("make-tiny-model",
                           help="write a tiny random-weight Wan2.1 T2V checkpoint (Diffusers format)")

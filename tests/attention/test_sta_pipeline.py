@@ -73,6 +73,11 @@ def test_command_line_engine_options(tiny_wan_path: Path, tmp_path: Path) -> Non
         "generate", "--model-path", str(tiny_wan_path), "--prompt", REQUEST["prompt"],
         "--output-path", str(tmp_path), "--sta-config", str(path), "--enable-torch-compile"])
     assert (args.sta_config, args.enable_torch_compile) == (str(path), True)
+    assert args.batch_cfg is None  # unset: FastVideoArgs' default (batched guidance) applies
+    no_batch = _build_parser().parse_args([
+        "generate", "--model-path", str(tiny_wan_path), "--prompt", REQUEST["prompt"],
+        "--output-path", str(tmp_path), "--no-batch-cfg"])
+    assert no_batch.batch_cfg is False
     assert cli_main(["generate", "--model-path", str(tiny_wan_path), "--prompt",
                      REQUEST["prompt"], "--output-path", str(tmp_path / "videos"),
                      "--device", "cpu", "--sta-config", str(path), "--height", "32",

@@ -22,13 +22,13 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
-def _sharded_inputs(seq_len: int, padded_len: int | None = None
+def _sharded_inputs(seq_len: int, padded_len: int | None = None, batch: int = 2
                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """This rank's blocks of q, k, v zero-padded to `padded_len` (default: the next multiple
     of the sp size, as the model pads), and its block of single-process SDPA's output."""
     num_ranks = get_sp_world_size()
     torch.manual_seed(0)  # every rank builds the same full sequence
-    q, k, v = (torch.randn(2, seq_len, NUM_HEADS, HEAD_SIZE) for _ in range(3))
+    q, k, v = (torch.randn(batch, seq_len, NUM_HEADS, HEAD_SIZE) for _ in range(3))
     padding = (-seq_len % num_ranks if padded_len is None else padded_len - seq_len)
     local = [sequence_model_parallel_shard(F.pad(x, (0, 0, 0, 0, 0, padding)), dim=1)
              for x in (q, k, v)]
@@ -37,10 +37,12 @@ def _sharded_inputs(seq_len: int, padded_len: int | None = None
 
 
 def _check_matches_sdpa(seq_len: int, num_chunks: int, num_query_chunks: int = 1,
-                        padded_len: int | None = None) -> None:
-    local, expected = _sharded_inputs(seq_len, padded_len)
+                        padded_len: int | None = None, batch: int = 2,
+                        num_micro_batches: int = 2) -> None:
+    local, expected = _sharded_inputs(seq_len, padded_len, batch)
     attention = DistributedAttention(NUM_HEADS, HEAD_SIZE, num_chunks=num_chunks,
-                                     num_query_chunks=num_query_chunks)
+                                     num_query_chunks=num_query_chunks,
+                                     num_micro_batches=num_micro_batches)
     out = attention(*local, valid_len=seq_len)
     assert_max_abs_diff(out, expected, TOL)  # padding rows must come back zero
 
@@ -68,6 +70,19 @@ def test_query_chunks_equal_single_process_sdpa(seq_len: int, num_chunks: int,
                                                 padded_len: int | None) -> None:
     run_on_ranks(_check_matches_sdpa, seq_len, num_chunks, num_query_chunks, padded_len,
                  sp_size=2)
+
+
+@pytest.mark.parametrize(("batch", "num_micro_batches", "num_chunks", "num_query_chunks"), [
+    (2, 1, 1, 1),  # the whole batch in one exchange per input
+    (2, 2, 1, 1),  # one item per micro-batch (classifier-free guidance's pair)
+    (3, 2, 1, 1),  # uneven: items [0, 1) and [1, 3)
+    (3, 3, 2, 2),  # with head and query chunks inside each micro-batch
+    (1, 2, 1, 1),  # capped at the batch size
+])
+def test_micro_batches_equal_single_process_sdpa(batch: int, num_micro_batches: int,
+                                                 num_chunks: int, num_query_chunks: int) -> None:
+    run_on_ranks(_check_matches_sdpa, 7, num_chunks, num_query_chunks, None, batch,
+                 num_micro_batches, sp_size=2)
 
 
 def _check_head_exchanges(seq_len: int, num_chunks: int, num_query_chunks: int) -> None:
@@ -105,13 +120,17 @@ def _check_bad_exchanges() -> None:
     x = torch.randn(1, 2, NUM_HEADS, HEAD_SIZE)
     q = attention.scatter_heads(x)
     attention.num_chunks = 2
-    with pytest.raises(ValueError, match=r"different numbers of head chunks \[1, 2, 2\]"):
+    with pytest.raises(ValueError, match=r"different head chunks or micro-batches "
+                                         r"\[\(1, \(0, 1\)\), \(2, \(0, 1\)\), \(2, \(0, 1\)\)\]"):
         attention(q, x, x)
     attention.num_chunks = 1
     with pytest.raises(ValueError, match=r"same \[B, S_local, H, D\] shape .*\(1, 3, 4, 8\)"):
         attention(attention.scatter_heads(x), x, torch.randn(1, 3, NUM_HEADS, HEAD_SIZE))
     attention.num_query_chunks = 0
     with pytest.raises(ValueError, match="num_query_chunks=0 must be >= 1"):
+        attention(x, x, x)
+    attention.num_query_chunks, attention.num_micro_batches = 1, 0
+    with pytest.raises(ValueError, match="num_micro_batches=0 must be >= 1"):
         attention(x, x, x)
 
 

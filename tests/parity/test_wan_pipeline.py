@@ -53,3 +53,19 @@ def test_different_seed_gives_different_video(tiny_wan_path) -> None:
     again = generator.generate_video(**REQUEST, seed=1)
     assert not torch.allclose(a.latents, b.latents)
     assert torch.equal(a.latents, again.latents)
+
+
+def test_batched_guidance_equals_two_forwards(tiny_wan_path) -> None:
+    """`batch_cfg` (the default) runs each step's conditional and unconditional inputs as
+    one batch of 2; the video is that of two forwards per step (diffusers' way)."""
+    paired = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu")
+    batch_sizes: list[int] = []
+    paired.pipeline.get_module("transformer").register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(kwargs["hidden_states"].shape[0]),
+        with_kwargs=True)
+    a = paired.generate_video(**REQUEST, seed=3)
+    separate = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu", batch_cfg=False)
+    b = separate.generate_video(**REQUEST, seed=3)
+    assert batch_sizes == [2] * REQUEST["num_inference_steps"]
+    torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=1e-5)
+    assert not torch.equal(a.latents, torch.zeros_like(a.latents))

@@ -30,6 +30,10 @@ class DenoisingStage(PipelineStage):
     restored, so a resumed loop ends with the same latents as an uninterrupted one.
     `on_step_end(batch, step, total)` is called after every step with the scheduler
     state stored in the batch; a caller uses it to checkpoint or report progress.
+
+    With `batch_cfg` the conditional and unconditional inputs of classifier-free guidance
+    go through the DiT as one batch (conditional first), when their text embeddings have
+    the same shape; otherwise, or without it, as two forwards.
     """
 
     reads = ("prompt_embeds", "latents", "timesteps")
@@ -37,12 +41,13 @@ class DenoisingStage(PipelineStage):
 
     def __init__(self, transformer: Any, scheduler: Any,
                  on_step_end: StepCallback | None = None,
-                 sta_config: STAConfig | None = None) -> None:
+                 sta_config: STAConfig | None = None, batch_cfg: bool = True) -> None:
         self.transformer = transformer
         self.scheduler = scheduler
         self.on_step_end = on_step_end
         self.sta_config = sta_config
         """Sliding tile attention windows per step; used only by layers running that backend."""
+        self.batch_cfg = batch_cfg
 
     def _prepare_scheduler(self, batch: ForwardBatch, device: str) -> None:
         self.scheduler.set_timesteps(batch.num_inference_steps, device=device)
@@ -60,6 +65,27 @@ class DenoisingStage(PipelineStage):
                     f"extra[{SCHEDULER_STATE_KEY!r}] to restore the scheduler from")
             load_scheduler_state(self.scheduler, state, device)
 
+    def _predict_noise(self, latents: torch.Tensor, t: torch.Tensor,
+                       prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None,
+                       paired_embeds: torch.Tensor | None,
+                       guidance_scale: float) -> torch.Tensor:
+        """The DiT's prediction at `t`, guided when `negative_embeds` is given."""
+        size = latents.shape[0]
+        if paired_embeds is not None:
+            noise = self.transformer(hidden_states=torch.cat([latents, latents]),
+                                     timestep=t.expand(2 * size),
+                                     encoder_hidden_states=paired_embeds)
+            noise_cond, noise_uncond = noise[:size], noise[size:]
+        else:
+            timestep = t.expand(size)
+            noise_cond = self.transformer(hidden_states=latents, timestep=timestep,
+                                          encoder_hidden_states=prompt_embeds)
+            if negative_embeds is None:
+                return noise_cond
+            noise_uncond = self.transformer(hidden_states=latents, timestep=timestep,
+                                            encoder_hidden_states=negative_embeds)
+        return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+
     def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
         if batch.do_classifier_free_guidance and batch.negative_prompt_embeds is None:
             raise ValueError(
@@ -72,19 +98,17 @@ class DenoisingStage(PipelineStage):
         prompt_embeds = batch.prompt_embeds.to(device, dtype)
         negative_embeds = (batch.negative_prompt_embeds.to(device, dtype)
                            if batch.do_classifier_free_guidance else None)
+        # Conditional and unconditional text as one batch, built once for the whole loop.
+        paired_embeds = (torch.cat([prompt_embeds, negative_embeds])
+                         if self.batch_cfg and negative_embeds is not None
+                         and negative_embeds.shape == prompt_embeds.shape else None)
         total = len(timesteps)
         for i in range(batch.step_index, total):
             t = timesteps[i]
             model_input = latents.to(dtype)
-            timestep = t.expand(latents.shape[0])
             with sta_context(config=self.sta_config, step=i):
-                noise_pred = self.transformer(hidden_states=model_input, timestep=timestep,
-                                              encoder_hidden_states=prompt_embeds)
-                if negative_embeds is not None:
-                    noise_uncond = self.transformer(hidden_states=model_input,
-                                                    timestep=timestep,
-                                                    encoder_hidden_states=negative_embeds)
-                    noise_pred = noise_uncond + batch.guidance_scale * (noise_pred - noise_uncond)
+                noise_pred = self._predict_noise(model_input, t, prompt_embeds, negative_embeds,
+                                                 paired_embeds, batch.guidance_scale)
             latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             batch.latents = latents
             batch.step_index = i + 1

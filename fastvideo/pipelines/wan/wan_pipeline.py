@@ -34,7 +34,7 @@ class WanPipeline(ComposedPipelineBase):
                       if fastvideo_args.sta_config is not None else None)
         self.add_stage("denoising_stage", DenoisingStage(
             transformer=self.get_module("transformer"), scheduler=self.get_module("scheduler"),
-            sta_config=sta_config))
+            sta_config=sta_config, batch_cfg=fastvideo_args.batch_cfg))
         self.add_stage("decoding_stage", DecodingStage(vae=self.get_module("vae")))
 
 

@@ -92,8 +92,9 @@ def parse_args() -> argparse.Namespace:
                              "enable_torch_compile does, as ours_compiled")
     parser.add_argument("--cfg-pair", action="store_true",
                         help="also time a guidance step's two forwards as one batch of 2, "
-                             "with its micro-batches pipelined (ours_cfgpair) and not "
-                             "(ours_cfgpair_mb1), and diffusers on the same batch")
+                             "with its micro-batches pipelined (ours_cfgpair, with --compile "
+                             "also ours_compiled_cfgpair) and not (ours_cfgpair_mb1), and "
+                             "diffusers on the same batch")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json-out", type=Path, help="write the results as JSON here (rank 0)")
@@ -364,6 +365,9 @@ def bench_sp_size(sp_size: int, args: argparse.Namespace, config: dict[str, Any]
                                 for name, variant in variants.items()}
     if ours_compiled is not None and not high_priority:
         runs["ours_compiled"] = ours_forward(ours_compiled, inputs, variants["ours"])
+        if args.cfg_pair:
+            runs["ours_compiled_cfgpair"] = ours_forward(ours_compiled, inputs,
+                                                         variants["ours_cfgpair"])
     diffusers_model = None
     if sp_size == 1 and not high_priority:
         diffusers_model = reference

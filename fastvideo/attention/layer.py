@@ -225,7 +225,7 @@ class DistributedAttention(_AttentionLayer):
         if valid_len is not None and not 0 < valid_len <= seq_len:
             raise ValueError(f"valid_len={valid_len} outside (0, {seq_len}] for {num_ranks} "
                              f"sequence shards of {shapes[0][1]} tokens")
-        # Tensors not yet sent go out together, head chunk by head chunk.
+        # Tensors not yet sent go out together, part by part.
         started = iter(self._scatter([x for x in inputs if isinstance(x, torch.Tensor)]))
         exchanges = [next(started) if isinstance(x, torch.Tensor) else x for x in inputs]
         if len({(x.num_head_chunks, x.batch_bounds) for x in exchanges}) != 1:
@@ -238,9 +238,9 @@ class DistributedAttention(_AttentionLayer):
         return _ulysses_attention(impl, exchanges, valid_len, num_query_chunks, get_sp_group())
 
     def _scatter(self, tensors: Sequence[torch.Tensor]) -> list[HeadExchange]:
-        """Start the input all-to-alls of `tensors`, all head chunk 0 first, then chunk 1...:
-        on NCCL's stream each then starts straight after the previous one, and the first
-        attention waits for the fewest transfers."""
+        """Start the input all-to-alls of `tensors`, micro-batch by micro-batch and within
+        one head chunk 0 first, then chunk 1...: on NCCL's stream each then starts straight
+        after the previous one, and the first attention waits for the fewest transfers."""
         if not tensors:
             return []
         num_ranks = get_sp_world_size()

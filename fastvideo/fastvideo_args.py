@@ -46,7 +46,8 @@ class FastVideoArgs:
     vae_dtype: str = "float32"
     """The Wan VAE is run in fp32 by default, as diffusers' reference pipeline does."""
     num_gpus: int = 1
-    """Number of worker processes (one per GPU; CPU processes on gloo without GPUs)."""
+    """Number of worker processes (one per GPU; CPU processes on gloo without GPUs). More
+    than `sp_size x tp_size` makes several model replicas that split a batch of prompts."""
     tp_size: int = 1
     """Tensor-parallel size for the encoders."""
     sp_size: int | None = None

@@ -18,7 +18,8 @@ Life cycle, once per process:
 
 Layout: the world is a mesh ``[dp, sp, tp]`` with tp innermost, so the ranks of a tp group are
 adjacent (on one node they share the fastest links) and every tp group sees the same sequence
-shard. Any factor left over (world / (tp * sp)) holds replicas that do the same work.
+shard. Any factor left over (world / (tp * sp)) holds replicas of the model (dp); their
+ranks are contiguous, and `VideoGenerator` gives each replica its own share of the prompts.
 
 Importing this module initialises neither CUDA nor torch.distributed.
 """

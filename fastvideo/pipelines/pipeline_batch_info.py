@@ -14,13 +14,19 @@ from typing import Any
 
 import torch
 
+NOISE_ROWS_KEY = "noise_rows"
+"""`ForwardBatch.extra` key: `[first_row, total_rows]`: the batch is items `first_row...` of
+a request of `total_rows` items split across model replicas; its initial noise is those
+rows of the whole request's noise, so a video does not depend on the split."""
+
 
 @dataclass
 class ForwardBatch:
     """Inputs, intermediate results and outputs of one pipeline call.
 
-    `prompt` holds B prompts; every tensor's leading dimension is B (classifier-free
-    guidance runs the negative branch as a separate forward, not a doubled batch).
+    `prompt` holds B prompts; every per-item tensor's leading dimension is B (with
+    classifier-free guidance the DiT may see a doubled batch, conditional and unconditional
+    halves, inside the denoising stage; the fields keep B rows).
     """
 
     # -- request --

@@ -5,6 +5,10 @@ process group, and each load the pipeline. The parent watches the workers' proce
 sentinels while it waits, so a worker that dies fails the call within a second with the
 worker's exit code, and the others are killed: no call hangs in a collective and no
 process is left behind.
+
+When `num_gpus` exceeds `sp_size x tp_size`, the workers form several replicas of the
+model and a batch of prompts is split across them (data parallelism): each replica makes
+its share of the videos, and the results come back in prompt order.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.worker.data_parallel import item_ranges, merge_batches, split_batch
 from fastvideo.worker.worker_process import READY, SHUTDOWN, worker_main
 
 _ERROR_GRACE_S = 10.0
@@ -44,6 +49,8 @@ class MultiprocExecutor:
     def __init__(self, fastvideo_args: FastVideoArgs, startup_timeout_s: float = 600.0) -> None:
         self.fastvideo_args = fastvideo_args
         self.num_workers = fastvideo_args.num_gpus
+        self.replica_size = fastvideo_args.sp_size * fastvideo_args.tp_size
+        self.num_replicas = self.num_workers // self.replica_size
         ctx = mp.get_context("spawn")
         port = _free_port()
         self._conns: list[Connection] = []
@@ -64,11 +71,25 @@ class MultiprocExecutor:
             raise
 
     def forward(self, batch: ForwardBatch, timeout_s: float | None = None) -> ForwardBatch:
-        """Run the pipeline on every worker; returns rank 0's finished batch."""
-        for conn in self._conns:
-            conn.send(batch)
+        """Run the pipeline on the workers; returns the finished batch.
+
+        One replica: every worker runs `batch` and rank 0's result comes back. Several:
+        each replica runs a contiguous share of the prompts (replicas beyond the number of
+        prompts idle) and the shares are merged in prompt order."""
+        if self.num_replicas == 1:
+            parts = [batch]
+        else:
+            parts = [split_batch(batch, start, end)
+                     for start, end in item_ranges(batch.batch_size, self.num_replicas)]
+        ranks = range(len(parts) * self.replica_size)
+        for rank in ranks:
+            self._conns[rank].send(parts[rank // self.replica_size])
         try:
-            return self._collect(timeout_s, expected="ok")[0]
+            results = self._collect(timeout_s, expected="ok", ranks=ranks)
+            if self.num_replicas == 1:
+                return results[0]
+            return merge_batches([results[r * self.replica_size] for r in range(len(parts))],
+                                 batch)
         except WorkerError as e:
             if not e.workers_usable:
                 # Survivors may be blocked in a collective with a dead worker: kill them.
@@ -78,8 +99,10 @@ class MultiprocExecutor:
             self.shutdown(graceful=False)
             raise
 
-    def _collect(self, timeout_s: float | None, expected: str) -> list[Any]:
-        """Wait for one answer per worker; raise `WorkerError` on a death or an error.
+    def _collect(self, timeout_s: float | None, expected: str,
+                 ranks: range | None = None) -> dict[int, Any]:
+        """Wait for one answer from each of `ranks` (default: every worker), by rank; raise
+        `WorkerError` on a death (of any worker) or an error.
 
         When a worker reports an error, the others get a short grace period to report
         theirs: if all answer (e.g. every rank rejected the same bad request) the
@@ -88,7 +111,8 @@ class MultiprocExecutor:
         results: dict[int, Any] = {}
         errors: dict[int, str] = {}
         sentinels = {proc.sentinel: rank for rank, proc in enumerate(self._procs)}
-        pending = {conn: rank for rank, conn in enumerate(self._conns)}
+        ranks = range(self.num_workers) if ranks is None else ranks
+        pending = {self._conns[rank]: rank for rank in ranks}
         while pending:
             wait_s = timeout_s if not errors else min(timeout_s or _ERROR_GRACE_S, _ERROR_GRACE_S)
             ready = wait(list(pending) + list(sentinels), timeout=wait_s)
@@ -116,7 +140,7 @@ class MultiprocExecutor:
             summary = errors[rank].strip().splitlines()[-1]
             raise WorkerError(f"worker {rank} failed: {summary}\n{errors[rank]}",
                               workers_usable=not pending)
-        return [results[r] for r in range(self.num_workers)]
+        return results
 
     def _died(self, rank: int) -> WorkerError:
         proc = self._procs[rank]

@@ -1,7 +1,8 @@
 """The loop each worker process runs: join the process groups, load, serve forward calls.
 
-Every rank runs the same pipeline on the same batch (SPMD); the layers and
-`DistributedAttention` split the work. Rank 0 sends the finished batch back.
+Every rank of a model replica runs the same pipeline on the same batch (SPMD); the
+layers and `DistributedAttention` split the work. The replica's first rank sends the
+finished batch back.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def worker_main(rank: int, world_size: int, master_port: int, fastvideo_args: Fa
         ps.init_distributed_environment()
         ps.initialize_model_parallel(fastvideo_args.tp_size, fastvideo_args.sp_size)
         pipeline = build_pipeline(fastvideo_args)
+        # The first rank of each model replica sends its finished batch back.
+        leader = ps.get_sp_rank() == 0 and ps.get_tp_rank() == 0
     except Exception:
         conn.send(("error", traceback.format_exc()))
         return
@@ -63,7 +66,7 @@ def worker_main(rank: int, world_size: int, master_port: int, fastvideo_args: Fa
                 break
             try:
                 batch = pipeline.forward(message, fastvideo_args)
-                conn.send(("ok", _to_cpu(batch) if rank == 0 else None))
+                conn.send(("ok", _to_cpu(batch) if leader else None))
             except Exception:
                 conn.send(("error", traceback.format_exc()))
     finally:

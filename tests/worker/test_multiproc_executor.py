@@ -65,3 +65,23 @@ def test_rejected_request_keeps_workers_usable(tiny_wan_path: Path) -> None:
             generator.generate_video(**{**REQUEST, "height": 33})
         # Every worker rejected the same request: they stay in step and serve the next one.
         assert generator.generate_video(**REQUEST).frames.shape == (5, 32, 48, 3)
+
+
+def test_replicas_split_the_prompts(tiny_wan_path: Path) -> None:
+    """num_gpus=2 with sp_size=1: two replicas, each making its share of the videos; each
+    video is the one a single process makes for the same request."""
+    prompts = ["a cat walks across a sunny garden", "waves on a beach at dusk",
+               "a red kite over green hills"]
+    request = {k: v for k, v in REQUEST.items() if k != "prompt"}
+    expected = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu").generate_video(
+        prompts, **request)
+    with VideoGenerator.from_pretrained(tiny_wan_path, device="cpu", num_gpus=2,
+                                        sp_size=1) as generator:
+        assert (generator.executor.num_replicas, generator.executor.replica_size) == (2, 1)
+        results = generator.generate_video(prompts, **request)
+    assert [r.prompt for r in results] == prompts
+    for got, want in zip(results, expected):
+        torch.testing.assert_close(got.latents, want.latents, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.frames, want.frames, rtol=0, atol=1e-4)
+    # Different noise rows: the items are not copies of one another.
+    assert not torch.allclose(results[0].latents, results[1].latents)

@@ -1,6 +1,8 @@
 """End-to-end check of the engine on GPUs: our WanPipeline against diffusers' on the same
 tiny checkpoint and seed (bf16 DiT/text encoder, fp32 VAE, as the Wan reference runs), and
-`VideoGenerator(num_gpus=N)` (sequence parallel over N worker processes) against one process.
+`VideoGenerator(num_gpus=N)` (sequence parallel over N worker processes) against one process,
+`num_gpus=N, sp_size=1` (N replicas splitting a list of prompts) against one process, and
+guidance as one batch of 2 (`batch_cfg`, the default) against two forwards per step.
 
     python benchmarks/check_gpu_pipeline.py --num-gpus 2 --json-out result.json
     python benchmarks/check_gpu_pipeline.py --device cpu --dtype fp32 --num-gpus 2   # CPU, gloo
@@ -74,6 +76,26 @@ def main() -> None:
             "latents_rel_l2": _rel_l2(sharded.latents, ours.latents),
             "latents_max_abs": (sharded.latents - ours.latents).abs().max().item(),
             "frames_max_abs": (sharded.frames - ours.frames).abs().max().item()}
+
+        separate = VideoGenerator.from_pretrained(path, device=args.device, dtype=args.dtype,
+                                                  batch_cfg=False)
+        unbatched = separate.generate_video(**REQUEST, seed=args.seed)
+        result["batch_cfg_vs_two_forwards"] = {
+            "latents_rel_l2": _rel_l2(ours.latents, unbatched.latents),
+            "frames_max_abs": (ours.frames - unbatched.frames).abs().max().item()}
+
+        prompts = [f"{REQUEST['prompt']}, take {i}" for i in range(args.num_gpus + 1)]
+        request = {k: v for k, v in REQUEST.items() if k != "prompt"}
+        singles = one.generate_video(prompts, **request, seed=args.seed)
+        with VideoGenerator.from_pretrained(path, device=args.device, dtype=args.dtype,
+                                            num_gpus=args.num_gpus, sp_size=1) as replicas:
+            split = replicas.generate_video(prompts, **request, seed=args.seed)
+        result[f"{args.num_gpus}_replicas_vs_one_process"] = {
+            "prompts_in_order": [r.prompt for r in split] == prompts,
+            "latents_max_abs": max((a.latents - b.latents).abs().max().item()
+                                   for a, b in zip(split, singles)),
+            "frames_max_abs": max((a.frames - b.frames).abs().max().item()
+                                  for a, b in zip(split, singles))}
     print(json.dumps(result, indent=2))
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))

@@ -207,7 +207,8 @@ def bench_sta(args: argparse.Namespace, window: Window, q: torch.Tensor, k: torc
         rows[f"{label}_kernel {json.dumps(options)}"] = {
             **common, "ms": tuned_ms, "effective_tflops": dense_flops / tuned_ms / 1e9,
             "rel_err": rel_err(layout.from_tiles(tuned()), ref.transpose(1, 2)),
-            "max_abs_vs_default_options": (tuned() - kernel()).abs().max().item()}
+            "max_abs_vs_default_options": (tuned() - kernel()).abs().max().item(),
+            "masked_sdpa_rel_err": masked_sdpa_error(layout, window, q_l, k_l, v_l, tuned())}
     return rows | {
         label: {**common, "ms": sta_ms, "effective_tflops": dense_flops / sta_ms / 1e9,
                 "rel_err": rel_err(out.transpose(1, 2), ref), "mask_build_s": build_s},

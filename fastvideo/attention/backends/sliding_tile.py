@@ -238,9 +238,13 @@ def _compiled(fn: Callable) -> Callable:
 
 
 # Hopper's bulk tensor copies (TMA) for the kernel's loads: 4-5% faster on an H100 at Wan
-# 480p; Inductor turns it off by itself where the device or layout can't use it. Measured
-# with torch 2.11; older releases get their defaults.
-_CUDA_KERNEL_OPTIONS = {"USE_TMA": True} if torch.__version__ >= "2.11" else {}
+# 480p; Inductor turns it off by itself where the device or layout can't use it. q scaled
+# (by the softmax scale and log2 e) once before the kernel instead of every score: another
+# 5% (5.19 -> 4.96 ms at 25.7% density), for one more bf16 rounding of q (error against
+# exactly masked SDPA 2.3e-3 -> 3.9e-3, far below STA's own 1.7e-2 against dense attention;
+# benchmarks/RESULTS.md). Measured with torch 2.11; older releases get their defaults.
+_CUDA_KERNEL_OPTIONS = ({"USE_TMA": True, "PRESCALE_QK": True} if torch.__version__ >= "2.11"
+                        else {})
 
 
 def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask,

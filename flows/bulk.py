@@ -53,6 +53,7 @@ def bulk(
     checkpoint_store: str | None = None,
     denoise_dispatch: str = "inprocess",
     nproc_per_node: int = 1,
+    denoise_sp_size: int | None = None,
     denoise_deployment: str = "denoise-job/gpu-denoise",
     remote_launcher: str = "inprocess",
     device: str | None = None,
@@ -86,6 +87,8 @@ def bulk(
         denoise_dispatch: inprocess, torchrun (this node) or deployment (GPU work pool).
         nproc_per_node: processes (GPUs) per denoise job under torchrun, here or on the
             GPU node (which then gets that many GPUs); the DiT runs sequence parallel.
+        denoise_sp_size: processes per model replica in a denoise job (default all): with
+            fewer, the job's processes form replicas that split its items.
         denoise_deployment: flow-name/deployment-name of the GPU denoise deployment.
         remote_launcher: how the GPU deployment runs a job: inprocess or torchrun.
         device: engine device; default cuda when available, else cpu.
@@ -108,7 +111,8 @@ def bulk(
                              guidance_scale=guidance_scale, seed=seed,
                              max_sequence_length=max_sequence_length)
     dispatch = DenoiseDispatch(mode=denoise_dispatch, nproc_per_node=nproc_per_node,
-                               deployment=denoise_deployment, remote_launcher=remote_launcher)
+                               sp_size=denoise_sp_size, deployment=denoise_deployment,
+                               remote_launcher=remote_launcher)
     plan = plan_items(local_path(dataset), output, defaults)
     ctx = prepare_run(model_path, local_path(checkpoint_store or output), output, defaults,
                       checkpoint_every=checkpoint_every, device=device, dtype=dtype, fps=fps,

@@ -15,7 +15,8 @@ from fastvideo.entrypoints.cli import add_dataclass_options
 from fastvideo.fastvideo_args import SamplingParam
 
 RUN_OPTIONS = ("shard_size", "concurrency", "checkpoint_every", "checkpoint_store",
-               "denoise_dispatch", "nproc_per_node", "denoise_deployment", "remote_launcher",
+               "denoise_dispatch", "nproc_per_node", "denoise_sp_size", "denoise_deployment",
+               "remote_launcher",
                "device", "dtype", "denoise_device", "denoise_dtype", "fps")
 
 
@@ -37,6 +38,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                      metavar="N",
                      help="processes (GPUs) per denoise job under torchrun, here or on the GPU "
                           "node; the DiT runs sequence parallel over them (default 1)")
+    run.add_argument("--denoise-sp-size", type=int, metavar="K",
+                     help="processes per model replica in a denoise job (default: all N); "
+                          "the N / K replicas split the job's items, for throughput")
     run.add_argument("--denoise-deployment",
                      help="GPU deployment for --denoise-dispatch deployment "
                           "(default denoise-job/gpu-denoise)")

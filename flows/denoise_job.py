@@ -20,12 +20,13 @@ from tasks.denoise import run_denoise_job_task
 
 @flow(name="denoise-job")
 def denoise_job(store_uri: str, job_key: str, launcher: str = "inprocess",
-                nproc_per_node: int = 1) -> State:
+                nproc_per_node: int = 1, sp_size: int | None = None) -> State:
     """Denoise the items of the job stored at `job_key` in `store_uri` on this node.
 
-    `launcher` is inprocess (this process) or torchrun (`nproc_per_node` processes).
+    `launcher` is inprocess (this process) or torchrun (`nproc_per_node` processes, in
+    model replicas of `sp_size` of them; default one replica of all).
     """
-    counts = run_denoise_job_task(store_uri, job_key, launcher, nproc_per_node)
+    counts = run_denoise_job_task(store_uri, job_key, launcher, nproc_per_node, sp_size)
     if counts["failed"]:
         return Failed(message=f"{counts['failed']} of {counts['items']} items failed",
                       data=counts)
@@ -39,10 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-key", required=True)
     parser.add_argument("--launcher", choices=["inprocess", "torchrun"], default="inprocess")
     parser.add_argument("--nproc-per-node", type=int, default=1)
+    parser.add_argument("--sp-size", type=int, default=None)
     args = parser.parse_args(argv)
     prepare_environment()
     state = denoise_job(args.store, args.job_key, args.launcher, args.nproc_per_node,
-                        return_state=True)
+                        args.sp_size, return_state=True)
     print(f"denoise job ended {state.name}: {state.message}")
     return 0 if state.is_completed() else 1
 

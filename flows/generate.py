@@ -40,6 +40,7 @@ def generate(
     checkpoint_store: str | None = None,
     denoise_dispatch: str = "inprocess",
     nproc_per_node: int = 1,
+    denoise_sp_size: int | None = None,
     denoise_deployment: str = "denoise-job/gpu-denoise",
     remote_launcher: str = "inprocess",
     device: str | None = None,
@@ -62,7 +63,8 @@ def generate(
                       denoise_device=denoise_device, denoise_dtype=denoise_dtype,
                       remote_denoise=denoise_dispatch == "deployment")
     dispatch = DenoiseDispatch(mode=denoise_dispatch, nproc_per_node=nproc_per_node,
-                               deployment=denoise_deployment, remote_launcher=remote_launcher)
+                               sp_size=denoise_sp_size, deployment=denoise_deployment,
+                               remote_launcher=remote_launcher)
     shard = Shard(index=0, items=tuple(items))
     results = process_window([shard], ctx, encode_negative(ctx), dispatch)
     row = shard_rows(shard, {stage: r[0] for stage, r in results.items()}, flow_run.id)[0]

@@ -36,6 +36,7 @@ from fastvideo.entrypoints.denoise_worker import (
     DenoiseJob,
     DenoiseOutcome,
     ProgressCallback,
+    check_sp_size,
     result_key,
     run_denoise_job,
 )
@@ -61,6 +62,9 @@ class DenoiseDispatch:
     """Processes (GPUs) of a denoise job under torchrun, here or on the GPU node in
     `deployment` mode, where the GPU run also asks its infrastructure for that many GPUs
     (job variable `gpu_count`). The DiT runs sequence parallel over them."""
+    sp_size: int | None = None
+    """Processes per model replica (default: all `nproc_per_node`); with fewer, the job's
+    processes form replicas that split its items (many videos sooner, each one later)."""
     deployment: str = "denoise-job/gpu-denoise"
     """`flow-name/deployment-name` of the GPU denoise deployment."""
     remote_launcher: Launcher = "inprocess"
@@ -76,13 +80,15 @@ class DenoiseDispatch:
             raise ValueError(f"remote_launcher must be inprocess or torchrun, "
                              f"got {self.remote_launcher!r}")
         check_launcher(self.mode if self.mode != "deployment" else self.remote_launcher,
-                       self.nproc_per_node)
+                       self.nproc_per_node, self.sp_size)
 
 
-def check_launcher(launcher: Launcher, nproc_per_node: int) -> None:
-    """ValueError unless `launcher` can run `nproc_per_node` processes."""
+def check_launcher(launcher: Launcher, nproc_per_node: int, sp_size: int | None = None) -> None:
+    """ValueError unless `launcher` can run `nproc_per_node` processes in replicas of
+    `sp_size`."""
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
+    check_sp_size(nproc_per_node, sp_size)
     if nproc_per_node > 1 and launcher != "torchrun":
         raise ValueError(
             f"nproc_per_node={nproc_per_node} needs torchrun: --denoise-dispatch torchrun, or "
@@ -119,12 +125,14 @@ class _StepProgress:
 
 
 def run_torchrun(store: ArtifactStore, key: str, nproc_per_node: int,
-                 on_progress: ProgressCallback) -> None:
+                 on_progress: ProgressCallback, sp_size: int | None = None) -> None:
     """Run the worker under torchrun on this node; its log lines go to the run logger."""
     logger = run_logger()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc_per_node}", "-m", "fastvideo.entrypoints.denoise_worker",
            "--store", store.root_uri, "--job-key", key]
+    if sp_size is not None:
+        cmd += ["--sp-size", str(sp_size)]
     logger.info("starting %s", " ".join(cmd))
     tail: deque[str] = deque(maxlen=20)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
@@ -143,15 +151,16 @@ def run_torchrun(store: ArtifactStore, key: str, nproc_per_node: int,
 
 
 def execute_job(job: DenoiseJob, launcher: Launcher, nproc_per_node: int,
-                on_progress: ProgressCallback, ctx: RunContext | None = None
-                ) -> list[DenoiseOutcome]:
+                on_progress: ProgressCallback, ctx: RunContext | None = None,
+                sp_size: int | None = None) -> list[DenoiseOutcome]:
     """Run a job here: in this process (reusing the run's pipeline when `ctx` is given)
-    or under torchrun. Either way the outcomes are also stored next to the job."""
+    or under torchrun (in replicas of `sp_size` processes). Either way the outcomes are
+    also stored next to the job."""
     store = get_store(job.store_uri)
     key = job_key(job)
     if launcher == "torchrun":
         retry_io(lambda: store.put_bytes(key, job.to_json()))
-        run_torchrun(store, key, nproc_per_node, on_progress)
+        run_torchrun(store, key, nproc_per_node, on_progress, sp_size)
         return DenoiseOutcome.list_from_json(retry_io(lambda: store.get_bytes(result_key(key))))
     # The run's pipeline serves only if denoising runs on the same device and dtype.
     reuse = ctx is not None and (ctx.denoise_device, ctx.denoise_dtype) == (ctx.device, ctx.dtype)
@@ -169,7 +178,7 @@ def run_remote(job: DenoiseJob, dispatch: DenoiseDispatch) -> list[DenoiseOutcom
     retry_io(lambda: store.put_bytes(key, job.to_json()))
     parameters = {"store_uri": job.store_uri, "job_key": key,
                   "launcher": dispatch.remote_launcher,
-                  "nproc_per_node": dispatch.nproc_per_node}
+                  "nproc_per_node": dispatch.nproc_per_node, "sp_size": dispatch.sp_size}
     # The GPU job's size is fixed before it starts (the Kubernetes template requests
     # `gpu_count` GPUs; a process worker ignores the variable).
     job_variables = {GPU_COUNT_VARIABLE: dispatch.nproc_per_node}
@@ -231,7 +240,8 @@ def denoise(shard: Shard, ctx: RunContext, negative: ItemResult | None, text: li
             outcomes = run_remote(job, dispatch)
         else:
             progress = _StepProgress(len(job_items), f"Denoising steps of {shard.label(DENOISE)}")
-            outcomes = execute_job(job, dispatch.mode, dispatch.nproc_per_node, progress, ctx)
+            outcomes = execute_job(job, dispatch.mode, dispatch.nproc_per_node, progress, ctx,
+                                   dispatch.sp_size)
         by_id = {o.item_id: _result(o) for o in outcomes}
         results = [r if r is not None else by_id[item.item_id]
                    for r, item in zip(results, shard.items)]
@@ -249,12 +259,13 @@ def _job_run_name() -> str:
 
 @task(name="run-denoise-job", task_run_name=_job_run_name)
 def run_denoise_job_task(store_uri: str, job_key: str, launcher: Launcher = "inprocess",
-                         nproc_per_node: int = 1) -> dict[str, int]:
+                         nproc_per_node: int = 1, sp_size: int | None = None
+                         ) -> dict[str, int]:
     """Run a stored denoise job on this node (the GPU deployment's one task)."""
-    check_launcher(launcher, nproc_per_node)
+    check_launcher(launcher, nproc_per_node, sp_size)
     store = get_store(store_uri)
     job = DenoiseJob.from_json(retry_io(lambda: store.get_bytes(job_key)))
     progress = _StepProgress(len(job.items), f"Denoising steps of job {job.digest[:12]}")
-    outcomes = execute_job(job, launcher, nproc_per_node, progress)
+    outcomes = execute_job(job, launcher, nproc_per_node, progress, sp_size=sp_size)
     return {"items": len(outcomes), "failed": sum(o.error is not None for o in outcomes),
             "skipped": sum(o.skipped for o in outcomes)}

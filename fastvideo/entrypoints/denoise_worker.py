@@ -23,12 +23,16 @@ which reads the job from the store, prints one `fastvideo-progress <item> <step>
 line per step, and writes the outcomes next to the job (`result.json`).
 
 A job loads only what denoising uses: the DiT and the scheduler. With N > 1 processes
-every rank loads them and the DiT runs sequence parallel over all N (tp 1). Rank 0 alone touches the store: it reads
-the job and each item's checkpoints, decides skip or run (and from which step), and
-sends the other ranks the job and each item's input batch (latents, embeddings,
-timesteps, scheduler state), as tensor broadcasts of the checkpoint encoding
-(safetensors + parquet bytes, nothing pickled). All ranks then run the loop together;
-rank 0 writes progress, output and outcomes. An error while the ranks compute together
+every rank loads them and the DiT runs sequence parallel over `--sp-size` of them (all N
+by default; tp 1). With a smaller sp size the N processes form N / sp replicas (ranks
+`[r * sp, (r + 1) * sp)`), and replica r denoises items r, r + N / sp, ...: many items
+finish sooner this way, one item sooner with one replica of all N. Only the first rank of
+a replica touches the store: it reads each item's checkpoints, decides skip or run (and
+from which step), and sends the replica's other ranks the item's input batch (latents,
+embeddings, timesteps, scheduler state), as tensor broadcasts of the checkpoint encoding
+(safetensors + parquet bytes, nothing pickled). The replica's ranks then run the loop
+together, and its first rank writes progress and output. Rank 0 reads the job, sends it
+to all, gathers every replica's outcomes and writes them. An error while the ranks compute together
 (a rank that dies, runs out of memory, or fails a collective) ends the whole job: every
 rank exits, torchrun stops the rest, and a rerun resumes each unfinished item from its
 last progress checkpoint.
@@ -53,6 +57,9 @@ import torch
 from fastvideo.distributed import (
     GroupCoordinator,
     destroy_distributed_environment,
+    get_sp_group,
+    get_sp_rank,
+    get_sp_world_size,
     get_world_group,
     init_distributed_environment,
     initialize_model_parallel,
@@ -124,11 +131,13 @@ class DenoiseJob:
     def digest(self) -> str:
         return hashlib.sha256(self.to_json()).hexdigest()
 
-    def engine_args(self, world_size: int = 1, local_rank: int = 0) -> FastVideoArgs:
-        """The engine settings; over `world_size` processes the DiT runs sequence parallel."""
+    def engine_args(self, world_size: int = 1, local_rank: int = 0,
+                    sp_size: int | None = None) -> FastVideoArgs:
+        """The engine settings; over `world_size` processes the DiT runs sequence parallel
+        over `sp_size` of them (default: all)."""
         options = {k: v for k, v in (("device", self.device), ("dtype", self.dtype)) if v}
         args = FastVideoArgs(model_path=self.model_path, num_gpus=world_size,
-                             sp_size=world_size, tp_size=1, **options)
+                             sp_size=sp_size or world_size, tp_size=1, **options)
         if world_size > 1 and args.device.startswith("cuda"):
             args = dataclasses.replace(args, device=f"cuda:{local_rank}")  # a GPU per process
         return args
@@ -166,22 +175,39 @@ def run_denoise_job(job: DenoiseJob, pipeline: ComposedPipelineBase | None = Non
                     group: GroupCoordinator | None = None) -> list[DenoiseOutcome]:
     """Denoise every item of `job` with one pipeline (loaded here unless given).
 
-    With `group` (the world of a multi-process job) every rank calls this with the same
-    job; rank 0 does the I/O and returns the outcomes, the other ranks return [].
+    With `group` (the world of a multi-process job, its sp groups set up) every rank calls
+    this with the same job; each replica (sp group) denoises its share of the items (see
+    the module doc), and rank 0 returns every outcome in the job's order, the other ranks
+    [].
     """
     world_size = group.world_size if group is not None else 1
     rank = group.rank_in_group if group is not None else 0
-    args = job.engine_args(world_size, int(os.environ.get("LOCAL_RANK", rank)))
+    sp_size = get_sp_world_size() if group is not None else 1
+    num_replicas = world_size // sp_size
+    leader = get_sp_rank() == 0 if group is not None else True
+    args = job.engine_args(world_size, int(os.environ.get("LOCAL_RANK", rank)), sp_size)
     if pipeline is None:
         from fastvideo.entrypoints.video_generator import build_pipeline_for_stages
 
         pipeline = build_pipeline_for_stages(args, [DENOISING_STAGE])
-    runner = _ItemRunner(store=open_store(job.store_uri) if rank == 0 else None,
+    runner = _ItemRunner(store=open_store(job.store_uri) if leader else None,
                          stage=pipeline.get_stage(DENOISING_STAGE), args=args,
                          checkpoint_every=job.checkpoint_every, on_progress=on_progress,
-                         group=group if world_size > 1 else None)
-    outcomes = [runner.run(item) for item in job.items]
-    return outcomes if rank == 0 else []
+                         group=get_sp_group() if sp_size > 1 else None)
+    replica = rank // sp_size
+    mine = [runner.run(item) for item in job.items[replica::num_replicas]]
+    if num_replicas == 1:
+        return mine if rank == 0 else []
+    if leader:  # say which replica made each item, for the record
+        mine = [dataclasses.replace(o, info={**o.info, "replica": replica}) for o in mine]
+    # Every replica's outcomes to rank 0, in job order (item i was replica i % R's).
+    sent = DenoiseOutcome.list_to_json(mine) if leader else b""
+    gathered = _gather_bytes(group, sent)
+    if rank != 0:
+        return []
+    per_replica = [DenoiseOutcome.list_from_json(gathered[r * sp_size])
+                   for r in range(num_replicas)]
+    return [per_replica[i % num_replicas][i // num_replicas] for i in range(len(job.items))]
 
 
 @dataclass
@@ -280,6 +306,17 @@ def _broadcast_bytes(group: GroupCoordinator, data: bytes | None) -> bytes | Non
     return group.broadcast(buffer.to(group.device), src=0).cpu().numpy().tobytes()
 
 
+def _gather_bytes(group: GroupCoordinator, data: bytes) -> list[bytes]:
+    """Every rank's `data`, in rank order, on every rank."""
+    sizes = group.all_gather(torch.tensor([len(data)], dtype=torch.int64).to(group.device),
+                             dim=0).tolist()
+    buffer = torch.zeros(max(max(sizes), 1), dtype=torch.uint8)
+    if data:
+        buffer[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    everything = group.all_gather(buffer.to(group.device), dim=0).view(len(sizes), -1).cpu()
+    return [everything[r, :size].numpy().tobytes() for r, size in enumerate(sizes)]
+
+
 def _broadcast_batch(group: GroupCoordinator, batch: ForwardBatch | None) -> ForwardBatch | None:
     """Rank 0's batch (None: nothing to run) on every rank, in the checkpoint encoding."""
     encoded = encode_batch(batch) if batch is not None else None
@@ -290,6 +327,16 @@ def _broadcast_batch(group: GroupCoordinator, batch: ForwardBatch | None) -> For
     if group.rank_in_group == 0:
         return batch
     return decode_batch(EncodedBatch(tensors, fields))
+
+
+def check_sp_size(num_procs: int, sp_size: int | None) -> int:
+    """`sp_size` (None: all `num_procs`), or ValueError unless it divides `num_procs`."""
+    sp_size = num_procs if sp_size is None else sp_size
+    if sp_size < 1 or num_procs % sp_size:
+        valid = [d for d in range(1, num_procs + 1) if num_procs % d == 0]
+        raise ValueError(f"sp size {sp_size} must divide the {num_procs} denoise processes; "
+                         f"sizes that work: {valid}")
+    return sp_size
 
 
 def result_key(job_key: str) -> str:
@@ -305,15 +352,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", required=True, help="store URI holding the job")
     parser.add_argument("--job-key", required=True, help="key of the job's JSON in the store")
+    parser.add_argument("--sp-size", type=int, default=None,
+                        help="processes per replica, the DiT sequence parallel over them "
+                             "(default: all); the replicas split the job's items")
     args = parser.parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    sp_size = check_sp_size(world_size, args.sp_size)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s")
     group = None
     if world_size > 1:
         init_distributed_environment()
-        initialize_model_parallel(1, world_size)
+        initialize_model_parallel(1, sp_size)
         group = get_world_group()
     store = open_store(args.store) if rank == 0 else None
     job_json = retry_io(lambda: store.get_bytes(args.job_key)) if rank == 0 else None
@@ -323,7 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     # An exception ends this process here, without a goodbye to the other ranks: they
     # may be stuck in a collective, and torchrun stops them.
-    outcomes = run_denoise_job(job, on_progress=_print_progress if rank == 0 else None,
+    # Each replica's first rank reports its items' steps.
+    outcomes = run_denoise_job(job, on_progress=_print_progress if rank % sp_size == 0 else None,
                                group=group)
     if group is not None:
         destroy_distributed_environment()
@@ -331,8 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         retry_io(lambda: store.put_bytes(result_key(args.job_key),
                                          DenoiseOutcome.list_to_json(outcomes)))
         failed = sum(o.error is not None for o in outcomes)
-        logger.info("denoised %d item(s), %d failed, on %d process(es) in %.1f s",
-                    len(outcomes), failed, world_size, time.perf_counter() - start)
+        logger.info("denoised %d item(s), %d failed, on %d process(es) (%d replica(s)) in "
+                    "%.1f s", len(outcomes), failed, world_size, world_size // sp_size,
+                    time.perf_counter() - start)
     return 0
 
 

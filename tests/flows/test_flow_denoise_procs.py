@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import json
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -90,6 +91,25 @@ def test_two_processes_equal_inprocess(inprocess_latents: dict[str, torch.Tensor
         assert_close(latents, inprocess_latents[item_id])
 
 
+def test_two_replicas_split_the_items_and_equal_inprocess(
+        prefect_server, dataset: Path, tiny_wan_path: Path,
+        inprocess_latents: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    """`denoise_sp_size=1` on 2 processes: 2 model replicas, one item each (one job of 2)."""
+    output = tmp_path / "replicas"
+    rows = _bulk(dataset, str(output), tiny_wan_path, denoise_dispatch="torchrun",
+                 nproc_per_node=PROCS, denoise_sp_size=1)
+    assert {r["status"] for r in rows.values()} == {"succeeded"}
+    # Each replica wrote its own item's output: both items, same latents as in-process.
+    latents = _latents(rows)
+    assert latents.keys() == inprocess_latents.keys()
+    for item_id, value in latents.items():
+        assert_close(value, inprocess_latents[item_id])
+    results = list(output.glob("jobs/denoise/*/result.json"))
+    assert len(results) == 1
+    outcomes = json.loads(results[0].read_text())
+    assert [o["info"]["replica"] for o in outcomes] == [0, 1]
+
+
 def _ranks(store: Path) -> dict[int, psutil.Process]:
     """The denoise worker ranks (children of this process's torchrun) working on `store`."""
     ranks = {}
@@ -157,8 +177,13 @@ def test_several_processes_need_torchrun() -> None:
     with pytest.raises(ValueError, match="--remote-launcher torchrun"):
         DenoiseDispatch(mode="deployment", nproc_per_node=2)
     DenoiseDispatch(mode="deployment", nproc_per_node=2, remote_launcher="torchrun")
+    with pytest.raises(ValueError, match=r"sp size 3 must divide the 4 denoise processes; "
+                                         r"sizes that work: \[1, 2, 4\]"):
+        DenoiseDispatch(mode="torchrun", nproc_per_node=4, sp_size=3)
+    assert DenoiseDispatch(mode="torchrun", nproc_per_node=4, sp_size=2).sp_size == 2
 
     parser = argparse.ArgumentParser()
     add_options(parser)
     for flag in ("--denoise-procs", "--nproc-per-node"):
         assert given_options(parser.parse_args([flag, "4"]))["nproc_per_node"] == 4
+    assert given_options(parser.parse_args(["--denoise-sp-size", "2"]))["denoise_sp_size"] == 2

@@ -50,9 +50,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from fastvideo.distributed import (
     GroupCoordinator,
@@ -83,6 +85,8 @@ from fastvideo.storage.batch_codec import EncodedBatch, decode_batch, encode_bat
 logger = logging.getLogger(__name__)
 
 DENOISING_STAGE = "denoising_stage"
+REPLICA_WAIT = timedelta(days=2)
+"""How long replicas that finished their items wait for the others (a shard's worth)."""
 PROGRESS_PREFIX = "fastvideo-progress"
 _PROGRESS_FIELDS = ("latents", "step_index", "extra")
 
@@ -200,9 +204,11 @@ def run_denoise_job(job: DenoiseJob, pipeline: ComposedPipelineBase | None = Non
         return mine if rank == 0 else []
     if leader:  # say which replica made each item, for the record
         mine = [dataclasses.replace(o, info={**o.info, "replica": replica}) for o in mine]
-    # Every replica's outcomes to rank 0, in job order (item i was replica i % R's).
+    # Every replica's outcomes to rank 0, in job order (item i was replica i % R's). A
+    # replica may finish an item's worth of time before another: wait on the CPU, on a
+    # group whose timeout is long enough for that, not on the device's.
     sent = DenoiseOutcome.list_to_json(mine) if leader else b""
-    gathered = _gather_bytes(group, sent)
+    gathered = _gather_bytes(dist.new_group(backend="gloo", timeout=REPLICA_WAIT), sent)
     if rank != 0:
         return []
     per_replica = [DenoiseOutcome.list_from_json(gathered[r * sp_size])
@@ -306,15 +312,18 @@ def _broadcast_bytes(group: GroupCoordinator, data: bytes | None) -> bytes | Non
     return group.broadcast(buffer.to(group.device), src=0).cpu().numpy().tobytes()
 
 
-def _gather_bytes(group: GroupCoordinator, data: bytes) -> list[bytes]:
-    """Every rank's `data`, in rank order, on every rank."""
-    sizes = group.all_gather(torch.tensor([len(data)], dtype=torch.int64).to(group.device),
-                             dim=0).tolist()
-    buffer = torch.zeros(max(max(sizes), 1), dtype=torch.uint8)
+def _gather_bytes(group: dist.ProcessGroup, data: bytes) -> list[bytes]:
+    """Every rank's `data`, in rank order, on every rank (a CPU group)."""
+    num_ranks = dist.get_world_size(group)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(num_ranks)]
+    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=group)
+    longest = max(max(int(size) for size in sizes), 1)
+    buffer = torch.zeros(longest, dtype=torch.uint8)
     if data:
         buffer[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    everything = group.all_gather(buffer.to(group.device), dim=0).view(len(sizes), -1).cpu()
-    return [everything[r, :size].numpy().tobytes() for r, size in enumerate(sizes)]
+    parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(num_ranks)]
+    dist.all_gather(parts, buffer, group=group)
+    return [part[:int(size)].numpy().tobytes() for part, size in zip(parts, sizes)]
 
 
 def _broadcast_batch(group: GroupCoordinator, batch: ForwardBatch | None) -> ForwardBatch | None:

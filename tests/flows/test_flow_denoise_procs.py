@@ -43,9 +43,9 @@ TOL = 1e-5
 
 
 def _bulk(dataset: Path, output: str, model_path: Path, **options: Any) -> dict[str, Any]:
+    options = {"shard_size": 2, **options}
     state = bulk(dataset=str(dataset), output=output, model_path=str(model_path),
-                 checkpoint_every=CHECKPOINT_EVERY, shard_size=2, return_state=True,
-                 **OPTIONS, **options)
+                 checkpoint_every=CHECKPOINT_EVERY, return_state=True, **OPTIONS, **options)
     assert state.is_completed(), state.message
     return read_manifest(output)
 
@@ -92,22 +92,24 @@ def test_two_processes_equal_inprocess(inprocess_latents: dict[str, torch.Tensor
 
 
 def test_two_replicas_split_the_items_and_equal_inprocess(
-        prefect_server, dataset: Path, tiny_wan_path: Path,
-        inprocess_latents: dict[str, torch.Tensor], tmp_path: Path) -> None:
-    """`denoise_sp_size=1` on 2 processes: 2 model replicas, one item each (one job of 2)."""
+        prefect_server, tiny_wan_path: Path, tmp_path: Path) -> None:
+    """`denoise_sp_size=1` on 2 processes: 2 model replicas share one job of 3 items
+    (items 0 and 2 on replica 0, item 1 on replica 1), as in-process denoising makes them."""
+    three = write_dataset(tmp_path / "three.jsonl", [{"prompt": p} for p in PROMPTS[:3]])
+    expected = _latents(_bulk(three, str(tmp_path / "inprocess"), tiny_wan_path,
+                              shard_size=3))
     output = tmp_path / "replicas"
-    rows = _bulk(dataset, str(output), tiny_wan_path, denoise_dispatch="torchrun",
+    rows = _bulk(three, str(output), tiny_wan_path, shard_size=3, denoise_dispatch="torchrun",
                  nproc_per_node=PROCS, denoise_sp_size=1)
     assert {r["status"] for r in rows.values()} == {"succeeded"}
-    # Each replica wrote its own item's output: both items, same latents as in-process.
     latents = _latents(rows)
-    assert latents.keys() == inprocess_latents.keys()
+    assert latents.keys() == expected.keys() and len(latents) == 3
     for item_id, value in latents.items():
-        assert_close(value, inprocess_latents[item_id])
+        assert_close(value, expected[item_id])
     results = list(output.glob("jobs/denoise/*/result.json"))
     assert len(results) == 1
     outcomes = json.loads(results[0].read_text())
-    assert [o["info"]["replica"] for o in outcomes] == [0, 1]
+    assert [o["info"]["replica"] for o in outcomes] == [0, 1, 0]
 
 
 def _ranks(store: Path) -> dict[int, psutil.Process]:

@@ -13,6 +13,7 @@ its share of the videos, and the results come back in prompt order.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import socket
 from multiprocessing.connection import Connection, wait
@@ -23,6 +24,8 @@ from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
 from fastvideo.worker.data_parallel import item_ranges, merge_batches, split_batch
 from fastvideo.worker.worker_process import READY, SHUTDOWN, worker_main
+
+logger = logging.getLogger(__name__)
 
 _ERROR_GRACE_S = 10.0
 
@@ -81,6 +84,11 @@ class MultiprocExecutor:
         else:
             parts = [split_batch(batch, start, end)
                      for start, end in item_ranges(batch.batch_size, self.num_replicas)]
+            if len(parts) < self.num_replicas:
+                logger.info("%d prompt(s) for %d model replicas: %d replica(s) idle; pass "
+                            "more prompts per call, or a larger sp_size for one video",
+                            batch.batch_size, self.num_replicas,
+                            self.num_replicas - len(parts))
         ranks = range(len(parts) * self.replica_size)
         for rank in ranks:
             self._conns[rank].send(parts[rank // self.replica_size])

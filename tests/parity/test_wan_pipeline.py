@@ -69,3 +69,32 @@ def test_batched_guidance_equals_two_forwards(tiny_wan_path) -> None:
     assert batch_sizes == [2] * REQUEST["num_inference_steps"]
     torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=1e-5)
     assert not torch.equal(a.latents, torch.zeros_like(a.latents))
+
+
+def test_guidance_texts_of_different_lengths_run_as_two_forwards(tiny_wan_path) -> None:
+    """Embeddings that cannot be stacked (here the negative cut to 8 tokens) fall back to
+    two forwards per step, with the result of `batch_cfg=False`."""
+    from fastvideo.entrypoints.video_generator import build_pipeline
+    from fastvideo.fastvideo_args import FastVideoArgs
+    from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+
+    pipeline = build_pipeline(FastVideoArgs(model_path=str(tiny_wan_path), device="cpu"))
+    args = pipeline.fastvideo_args
+    request = {k: v for k, v in REQUEST.items() if k != "prompt"}
+    batch = ForwardBatch(prompt=[REQUEST["prompt"]], seed=5, **{**request,
+                         "negative_prompt": [request["negative_prompt"]]})
+    for name in ("input_validation_stage", "text_encoding_stage",
+                 "timestep_preparation_stage", "latent_preparation_stage"):
+        batch = pipeline.get_stage(name)(batch, args)
+    batch.negative_prompt_embeds = batch.negative_prompt_embeds[:, :8]
+    stage = pipeline.get_stage("denoising_stage")
+    batch_sizes: list[int] = []
+    stage.transformer.register_forward_pre_hook(
+        lambda module, a, kwargs: batch_sizes.append(kwargs["hidden_states"].shape[0]),
+        with_kwargs=True)
+    start = {"latents": batch.latents.clone(), "step_index": 0}
+    paired = stage(batch, args).latents.clone()
+    assert batch_sizes == [1, 1] * REQUEST["num_inference_steps"]
+    stage.batch_cfg = False
+    batch.latents, batch.step_index = start["latents"], start["step_index"]
+    assert torch.equal(stage(batch, args).latents, paired)

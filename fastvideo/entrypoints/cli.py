@@ -37,7 +37,11 @@ def _build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--device", default=None)
     engine.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16")
     engine.add_argument("--num-gpus", type=int, default=1)
-    engine.add_argument("--sp-size", type=int, default=None)
+    engine.add_argument("--sp-size", type=int, default=None,
+                        help="GPUs per model replica, the DiT sequence parallel over them "
+                             "(default: --num-gpus). Fewer makes replicas, which split a "
+                             "list of prompts in one call; this command makes one video per "
+                             "call, so for replicas use VideoGenerator or flows.bulk")
     engine.add_argument("--tp-size", type=int, default=1)
     engine.add_argument("--attention-backend", default=None,
                         help="TORCH_SDPA, FLASH_ATTN or SLIDING_TILE_ATTN (default: per layer)")

@@ -383,9 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     # An exception ends this process here, without a goodbye to the other ranks: they
     # may be stuck in a collective, and torchrun stops them.
-    # Each replica's first rank reports its items' steps.
-    outcomes = run_denoise_job(job, on_progress=_print_progress if rank % sp_size == 0 else None,
-                               group=group)
+    # Only each replica's first rank reports steps (the runner calls back on leaders only).
+    outcomes = run_denoise_job(job, on_progress=_print_progress, group=group)
     if group is not None:
         destroy_distributed_environment()
     if rank == 0:

@@ -15,6 +15,8 @@ import torch
 
 from fastvideo.pipelines.pipeline_batch_info import NOISE_ROWS_KEY, ForwardBatch
 
+PER_ITEM_LISTS = ("prompt", "negative_prompt")
+"""List fields with one entry per item (when their length is the batch size)."""
 PER_ITEM_TENSORS = ("prompt_embeds", "negative_prompt_embeds", "latents", "output")
 """Tensor fields with one row per item."""
 
@@ -33,7 +35,7 @@ def split_batch(batch: ForwardBatch, start: int, end: int) -> ForwardBatch:
     changes = {}
     for f in dataclasses.fields(batch):
         value = getattr(batch, f.name)
-        if isinstance(value, list) and f.name in ("prompt", "negative_prompt"):
+        if isinstance(value, list) and f.name in PER_ITEM_LISTS:
             changes[f.name] = value[start:end] if len(value) == size else value
         elif isinstance(value, torch.Tensor) and f.name in PER_ITEM_TENSORS:
             changes[f.name] = value[start:end]
@@ -47,14 +49,14 @@ def merge_batches(parts: list[ForwardBatch], original: ForwardBatch) -> ForwardB
     """The replicas' finished batches, in item order, as one: per-item fields concatenated,
     each stage's time the slowest replica's."""
     merged = dataclasses.replace(parts[0])
-    size = sum(p.batch_size for p in parts)
-    for f in dataclasses.fields(merged):
-        values = [getattr(p, f.name) for p in parts]
-        if f.name in ("prompt", "negative_prompt") and all(isinstance(v, list) for v in values):
-            if len(getattr(original, f.name) or []) == size:
-                setattr(merged, f.name, [x for v in values for x in v])
-        elif f.name in PER_ITEM_TENSORS and all(isinstance(v, torch.Tensor) for v in values):
-            setattr(merged, f.name, torch.cat(values))
+    for name in PER_ITEM_LISTS:  # the lists `split_batch` sliced
+        whole = getattr(original, name)
+        if isinstance(whole, list) and len(whole) == original.batch_size:
+            setattr(merged, name, [x for p in parts for x in getattr(p, name)])
+    for name in PER_ITEM_TENSORS:
+        values = [getattr(p, name) for p in parts]
+        if all(isinstance(v, torch.Tensor) for v in values):
+            setattr(merged, name, torch.cat(values))
     merged.timings = {stage: max(p.timings.get(stage, 0.0) for p in parts)
                       for stage in dict.fromkeys(k for p in parts for k in p.timings)}
     merged.extra = {k: v for k, v in parts[0].extra.items() if k != NOISE_ROWS_KEY}

@@ -29,8 +29,16 @@ from bench_dit import parse_tile, time_once  # the script's folder is on sys.pat
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
+from fastvideo.attention.backends.flash_cute import (
+    cute_unavailable_reason,
+    flash_cute_attention,
+    flash_cute_masked_attention,
+    flash_cute_tile_attention,
+    layout_ints,
+)
 from fastvideo.attention.backends.sliding_tile import (
     TileLayout,
+    _tile_indices,
     block_size_for,
     get_sta_block_mask,
     sliding_tile_attention,
@@ -46,6 +54,17 @@ SDPA_KERNELS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBacke
 
 def _window(text: str) -> Window:
     return tuple(int(v) for v in text.split(","))
+
+
+def _window_2(text: str) -> tuple[int, int]:
+    m, n = (int(v) for v in text.split(","))
+    return m, n
+
+
+def _cute_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                tile_mn: tuple[int, int]) -> torch.Tensor:
+    from flash_attn.cute.interface import _flash_attn_fwd
+    return _flash_attn_fwd(q, k, v, softmax_scale=scale, tile_mn=tile_mn)[0]
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,6 +83,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kernel-options", type=json.loads, nargs="*", default=[],
                         help="FlexAttention kernel_options dicts (JSON) to also time the STA "
                              "kernel with, e.g. '{\"USE_TMA\": true}'")
+    parser.add_argument("--cute-tiles", type=_window_2, nargs="*", default=[],
+                        help="also time the dense CuTe kernel with these (tile_m, tile_n)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true",
@@ -110,6 +131,7 @@ def masked_sdpa_error(layout: TileLayout, window: Window, q_BHLD: torch.Tensor,
 def main() -> None:
     args = parse_args()
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)
+    args.device_obj = device
     grid, num_heads, dim = tuple(args.grid), args.heads, args.head_dim
     seq_len = math.prod(grid)
     generator = torch.Generator(device).manual_seed(0)
@@ -129,11 +151,20 @@ def main() -> None:
         for name, kernel in SDPA_KERNELS.items():
             runs[name] = (lambda kernel=kernel: _sdpa_with(kernel, q_t, k_t, v_t))
         runs["flex_dense"] = lambda: flex(q_t, k_t, v_t)
+        cute_reason = cute_unavailable_reason(device, dtype, dim)
+        if cute_reason is None:
+            scale = dim**-0.5
+            runs["flash_cute"] = lambda: flash_cute_attention(q, k, v, scale, False).transpose(1, 2)
+            for tile_mn in args.cute_tiles:
+                runs[f"flash_cute {tile_mn}"] = (
+                    lambda tile_mn=tile_mn: _cute_tiles(q, k, v, scale, tile_mn).transpose(1, 2))
         rows: dict[str, dict[str, Any]] = {}
+        if cute_reason is not None:
+            rows["flash_cute"] = {"skipped": cute_reason}
         for name, fn in runs.items():
             try:
                 out = fn()
-            except RuntimeError as e:  # e.g. no cuDNN / flash kernel for this device or dtype
+            except Exception as e:  # noqa: BLE001  # e.g. no cuDNN / flash kernel for this device or dtype
                 rows[name] = {"skipped": str(e).splitlines()[0]}
                 continue
             ms = time_ms(fn, device, args.iters, args.warmup)
@@ -196,6 +227,9 @@ def bench_sta(args: argparse.Namespace, window: Window, q: torch.Tensor, k: torc
     sta_ms = time_ms(sta, device, args.iters, args.warmup)
     kernel_ms = time_ms(kernel, device, args.iters, args.warmup)
     rows = {}
+    if cute_unavailable_reason(device, q.dtype, q.shape[-1]) is None:
+        rows.update(bench_sta_cute(args, label, common, layout, window, block_mask, q_l, k_l,
+                                   v_l, kernel(), dense_flops))
     for options in args.kernel_options:
         def tuned(options=options) -> torch.Tensor:
             return flex(q_l, k_l, v_l, block_mask=block_mask, kernel_options=options)
@@ -218,6 +252,59 @@ def bench_sta(args: argparse.Namespace, window: Window, q: torch.Tensor, k: torc
                             "masked_sdpa_rel_err": masked_sdpa_error(layout, window, q_l, k_l,
                                                                      v_l, kernel())},
     }
+
+
+def bench_sta_cute(args: argparse.Namespace, label: str, common: dict[str, Any],
+                   layout: TileLayout, window: Window, block_mask: Any, q_l: torch.Tensor,
+                   k_l: torch.Tensor, v_l: torch.Tensor, flex_out: torch.Tensor,
+                   dense_flops: int) -> dict[str, dict[str, Any]]:
+    """The STA kernel on FlashAttention's CuTe block-sparse kernel, same block mask."""
+    q_c, k_c, v_c = (x.transpose(1, 2) for x in (q_l, k_l, v_l))  # [B, L, H, D], contiguous
+    scale = q_l.shape[-1] ** -0.5
+
+    def kernel() -> torch.Tensor:
+        return flash_cute_tile_attention(
+            q_c, k_c, v_c, block_mask.kv_num_blocks, block_mask.kv_indices,
+            block_mask.full_kv_num_blocks, block_mask.full_kv_indices, layout_ints(layout),
+            scale)
+
+    real_keys = _tile_indices(layout, q_l.device)[2]
+    key_is_real = torch.zeros(layout.seq_len + 2 * layout.block_size, dtype=torch.int32,
+                              device=q_l.device)
+    key_is_real[:layout.seq_len] = real_keys.int()
+
+    def lookup() -> torch.Tensor:
+        return flash_cute_masked_attention(
+            q_c, k_c, v_c, block_mask.kv_num_blocks, block_mask.kv_indices,
+            block_mask.full_kv_num_blocks, block_mask.full_kv_indices, key_is_real,
+            layout.block_size, scale)
+
+    def unmasked() -> torch.Tensor:  # timing bound only: padding keys NOT masked (wrong)
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+        from flash_attn.cute.interface import _flash_attn_fwd
+        sparse = BlockSparseTensorsTorch(
+            block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+            block_mask.full_kv_indices, block_size=(layout.block_size, layout.block_size))
+        return _flash_attn_fwd(q_c, k_c, v_c, softmax_scale=scale,
+                               block_sparse_tensors=sparse)[0]
+
+    rows = {}
+    for name, fn in ((f"{label}_cute_kernel", kernel), (f"{label}_cute_lookup", lookup),
+                     (f"{label}_cute_unmasked_bound", unmasked)):
+        try:
+            out = fn().transpose(1, 2)
+        except Exception as e:  # noqa: BLE001 - report and go on with the other kernels
+            rows[name] = {"skipped": f"{type(e).__name__}: {e}"[:300]}
+            continue
+        ms = time_ms(fn, args.device_obj, args.iters, args.warmup)
+        real = layout.from_tiles(out)  # padding query rows dropped
+        flex_real = layout.from_tiles(flex_out)
+        rows[name] = {
+            **common, "ms": ms, "effective_tflops": dense_flops / ms / 1e9,
+            "max_abs_vs_flex": (real - flex_real).abs().max().item(),
+            "rel_err": rel_err(real, flex_real.float()),
+            "masked_sdpa_rel_err": masked_sdpa_error(layout, window, q_l, k_l, v_l, out)}
+    return rows
 
 
 if __name__ == "__main__":

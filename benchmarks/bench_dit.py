@@ -13,8 +13,10 @@ GPU, wall clock on CPU).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -71,8 +73,30 @@ def parse_args() -> argparse.Namespace:
                              "e.g. 5,3,5 3,3,4 (on our compiled model with --compile)")
     parser.add_argument("--sta-tile", type=parse_tile, default="auto",
                         help="STA tile size t,h,w, or auto (choose_tile_size: (3, 6, 7) at 480p)")
+    parser.add_argument("--also-backends", nargs="*", default=[],
+                        help="also time ours with these attention backends requested (e.g. "
+                             "TORCH_SDPA); `ours` takes the layers' own choice")
     parser.add_argument("--json-out", type=Path, help="write the results as JSON here")
     return parser.parse_args()
+
+
+def backends_used(model: nn.Module) -> list[str]:
+    """The attention backends `model`'s layers chose on their last inputs, with the kernel
+    FLASH_ATTN runs and the kernel STA runs with."""
+    from fastvideo.attention.backends.flash_cute import cute_unavailable_reason
+    from fastvideo.attention.layer import _AttentionLayer
+
+    names = set()
+    for layer in model.modules():
+        if isinstance(layer, _AttentionLayer):
+            for (dtype, device), backend in layer._backends.items():
+                name = backend.name.name
+                if name in ("FLASH_ATTN", "SLIDING_TILE_ATTN"):
+                    cute = cute_unavailable_reason(device, dtype, layer.head_size) is None
+                    name += " (flash_cute)" if cute else (
+                        " (flex)" if name == "SLIDING_TILE_ATTN" else " (flash_attn 2)")
+                names.add(name)
+    return sorted(names)
 
 
 def build_models(config: dict[str, Any], device: torch.device,
@@ -155,29 +179,56 @@ def time_sta(model: nn.Module, inputs: dict[str, torch.Tensor], args: argparse.N
     tile = resolve_tile_size(args.sta_tile, grid)
     layout = TileLayout(grid, tile, block_size=block_size_for(math.prod(tile), device))
     padding = layout.num_tiled_video_tokens / layout.num_video_tokens
+    from fastvideo.attention.backends.flash_cute import cute_unavailable_reason
+    from fastvideo.attention.backends.sliding_tile import STA_KERNEL_ENV
+
+    kernels = ["flex"]
+    if cute_unavailable_reason(device, dense.dtype, 128) is None:
+        kernels.insert(0, "flash_cute")
+    previous_backends = {m: m.requested_backend for m in model.modules()
+                         if hasattr(m, "requested_backend")}
     request_attention_backend(model, "SLIDING_TILE_ATTN")
     results = []
-    for spec in args.sta_windows:
-        window = tuple(int(v) for v in spec.split(","))
-        config = STAConfig(tile_size=tile, default_window=window)
-        with torch.inference_mode(), sta_context(config=config, step=0):
-            out = model(**inputs).float()
-            for _ in range(args.warmup):
-                time_once(lambda: model(**inputs), device)
-            ms = statistics.median(time_once(lambda: model(**inputs), device)
-                                   for _ in range(args.iters))
-        ref = dense.float()
-        entry = {"window": window, "tile": tile, "median_ms": ms,
-                 "density": sta_block_density(grid, tile, window),
-                 # Work relative to dense attention over the real tokens.
-                 "computed_fraction": sta_block_density(grid, tile, window) * padding**2,
-                 "rel_l2_vs_dense": ((out - ref).norm() / ref.norm()).item(),
-                 "max_abs_vs_dense": (out - ref).abs().max().item()}
-        print(f"STA tile {tile} window {window}: {ms:.2f} ms, density {entry['density']:.3f} "
-              f"(computed {entry['computed_fraction']:.3f} of dense), "
-              f"rel L2 vs dense {entry['rel_l2_vs_dense']:.3e}")
-        results.append(entry)
-    request_attention_backend(model, "TORCH_SDPA")
+    previous_kernel = os.environ.get(STA_KERNEL_ENV)
+    try:
+        for spec, kernel in itertools.product(args.sta_windows, kernels):
+            os.environ[STA_KERNEL_ENV] = kernel
+            window = tuple(int(v) for v in spec.split(","))
+            config = STAConfig(tile_size=tile, default_window=window)
+            with torch.inference_mode(), sta_context(config=config, step=0):
+                out = model(**inputs).float()
+                for _ in range(args.warmup):
+                    time_once(lambda: model(**inputs), device)
+                ms = statistics.median(time_once(lambda: model(**inputs), device)
+                                       for _ in range(args.iters))
+            ref = dense.float()
+            entry = {"window": window, "tile": tile, "kernel": kernel, "median_ms": ms,
+                     "density": sta_block_density(grid, tile, window),
+                     # Work relative to dense attention over the real tokens.
+                     "computed_fraction": sta_block_density(grid, tile, window) * padding**2,
+                     "rel_l2_vs_dense": ((out - ref).norm() / ref.norm()).item(),
+                     "max_abs_vs_dense": (out - ref).abs().max().item()}
+            same = [r for r in results if r["window"] == window]
+            if same:  # the other kernel on the same window: how far apart the outputs are
+                entry["rel_l2_vs_" + same[0]["kernel"]] = (
+                    (out - same[0].pop("_out")).norm() / out.norm()).item()
+            else:
+                entry["_out"] = out
+            print(f"STA tile {tile} window {window} on {kernel}: {ms:.2f} ms, density "
+                  f"{entry['density']:.3f} (computed {entry['computed_fraction']:.3f} of "
+                  f"dense), rel L2 vs dense {entry['rel_l2_vs_dense']:.3e}")
+            results.append(entry)
+    finally:
+        if previous_kernel is None:
+            os.environ.pop(STA_KERNEL_ENV, None)
+        else:
+            os.environ[STA_KERNEL_ENV] = previous_kernel
+    for entry in results:
+        entry.pop("_out", None)
+    for layer, backend in previous_backends.items():
+        layer.requested_backend = backend
+        layer._impls.clear()
+        layer._backends.clear()
     return results
 
 
@@ -201,6 +252,19 @@ def main() -> None:
         ours_compiled.load_weights(ours.state_dict().items())
         compile_repeated_blocks(ours_compiled)
         runs["ours_compiled"] = lambda: ours_compiled(**inputs)
+    models = {"ours": ours} | ({"ours_compiled": ours_compiled} if args.compile else {})
+    for backend in args.also_backends:
+        from fastvideo.attention.layer import request_attention_backend
+
+        for name, compiled in (("ours", False), ("ours_compiled", True))[:1 + args.compile]:
+            model = WanTransformer3DModel.from_config(config).to(device).eval()
+            model.to_compute_dtype(dtype)
+            model.load_weights(ours.state_dict().items())
+            request_attention_backend(model, backend)
+            if compiled:
+                compile_repeated_blocks(model)
+            models[f"{name}_{backend}"] = model
+            runs[f"{name}_{backend}"] = lambda model=model: model(**inputs)
 
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
@@ -213,6 +277,7 @@ def main() -> None:
             for name, fn in runs.items():
                 times[name].append(time_once(fn, device))
 
+    attention_backends = {name: backends_used(m) for name, m in models.items()}
     if args.sta_windows:
         model = ours_compiled if args.compile else ours
         result_sta = time_sta(model, inputs, args, device, outputs["ours"])
@@ -226,6 +291,9 @@ def main() -> None:
         "all_ms": times, "peak_memory_gib": memory,
         "ratio_ours_over_diffusers": median_ms["ours"] / median_ms["diffusers"],
         "max_abs_diff": (outputs["ours"].float() - expected).abs().max().item(),
+        "max_abs_diff_to_diffusers": {name: (out.float() - expected).abs().max().item()
+                                      for name, out in outputs.items()},
+        "attention_backends": attention_backends,
         "max_abs_output": expected.abs().max().item(),
     }
     if args.compile:
@@ -237,7 +305,10 @@ def main() -> None:
         result["sta"] = result_sta
     for name, ms in median_ms.items():
         mem = f", peak {memory[name]:.2f} GiB" if memory[name] is not None else ""
-        print(f"{name:>20}: {ms:9.2f} ms (median of {args.iters}){mem}")
+        used = result["attention_backends"].get(name)
+        used = f", attention {', '.join(used)}" if used else ""
+        print(f"{name:>28}: {ms:9.2f} ms (median of {args.iters}){mem}{used}, max |diff to "
+              f"diffusers| {result['max_abs_diff_to_diffusers'][name]:.2e}")
     print(f"ours / diffusers eager: {result['ratio_ours_over_diffusers']:.3f}")
     if args.compile:
         print(f"ours compiled / diffusers compiled: "

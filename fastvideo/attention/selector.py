@@ -1,7 +1,9 @@
 """Chooses the attention backend of a layer.
 
 Precedence: the `requested` argument, then the environment variable
-`FASTVIDEO_ATTENTION_BACKEND`, then the layer's first supported backend. A choice that cannot
+`FASTVIDEO_ATTENTION_BACKEND`, then a backend the layer supports that declares itself
+faster here than the defaults (`AttentionBackend.preferred`: FLASH_ATTN where FlashAttention's
+CuTe kernels run), then the layer's first supported backend. A choice that cannot
 run here (package missing, wrong device or dtype, not implemented yet) or that the layer does
 not support falls back to the layer's next supported backend, with a warning saying why.
 """
@@ -56,7 +58,13 @@ def get_attn_backend(head_size: int, dtype: torch.dtype, device: torch.device | 
     order = list(dict.fromkeys(supported_backends))
     source = "requested" if requested is not None else ATTENTION_BACKEND_ENV
     choice = requested if requested is not None else os.environ.get(ATTENTION_BACKEND_ENV) or None
-    if choice is not None:
+    if choice is None:
+        for name in order:
+            backend, reason = _unavailable_reason(name, head_size, dtype, device)
+            if (reason is None and backend is not None and backend.preferred is not None
+                    and backend.preferred(head_size, dtype, device)):
+                return backend
+    else:
         chosen = backend_from_name(choice)
         if chosen in order:
             order.remove(chosen)

@@ -269,3 +269,35 @@ def test_tile_layout_round_trip_and_bad_shapes() -> None:
     with pytest.raises(ValueError, match="2 windows for 3 heads"):
         sliding_tile_attention(x, x, x, grid=(3, 5, 7), tile_size=(2, 2, 4),
                                windows=[(1, 1, 1), (2, 2, 2)], num_text_tokens=4)
+
+
+def test_key_table_of_the_cute_kernel_matches_the_fused_mask() -> None:
+    """FlashAttention's CuTe kernel reads padding keys from `_key_table` where FlexAttention
+    calls the fused mask's mask_mod: same keys, and a block of zeros past the end."""
+    layout = TileLayout((5, 6, 7), (2, 4, 4), 3, 40)
+    block_mask = get_sta_block_mask(layout, ((1, 2, 1),), torch.device("cpu"), fused=True)
+    index, zero = torch.arange(layout.seq_len), torch.zeros((), dtype=torch.int64)
+    table = sliding_tile._key_table(layout, torch.device("cpu"))
+    assert table.dtype == torch.int32 and table.shape == (layout.seq_len + 40,)
+    assert torch.equal(table[:layout.seq_len].bool(), block_mask.mask_mod(zero, zero, zero, index))
+    assert not table[layout.seq_len:].any()
+    assert table.sum() == layout.num_video_tokens + 3
+
+
+def test_sta_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    q = torch.zeros(1, 4, 2, 8)
+    monkeypatch.delenv(sliding_tile.STA_KERNEL_ENV, raising=False)
+    assert not sliding_tile.use_cute_kernel(q)  # auto: FlexAttention off CUDA
+    monkeypatch.setenv(sliding_tile.STA_KERNEL_ENV, "flex")
+    assert not sliding_tile.use_cute_kernel(q)
+    monkeypatch.setenv(sliding_tile.STA_KERNEL_ENV, "flash_cute")
+    with pytest.raises(ValueError, match="flash_cute, but .* cannot run here: needs a CUDA"):
+        sliding_tile.use_cute_kernel(q)
+    monkeypatch.setenv(sliding_tile.STA_KERNEL_ENV, "triton")
+    with pytest.raises(ValueError, match="'triton'; allowed: auto, flex, flash_cute"):
+        sliding_tile.use_cute_kernel(q)
+    # The plan carries no key table off the CuTe kernel, so attend_tiles runs FlexAttention.
+    monkeypatch.setenv(sliding_tile.STA_KERNEL_ENV, "auto")
+    layout = TileLayout((2, 3, 4), (1, 3, 2))
+    q = torch.zeros(1, layout.num_video_tokens, 2, 8)
+    assert sliding_tile.sta_plan(q, layout, ((1, 1, 1),))[3] is None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from fastvideo.attention import (
     _Backend,
     get_attn_backend,
 )
+from fastvideo.attention.backends import flash_cute
 
 SDPA, FLASH, STA = _Backend.TORCH_SDPA, _Backend.FLASH_ATTN, _Backend.SLIDING_TILE_ATTN
 CUDA = torch.device("cuda")  # only named: selection never touches the device
@@ -26,15 +29,61 @@ def _no_env_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ATTENTION_BACKEND_ENV, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_cute_probe() -> Iterator[None]:
+    """The CuTe import probe is cached per process; tests fake the package both ways."""
+    flash_cute._import_failure.cache_clear()
+    yield
+    flash_cute._import_failure.cache_clear()
+
+
 @pytest.fixture
 def flash_installed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make `import flash_attn` succeed, so FLASH_ATTN is available for bf16 on CUDA."""
-    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    """Make `from flash_attn import flash_attn_func` (FlashAttention 2) succeed, so
+    FLASH_ATTN is available for bf16 on CUDA; its CuTe kernels stay missing."""
+    module = types.ModuleType("flash_attn")
+    module.flash_attn_func = lambda *args, **kwargs: None
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
 
 
 @pytest.fixture
 def flash_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # makes the import raise ImportError
+
+
+def _fake_cute(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int]) -> None:
+    """Make FlashAttention's CuTe kernels importable (and FA2 missing) on a GPU of
+    `capability`."""
+    package = types.ModuleType("flash_attn")
+    package.__path__ = []
+    cute = types.ModuleType("flash_attn.cute")
+    cute.__path__ = []
+    monkeypatch.setitem(sys.modules, "flash_attn", package)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface",
+                        types.ModuleType("flash_attn.cute.interface"))
+    monkeypatch.setattr(flash_cute, "_capability", lambda device: capability)
+
+
+def test_cute_kernels_are_preferred_where_they_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_cute(monkeypatch, (9, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # taking a preferred backend is silent
+        assert _select((SDPA, FLASH)) is FLASH
+        assert _select((SDPA, FLASH, STA)) is FLASH
+        assert _select((SDPA,)) is SDPA  # only among the layer's backends
+        assert _select((SDPA, FLASH), requested="TORCH_SDPA") is SDPA  # a choice wins
+        monkeypatch.setenv(ATTENTION_BACKEND_ENV, "TORCH_SDPA")
+        assert _select((SDPA, FLASH)) is SDPA
+        monkeypatch.delenv(ATTENTION_BACKEND_ENV)
+        # fp32, the CPU, or a GPU they are not built for: the layer's own order.
+        assert get_attn_backend(64, torch.float32, CUDA, (SDPA, FLASH)).name is SDPA
+        assert _select((SDPA, FLASH), device=torch.device("cpu")) is SDPA
+        monkeypatch.setattr(flash_cute, "_capability", lambda device: (8, 0))
+        assert _select((SDPA, FLASH)) is SDPA
+    with pytest.warns(UserWarning, match=r"FLASH_ATTN cannot run here .*compute capability "
+                                         r"\(9, 10, 11\)\.x, this GPU is 8\.0"):
+        assert _select((SDPA, FLASH), requested="FLASH_ATTN") is SDPA
 
 
 def _select(supported: tuple[_Backend, ...], requested: str | None = None,

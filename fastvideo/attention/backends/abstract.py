@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,13 @@ class AttentionBackend:
     """Top-level package that must import for the backend to run."""
     supports_sequence_parallel: bool = True
     """Whether `DistributedAttention` may use it on sequence shards exchanged by all-to-all."""
+    availability: Callable[[int, torch.dtype, torch.device], str | None] | None = None
+    """Further check `(head_size, dtype, device) -> why not, or None`, run after the
+    fields above (for backends whose kernels depend on the GPU generation)."""
+    preferred: Callable[[int, torch.dtype, torch.device], bool] | None = None
+    """`(head_size, dtype, device) -> True` where this backend is known to be faster than
+    the layers' defaults: when no backend was asked for, a layer supporting it then takes
+    it ahead of its own order."""
 
     def unsupported_reason(self, head_size: int, dtype: torch.dtype,
                            device: torch.device) -> str | None:
@@ -69,4 +77,6 @@ class AttentionBackend:
             return f"dtype {dtype} not in {sorted(str(d) for d in self.dtypes)}"
         if self.max_head_size is not None and head_size > self.max_head_size:
             return f"head size {head_size} > {self.max_head_size}"
+        if self.availability is not None:
+            return self.availability(head_size, dtype, device)
         return None

@@ -19,7 +19,10 @@ and the reorder indices are built once per (shape, windows, device) and cached; 
 kernel is the compiled FlexAttention kernel, which never visits the blocks outside the
 windows, so inside the blocks it does visit only padding keys remain to be masked.
 
-Kernel timings against cuDNN dense attention: `benchmarks/bench_attention.py` and
+The kernel: FlashAttention's CuTe block-sparse kernel (`flash_cute`) where it runs (Hopper
+and Blackwell with `flash-attn-4` installed; ~1.4x FlexAttention's speed at Wan 480p), else
+the compiled FlexAttention kernel; `FASTVIDEO_STA_KERNEL` (auto, flex, flash_cute) forces
+one. Timings against cuDNN dense attention: `benchmarks/bench_attention.py` and
 `benchmarks/RESULTS.md`.
 
 Under sequence parallelism the backend sees the full sequence and a contiguous slice of the
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,11 +43,20 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from fastvideo.attention.backends.abstract import AttentionBackend, AttentionImpl, _Backend
+from fastvideo.attention.backends.flash_cute import (
+    cute_unavailable_reason,
+    flash_cute_attention,
+    flash_cute_block_sparse_attention,
+)
 from fastvideo.attention.sta_config import KERNEL_BLOCK, Window, parse_window, resolve_tile_size
 from fastvideo.attention.sta_context import current_sta_context
 from fastvideo.distributed.parallel_state import get_sp_rank
 
 Grid = tuple[int, int, int]
+
+STA_KERNEL_ENV = "FASTVIDEO_STA_KERNEL"
+STA_KERNELS = ("auto", "flex", "flash_cute")
+"""auto: FlashAttention's CuTe kernel where it runs, else FlexAttention."""
 
 
 @dataclass(frozen=True)
@@ -289,8 +302,10 @@ def sliding_tile_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
 @torch.compiler.disable
 def sta_plan(query: torch.Tensor, layout: TileLayout, windows: tuple[Window, ...], *,
              video_attends_text: bool = True,
-             text_attends_video: bool = True) -> tuple[BlockMask, torch.Tensor, torch.Tensor]:
-    """(block mask, gather index, scatter index) for `attend_tiles`, from the caches.
+             text_attends_video: bool = True
+             ) -> tuple[BlockMask, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(block mask, gather index, scatter index, padding-key table or None) for
+    `attend_tiles`, from the caches; the table when STA runs on the CuTe kernel.
 
     Kept out of compiled graphs: it is Python-side lookups, and a compiled DiT then breaks
     its graph here once per attention call instead of guarding on the caches."""
@@ -309,13 +324,49 @@ def sta_plan(query: torch.Tensor, layout: TileLayout, windows: tuple[Window, ...
                                     video_attends_text=video_attends_text,
                                     text_attends_video=text_attends_video)
     gather, scatter, _ = _tile_indices(layout, query.device)
-    return block_mask, gather, scatter
+    key_is_real = _key_table(layout, query.device) if use_cute_kernel(query) else None
+    return block_mask, gather, scatter, key_is_real
+
+
+def use_cute_kernel(query: torch.Tensor) -> bool:
+    """Whether STA runs on FlashAttention's CuTe kernel for `query` (`STA_KERNEL_ENV`)."""
+    choice = os.environ.get(STA_KERNEL_ENV, "auto").strip().lower() or "auto"
+    if choice not in STA_KERNELS:
+        raise ValueError(f"{STA_KERNEL_ENV}={choice!r}; allowed: {', '.join(STA_KERNELS)}")
+    if choice == "flex":
+        return False
+    reason = cute_unavailable_reason(query.device, query.dtype, query.shape[-1])
+    if choice == "flash_cute" and reason is not None:
+        raise ValueError(f"{STA_KERNEL_ENV}=flash_cute, but FlashAttention's CuTe kernel "
+                         f"cannot run here: {reason}")
+    return reason is None
+
+
+@functools.lru_cache(maxsize=64)
+def _key_table(layout: TileLayout, device: torch.device) -> torch.Tensor:
+    """int32 per position of the tiled sequence, 1 for a real key; one block of zeros past
+    the end, which the CuTe kernel's last partial block may read."""
+    real = _tile_indices(layout, device)[2]
+    table = torch.zeros(layout.seq_len + layout.block_size, dtype=torch.int32, device=device)
+    table[:layout.seq_len] = real.int()
+    return table
 
 
 def attend_tiles(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 block_mask: BlockMask, gather: torch.Tensor, scatter: torch.Tensor, *,
+                 block_mask: BlockMask, gather: torch.Tensor, scatter: torch.Tensor,
+                 key_is_real: torch.Tensor | None = None, *,
                  scale: float | None = None) -> torch.Tensor:
-    """Gather `[B, S, H, D]` into tile order, attend with `block_mask`, scatter back."""
+    """Gather `[B, S, H, D]` into tile order, attend with `block_mask`, scatter back.
+
+    `key_is_real` (`_key_table`): run FlashAttention's CuTe kernel, which reads the padding
+    keys from it; None: FlexAttention."""
+    if key_is_real is not None:
+        tiled = [x.index_select(1, gather) for x in (query, key, value)]  # [B, L, H, D]
+        out = flash_cute_block_sparse_attention(
+            *tiled, block_mask.kv_num_blocks, block_mask.kv_indices,
+            block_mask.full_kv_num_blocks, block_mask.full_kv_indices, key_is_real,
+            block_mask.BLOCK_SIZE[1], scale or query.shape[-1] ** -0.5)
+        return out.index_select(1, scatter)
     tiled = [x.index_select(1, gather).transpose(1, 2) for x in (query, key, value)]
     return _flex(*tiled, block_mask, scale).transpose(1, 2).index_select(1, scatter)
 
@@ -323,7 +374,8 @@ def attend_tiles(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 class SlidingTileAttentionImpl(AttentionImpl):
     """STA with the windows of this layer (`layer_idx`) at the current step (`sta_context`).
 
-    Steps and layers whose heads are all dense run SDPA on the unreordered tokens.
+    Steps and layers whose heads are all dense run dense attention on the unreordered
+    tokens (FlashAttention's CuTe kernel where it runs, else SDPA).
     """
 
     def __init__(self, num_heads: int, head_size: int, softmax_scale: float | None = None,
@@ -341,6 +393,10 @@ class SlidingTileAttentionImpl(AttentionImpl):
         if attn_mask is not None:
             raise ValueError("SLIDING_TILE_ATTN builds its own mask; attn_mask must be None")
         plan = self._plan(query, head_offset)
+        if plan is None and cute_unavailable_reason(query.device, query.dtype,
+                                                    query.shape[-1]) is None:
+            return flash_cute_attention(query, key, value,
+                                        self.softmax_scale or query.shape[-1] ** -0.5, False)
         if plan is None:
             out = F.scaled_dot_product_attention(
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
@@ -350,7 +406,7 @@ class SlidingTileAttentionImpl(AttentionImpl):
 
     @torch.compiler.disable
     def _plan(self, query: torch.Tensor, head_offset: int | None
-              ) -> tuple[BlockMask, torch.Tensor, torch.Tensor] | None:
+              ) -> tuple[BlockMask, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """`sta_plan` for this layer and step, or None when all local heads are dense."""
         context = current_sta_context()
         config = context.config

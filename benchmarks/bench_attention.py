@@ -32,13 +32,11 @@ from torch.nn.attention.flex_attention import flex_attention
 from fastvideo.attention.backends.flash_cute import (
     cute_unavailable_reason,
     flash_cute_attention,
-    flash_cute_masked_attention,
-    flash_cute_tile_attention,
-    layout_ints,
+    flash_cute_block_sparse_attention,
 )
 from fastvideo.attention.backends.sliding_tile import (
     TileLayout,
-    _tile_indices,
+    _key_table,
     block_size_for,
     get_sta_block_mask,
     sliding_tile_attention,
@@ -83,6 +81,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kernel-options", type=json.loads, nargs="*", default=[],
                         help="FlexAttention kernel_options dicts (JSON) to also time the STA "
                              "kernel with, e.g. '{\"USE_TMA\": true}'")
+    parser.add_argument("--cross-kv-len", type=int, default=512,
+                        help="keys of the cross-attention rows (Wan's text length); 0: none")
     parser.add_argument("--cute-tiles", type=_window_2, nargs="*", default=[],
                         help="also time the dense CuTe kernel with these (tile_m, tile_n)")
     parser.add_argument("--iters", type=int, default=20)
@@ -158,6 +158,19 @@ def main() -> None:
             for tile_mn in args.cute_tiles:
                 runs[f"flash_cute {tile_mn}"] = (
                     lambda tile_mn=tile_mn: _cute_tiles(q, k, v, scale, tile_mn).transpose(1, 2))
+        if args.cross_kv_len:
+            # Video queries attending the text: short keys, where kernels rank differently.
+            kv_len = args.cross_kv_len
+            k_x, v_x = (torch.randn(1, kv_len, num_heads, dim, generator=generator,
+                                    device=device, dtype=dtype) for _ in range(2))
+            runs["cross_sdpa_cudnn"] = lambda: _sdpa_with(
+                SDPBackend.CUDNN_ATTENTION, q_t, k_x.transpose(1, 2), v_x.transpose(1, 2))
+            if cute_reason is None:
+                runs["cross_flash_cute"] = lambda: flash_cute_attention(
+                    q, k_x, v_x, dim**-0.5, False).transpose(1, 2)
+            with sdpa_kernel(ref_kernel):
+                cross_ref = F.scaled_dot_product_attention(
+                    q_t.float(), k_x.transpose(1, 2).float(), v_x.transpose(1, 2).float())
         rows: dict[str, dict[str, Any]] = {}
         if cute_reason is not None:
             rows["flash_cute"] = {"skipped": cute_reason}
@@ -168,6 +181,11 @@ def main() -> None:
                 rows[name] = {"skipped": str(e).splitlines()[0]}
                 continue
             ms = time_ms(fn, device, args.iters, args.warmup)
+            if name.startswith("cross_"):
+                flops = dense_flops * args.cross_kv_len / seq_len
+                rows[name] = {"ms": ms, "tflops": flops / ms / 1e9,
+                              "rel_err": rel_err(out, cross_ref)}
+                continue
             rows[name] = {"ms": ms, "tflops": dense_flops / ms / 1e9, "rel_err": rel_err(out, ref)}
 
         for window in args.windows:
@@ -258,47 +276,35 @@ def bench_sta_cute(args: argparse.Namespace, label: str, common: dict[str, Any],
                    layout: TileLayout, window: Window, block_mask: Any, q_l: torch.Tensor,
                    k_l: torch.Tensor, v_l: torch.Tensor, flex_out: torch.Tensor,
                    dense_flops: int) -> dict[str, dict[str, Any]]:
-    """The STA kernel on FlashAttention's CuTe block-sparse kernel, same block mask."""
+    """The STA kernel on FlashAttention's CuTe block-sparse kernel, same block mask, and
+    the same kernel with the padding keys left unmasked (wrong output: a speed bound)."""
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+    from flash_attn.cute.interface import _flash_attn_fwd
+
     q_c, k_c, v_c = (x.transpose(1, 2) for x in (q_l, k_l, v_l))  # [B, L, H, D], contiguous
     scale = q_l.shape[-1] ** -0.5
+    key_table = _key_table(layout, q_l.device)
+    blocks = (block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+              block_mask.full_kv_indices)
 
     def kernel() -> torch.Tensor:
-        return flash_cute_tile_attention(
-            q_c, k_c, v_c, block_mask.kv_num_blocks, block_mask.kv_indices,
-            block_mask.full_kv_num_blocks, block_mask.full_kv_indices, layout_ints(layout),
-            scale)
+        return flash_cute_block_sparse_attention(q_c, k_c, v_c, *blocks, key_table,
+                                                 layout.block_size, scale)
 
-    real_keys = _tile_indices(layout, q_l.device)[2]
-    key_is_real = torch.zeros(layout.seq_len + 2 * layout.block_size, dtype=torch.int32,
-                              device=q_l.device)
-    key_is_real[:layout.seq_len] = real_keys.int()
-
-    def lookup() -> torch.Tensor:
-        return flash_cute_masked_attention(
-            q_c, k_c, v_c, block_mask.kv_num_blocks, block_mask.kv_indices,
-            block_mask.full_kv_num_blocks, block_mask.full_kv_indices, key_is_real,
-            layout.block_size, scale)
-
-    def unmasked() -> torch.Tensor:  # timing bound only: padding keys NOT masked (wrong)
-        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-        from flash_attn.cute.interface import _flash_attn_fwd
-        sparse = BlockSparseTensorsTorch(
-            block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
-            block_mask.full_kv_indices, block_size=(layout.block_size, layout.block_size))
+    def unmasked() -> torch.Tensor:
+        sparse = BlockSparseTensorsTorch(*blocks, block_size=(layout.block_size,) * 2)
         return _flash_attn_fwd(q_c, k_c, v_c, softmax_scale=scale,
                                block_sparse_tensors=sparse)[0]
 
     rows = {}
-    for name, fn in ((f"{label}_cute_kernel", kernel), (f"{label}_cute_lookup", lookup),
-                     (f"{label}_cute_unmasked_bound", unmasked)):
+    for name, fn in ((f"{label}_cute_kernel", kernel), (f"{label}_cute_unmasked_bound", unmasked)):
         try:
             out = fn().transpose(1, 2)
         except Exception as e:  # noqa: BLE001 - report and go on with the other kernels
             rows[name] = {"skipped": f"{type(e).__name__}: {e}"[:300]}
             continue
         ms = time_ms(fn, args.device_obj, args.iters, args.warmup)
-        real = layout.from_tiles(out)  # padding query rows dropped
-        flex_real = layout.from_tiles(flex_out)
+        real, flex_real = layout.from_tiles(out), layout.from_tiles(flex_out)  # no padding rows
         rows[name] = {
             **common, "ms": ms, "effective_tflops": dense_flops / ms / 1e9,
             "max_abs_vs_flex": (real - flex_real).abs().max().item(),

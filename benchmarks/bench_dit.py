@@ -256,12 +256,12 @@ def main() -> None:
     for backend in args.also_backends:
         from fastvideo.attention.layer import request_attention_backend
 
-        for name, compiled in (("ours", False), ("ours_compiled", True))[:1 + args.compile]:
+        for name, compile_it in (("ours", False), ("ours_compiled", True))[:1 + args.compile]:
             model = WanTransformer3DModel.from_config(config).to(device).eval()
             model.to_compute_dtype(dtype)
             model.load_weights(ours.state_dict().items())
             request_attention_backend(model, backend)
-            if compiled:
+            if compile_it:
                 compile_repeated_blocks(model)
             models[f"{name}_{backend}"] = model
             runs[f"{name}_{backend}"] = lambda model=model: model(**inputs)

@@ -34,9 +34,13 @@ class _AttentionLayer(nn.Module):
     def __init__(self, num_heads: int, head_size: int, softmax_scale: float | None = None,
                  causal: bool = False,
                  supported_attention_backends: Sequence[_Backend] = (_Backend.TORCH_SDPA,),
-                 layer_idx: int | None = None) -> None:
+                 layer_idx: int | None = None, use_preferred_backends: bool = True) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.use_preferred_backends = use_preferred_backends
+        """Whether a backend that declares itself faster on this device (`AttentionBackend.
+        preferred`) goes ahead of `supported_attention_backends` when none was requested.
+        Off for layers whose shapes the claim was not measured on (short key sequences)."""
         if not supported_attention_backends:
             raise ValueError("supported_attention_backends is empty")
         self.num_heads = num_heads
@@ -56,7 +60,8 @@ class _AttentionLayer(nn.Module):
         if impl is None:
             backend = get_attn_backend(self.head_size, query.dtype, query.device,
                                        self.supported_attention_backends,
-                                       requested=self.requested_backend)
+                                       requested=self.requested_backend,
+                                       use_preferred=self.use_preferred_backends)
             impl = backend.impl_cls(self.num_heads, self.head_size, self.softmax_scale,
                                     self.causal, layer_idx=self.layer_idx)
             self._impls[key] = impl

@@ -50,8 +50,10 @@ def _unavailable_reason(name: _Backend, head_size: int, dtype: torch.dtype,
 
 def get_attn_backend(head_size: int, dtype: torch.dtype, device: torch.device | str,
                      supported_backends: Sequence[_Backend],
-                     requested: str | _Backend | None = None) -> AttentionBackend:
-    """The backend a layer supporting `supported_backends` (in order of preference) uses."""
+                     requested: str | _Backend | None = None,
+                     use_preferred: bool = True) -> AttentionBackend:
+    """The backend a layer supporting `supported_backends` (in order of preference) uses;
+    `use_preferred=False` skips the step that takes a backend declaring itself faster."""
     if not supported_backends:
         raise ValueError("supported_backends is empty: a layer must support some backend")
     device = torch.device(device)
@@ -59,7 +61,7 @@ def get_attn_backend(head_size: int, dtype: torch.dtype, device: torch.device | 
     source = "requested" if requested is not None else ATTENTION_BACKEND_ENV
     choice = requested if requested is not None else os.environ.get(ATTENTION_BACKEND_ENV) or None
     if choice is None:
-        for name in order:
+        for name in order if use_preferred else ():
             backend, reason = _unavailable_reason(name, head_size, dtype, device)
             if (reason is None and backend is not None and backend.preferred is not None
                     and backend.preferred(head_size, dtype, device)):

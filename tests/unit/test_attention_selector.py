@@ -72,6 +72,8 @@ def test_cute_kernels_are_preferred_where_they_run(monkeypatch: pytest.MonkeyPat
         assert _select((SDPA, FLASH)) is FLASH
         assert _select((SDPA, FLASH, STA)) is FLASH
         assert _select((SDPA,)) is SDPA  # only among the layer's backends
+        assert get_attn_backend(64, torch.bfloat16, CUDA, (SDPA, FLASH),
+                                use_preferred=False).name is SDPA  # a layer may opt out
         assert _select((SDPA, FLASH), requested="TORCH_SDPA") is SDPA  # a choice wins
         monkeypatch.setenv(ATTENTION_BACKEND_ENV, "TORCH_SDPA")
         assert _select((SDPA, FLASH)) is SDPA

@@ -30,9 +30,11 @@ def _import_failure() -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result
 def cute_unavailable_reason(device: torch.device | str, dtype: torch.dtype | None = None,
                             head_size: int | None = None) -> str | None:
-    """Why the CuTe kernels cannot run here, or None when they can."""
+    """Why the CuTe kernels cannot run here, or None when they can. A constant to
+    `torch.compile`, which would otherwise break the graph at the import probe."""
     device = torch.device(device)
     if device.type != "cuda":
         return f"needs a CUDA device, got {device.type}"

@@ -179,8 +179,11 @@ class WanCrossAttention(_WanAttentionProjections):
             self.add_k_proj = ReplicatedLinear(added_kv_proj_dim, dim)
             self.add_v_proj = ReplicatedLinear(added_kv_proj_dim, dim)
             self.norm_added_k = RMSNorm(dim, eps)
+        # 512 text keys: cuDNN's kernel beats FlashAttention's CuTe kernel there
+        # (benchmarks/RESULTS.md), so the faster-kernel preference is for self-attention only.
         self.attn = LocalAttention(num_heads, dim // num_heads,
-                                   supported_attention_backends=_CROSS_ATTN_BACKENDS)
+                                   supported_attention_backends=_CROSS_ATTN_BACKENDS,
+                                   use_preferred_backends=False)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         heads = (self.num_heads, -1)

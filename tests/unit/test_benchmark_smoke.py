@@ -1,0 +1,43 @@
+"""The GPU benchmarks' CPU smoke modes: they run end to end and write the JSON the results
+tables are made from, so a change to the engine cannot silently break them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(script: str, *args: str, tmp_path: Path) -> dict:
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args,
+                           "--json-out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_bench_attention_smoke(tmp_path: Path) -> None:
+    result = _run("bench_attention.py", "--smoke", "--cross-kv-len", "5", tmp_path=tmp_path)
+    rows = result["results"]
+    assert rows["flash_cute"] == {"skipped": "needs a CUDA device, got cpu"}
+    assert rows["flex_dense"]["rel_err"] < 1e-5
+    # STA through the backend and its kernel alone agree with the explicitly masked SDPA.
+    assert rows["sta_1x2x2_kernel"]["masked_sdpa_rel_err"] < 1e-5
+    assert "sta_1x2x2" in rows and "sta_1x1x1_kernel" in rows
+
+
+def test_bench_dit_smoke_with_backends_and_sta(tmp_path: Path) -> None:
+    result = _run("bench_dit.py", "--config", "tiny", "--device", "cpu", "--dtype", "fp32",
+                  "--height", "64", "--width", "64", "--frames", "9", "--text-len", "16",
+                  "--iters", "1", "--warmup", "0", "--also-backends", "TORCH_SDPA",
+                  "--sta-windows", "1,1,1", tmp_path=tmp_path)
+    assert set(result["median_ms"]) == {"diffusers", "ours", "ours_TORCH_SDPA"}
+    assert result["attention_backends"]["ours_TORCH_SDPA"] == ["TORCH_SDPA"]
+    assert all(diff < 1e-5 for diff in result["max_abs_diff_to_diffusers"].values())
+    (sta,) = result["sta"]
+    assert sta["kernel"] == "flex" and sta["window"] == [1, 1, 1]
+    assert 0 < sta["rel_l2_vs_dense"] < 1  # sparse, so not equal to dense, but close

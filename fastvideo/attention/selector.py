@@ -10,23 +10,22 @@ not support falls back to the layer's next supported backend, with a warning say
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from collections.abc import Sequence
 
 import torch
 
-from fastvideo.attention.backends import flash_attn, sdpa, sliding_tile
 from fastvideo.attention.backends.abstract import AttentionBackend, _Backend
 
 ATTENTION_BACKEND_ENV = "FASTVIDEO_ATTENTION_BACKEND"
 
-# Imported with the selector, not on first use: layers select while a compiled block is
-# first traced, and an import there would split the block's graph for good. Backend
-# modules import their optional packages lazily. A backend missing here is not
-# implemented yet.
-_BACKENDS: dict[_Backend, AttentionBackend] = {
-    backend.name: backend for backend in (sdpa.BACKEND, flash_attn.BACKEND, sliding_tile.BACKEND)
+# Imported on first use; a backend missing here is not implemented yet.
+_BACKEND_MODULES: dict[_Backend, str] = {
+    _Backend.TORCH_SDPA: "fastvideo.attention.backends.sdpa",
+    _Backend.FLASH_ATTN: "fastvideo.attention.backends.flash_attn",
+    _Backend.SLIDING_TILE_ATTN: "fastvideo.attention.backends.sliding_tile",
 }
 
 
@@ -43,9 +42,9 @@ def backend_from_name(name: str | _Backend) -> _Backend:
 
 def _unavailable_reason(name: _Backend, head_size: int, dtype: torch.dtype,
                         device: torch.device) -> tuple[AttentionBackend | None, str | None]:
-    backend = _BACKENDS.get(name)
-    if backend is None:
+    if name not in _BACKEND_MODULES:
         return None, "not implemented yet"
+    backend: AttentionBackend = importlib.import_module(_BACKEND_MODULES[name]).BACKEND
     return backend, backend.unsupported_reason(head_size, dtype, device)
 
 

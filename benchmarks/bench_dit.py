@@ -250,7 +250,7 @@ def main() -> None:
         ours_compiled = WanTransformer3DModel.from_config(config).to(device).eval()
         ours_compiled.to_compute_dtype(dtype)
         ours_compiled.load_weights(ours.state_dict().items())
-        compile_repeated_blocks(ours_compiled)
+        compile_repeated_blocks(ours_compiled, dtype=dtype)
         runs["ours_compiled"] = lambda: ours_compiled(**inputs)
     models = {"ours": ours} | ({"ours_compiled": ours_compiled} if args.compile else {})
     for backend in args.also_backends:
@@ -262,7 +262,7 @@ def main() -> None:
             model.load_weights(ours.state_dict().items())
             request_attention_backend(model, backend)
             if compile_it:
-                compile_repeated_blocks(model)
+                compile_repeated_blocks(model, dtype=dtype)
             models[f"{name}_{backend}"] = model
             runs[f"{name}_{backend}"] = lambda model=model: model(**inputs)
 

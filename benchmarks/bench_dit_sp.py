@@ -457,7 +457,7 @@ def main() -> None:
     ours_compiled = None
     if args.compile:
         ours_compiled = copy.deepcopy(ours)
-        compile_repeated_blocks(ours_compiled)
+        compile_repeated_blocks(ours_compiled, dtype=dtype)
 
     results: dict[int, dict[str, Any]] = {}
     reference_out = ours_sp1_out = None

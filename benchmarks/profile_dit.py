@@ -67,7 +67,7 @@ def main() -> None:
             param.normal_(std=param.shape[-1] ** -0.5 if param.dim() > 1 else 0.02)
     model.to_compute_dtype(dtype)
     if args.compile:
-        compile_repeated_blocks(model, mode=args.compile_mode)
+        compile_repeated_blocks(model, mode=args.compile_mode, dtype=dtype)
     inputs = make_inputs(config, args, device, dtype)
 
     context = nullcontext()

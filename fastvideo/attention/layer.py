@@ -77,16 +77,38 @@ def request_attention_backend(model: nn.Module, name: str | _Backend) -> int:
     """Ask every attention layer of `model` that supports backend `name` to use it.
 
     Layers that don't list it keep their default (cross-attention, say, when sliding tile
-    is requested for the video self-attention). Returns the number of layers changed;
-    an unknown name raises `ValueError` listing the valid ones.
+    is requested for the video self-attention). A layer that had already chosen for some
+    input dtypes and devices chooses again for them at once (see
+    `select_attention_backends`). Returns the number of layers changed; an unknown name
+    raises `ValueError` listing the valid ones.
     """
     backend = backend_from_name(name)
     layers = [m for m in model.modules()
               if isinstance(m, _AttentionLayer) and backend in m.supported_attention_backends]
     for layer in layers:
+        chosen_for = list(layer._impls)
         layer.requested_backend = backend
         layer._impls.clear()
         layer._backends.clear()
+        for dtype, device in chosen_for:
+            layer.get_impl(torch.empty(0, dtype=dtype, device=device))
+    return len(layers)
+
+
+def select_attention_backends(model: nn.Module, dtype: torch.dtype,
+                              device: torch.device | str | None = None) -> int:
+    """Make every attention layer of `model` choose its backend for `dtype` inputs now.
+
+    Call it before `torch.compile` traces the model (`compile_repeated_blocks` does): a
+    layer that chooses during the first trace breaks the compiled block's graph there for
+    good, which costs fusions. `device`: where the inputs will be; by default where the
+    model's parameters are. Returns the number of layers."""
+    if device is None:
+        device = next(model.parameters()).device
+    probe = torch.empty(0, dtype=dtype, device=device)
+    layers = [m for m in model.modules() if isinstance(m, _AttentionLayer)]
+    for layer in layers:
+        layer.get_impl(probe)
     return len(layers)
 
 

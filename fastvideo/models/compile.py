@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -27,13 +28,22 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
                      "(set `_repeated_blocks` or give it a `blocks` ModuleList)")
 
 
-def compile_repeated_blocks(model: nn.Module, mode: str | None = None) -> int:
+def compile_repeated_blocks(model: nn.Module, mode: str | None = None, *,
+                            dtype: torch.dtype | None = None) -> int:
     """Compile every repeated block in place; returns how many were compiled.
 
     Without a `mode`, Inductor also tunes the block sizes of its generated kernels
     (coordinate descent): the norm/RoPE/modulation kernels of a Wan-1.3B block at 480p ran
     ~25% faster on an H100, for a few more seconds of compiling per shape.
+
+    `dtype`: the activations' dtype. Given, the attention layers choose their backends
+    first (`select_attention_backends`), so each block compiles to one graph; else they
+    choose inside the first trace, which splits every block around its attention.
     """
+    if dtype is not None:
+        from fastvideo.attention.layer import select_attention_backends
+
+        select_attention_backends(model, dtype)
     blocks = repeated_blocks(model)
     # torch.compile takes a mode or Inductor options, not both.
     tuning = {"options": {"coordinate_descent_tuning": True}} if mode is None else {"mode": mode}

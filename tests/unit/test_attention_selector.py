@@ -186,3 +186,19 @@ def test_layer_applies_env_choice_with_fallback(monkeypatch: pytest.MonkeyPatch)
     torch.testing.assert_close(out, _reference(q, k, v), atol=1e-6, rtol=0)
 
 
+
+
+def test_requesting_a_backend_chooses_again_for_inputs_seen() -> None:
+    from torch import nn
+
+    from fastvideo.attention.layer import request_attention_backend, select_attention_backends
+
+    model = nn.ModuleDict({"a": LocalAttention(3, 8, supported_attention_backends=(SDPA, STA)),
+                           "b": LocalAttention(3, 8)})
+    model.register_parameter("w", nn.Parameter(torch.zeros(1)))
+    assert select_attention_backends(model, torch.float32) == 2
+    key = (torch.float32, torch.device("cpu"))
+    assert model["a"]._backends[key].name is SDPA
+    assert request_attention_backend(model, "SLIDING_TILE_ATTN") == 1
+    assert model["a"]._backends[key].name is STA  # chosen again at once, not at first call
+    assert model["b"]._backends[key].name is SDPA

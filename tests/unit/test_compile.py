@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -30,12 +31,16 @@ def test_compiled_blocks_match_eager_without_recompiling(tiny_wan_path: Path) ->
         torch.testing.assert_close(result.latents, reference.latents, rtol=0, atol=1e-4)
 
 
-def _unique_graphs_after_three_forwards(num_layers: int) -> int:
+def _unique_graphs_after_three_forwards(num_layers: int, *, preselect: bool,
+                                        sta: bool = False) -> int:
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from bench_dit import CONFIGS
 
+    from fastvideo.attention.layer import request_attention_backend
+    from fastvideo.attention.sta_config import STAConfig
+    from fastvideo.attention.sta_context import sta_context
     from fastvideo.models.compile import compile_repeated_blocks
     from fastvideo.models.dits.wanvideo import WanTransformer3DModel
 
@@ -44,8 +49,13 @@ def _unique_graphs_after_three_forwards(num_layers: int) -> int:
     model = WanTransformer3DModel.from_config({**CONFIGS["tiny"], "num_layers": num_layers})
     for param in model.eval().parameters():
         torch.nn.init.normal_(param, std=0.02)
-    compile_repeated_blocks(model)
-    with torch.inference_mode():
+    compile_repeated_blocks(model, dtype=torch.float32 if preselect else None)
+    context = contextlib.nullcontext()
+    if sta:  # requested after compiling, as bench_dit does: layers choose again at once
+        request_attention_backend(model, "SLIDING_TILE_ATTN")
+        context = sta_context(config=STAConfig(tile_size=(1, 2, 2), default_window=(1, 1, 1)),
+                              step=0)
+    with torch.inference_mode(), context:
         for _ in range(3):
             model(torch.randn(1, 4, 3, 8, 8), torch.randn(1, 16, 32), torch.tensor([999.0]))
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -56,4 +66,38 @@ def test_compiled_blocks_share_their_graphs_at_any_depth() -> None:
     block's first trace creates, say) recompiles per block, and past Dynamo's recompile
     limit (8) the remaining blocks silently run eagerly. A 30-block Wan DiT on an H100 lost
     its whole compile gain that way (553 against 454 ms per forward)."""
-    assert _unique_graphs_after_three_forwards(12) == _unique_graphs_after_three_forwards(3)
+    # Backends chosen before compiling (the engine's path): one graph for every block.
+    assert _unique_graphs_after_three_forwards(12, preselect=True) == 1
+    assert _unique_graphs_after_three_forwards(3, preselect=True) == 1
+    # Chosen inside the first trace: the blocks split, but still share their graphs.
+    assert (_unique_graphs_after_three_forwards(12, preselect=False)
+            == _unique_graphs_after_three_forwards(3, preselect=False))
+    # Sliding tile attention breaks the graph on purpose (its plan is Python-side lookups).
+    assert (_unique_graphs_after_three_forwards(12, preselect=True, sta=True)
+            == _unique_graphs_after_three_forwards(3, preselect=True, sta=True))
+
+
+def test_blocks_compile_as_one_graph_once_backends_are_chosen() -> None:
+    """`compile_repeated_blocks(..., dtype=...)` (the engine's path) lets each attention
+    layer choose its backend first; the block then traces without a graph break."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from bench_dit import CONFIGS
+
+    from fastvideo.attention.layer import select_attention_backends
+    from fastvideo.models.dits.wanvideo import WanTransformer3DModel
+
+    torch._dynamo.reset()
+    reference = WanTransformer3DModel.from_config(CONFIGS["tiny"]).eval()
+    for param in reference.parameters():
+        torch.nn.init.normal_(param, std=0.02)
+    model = WanTransformer3DModel.from_config(CONFIGS["tiny"]).eval()  # cold: nothing chosen
+    model.load_weights(reference.state_dict().items())
+    x, text = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 16, 32)
+    assert select_attention_backends(model, torch.float32) == 2 * CONFIGS["tiny"]["num_layers"]
+    for block in model.blocks:
+        block.compile(fullgraph=True, dynamic=False)  # a graph break raises
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x, text, torch.tensor([999.0])),
+                                   reference(x, text, torch.tensor([999.0])), rtol=0, atol=1e-5)

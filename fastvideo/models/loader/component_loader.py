@@ -65,7 +65,7 @@ def load_component(name: str, spec: list[str] | tuple[str, str], model_path: str
         if fastvideo_args.attention_backend is not None:
             request_attention_backend(model, fastvideo_args.attention_backend)
         if fastvideo_args.enable_torch_compile and name == "transformer":
-            compile_repeated_blocks(model)
+            compile_repeated_blocks(model, dtype=dtype)
         return model
     return _load_library_component(entry, folder, fastvideo_args.device, dtype)
 

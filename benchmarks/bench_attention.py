@@ -131,7 +131,6 @@ def masked_sdpa_error(layout: TileLayout, window: Window, q_BHLD: torch.Tensor,
 def main() -> None:
     args = parse_args()
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)
-    args.device_obj = device
     grid, num_heads, dim = tuple(args.grid), args.heads, args.head_dim
     seq_len = math.prod(grid)
     generator = torch.Generator(device).manual_seed(0)
@@ -303,7 +302,7 @@ def bench_sta_cute(args: argparse.Namespace, label: str, common: dict[str, Any],
         except Exception as e:  # noqa: BLE001 - report and go on with the other kernels
             rows[name] = {"skipped": f"{type(e).__name__}: {e}"[:300]}
             continue
-        ms = time_ms(fn, args.device_obj, args.iters, args.warmup)
+        ms = time_ms(fn, q_l.device, args.iters, args.warmup)
         real, flex_real = layout.from_tiles(out), layout.from_tiles(flex_out)  # no padding rows
         rows[name] = {
             **common, "ms": ms, "effective_tflops": dense_flops / ms / 1e9,

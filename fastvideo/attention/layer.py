@@ -55,10 +55,14 @@ class _AttentionLayer(nn.Module):
 
     def get_impl(self, query: torch.Tensor) -> AttentionImpl:
         """The backend implementation for `query`'s dtype and device, chosen once per pair."""
-        key = (query.dtype, query.device)
+        return self.impl_for(query.dtype, query.device)
+
+    def impl_for(self, dtype: torch.dtype, device: torch.device) -> AttentionImpl:
+        """The backend implementation for inputs of `dtype` on `device`, chosen once."""
+        key = (dtype, device)
         impl = self._impls.get(key)
         if impl is None:
-            backend = get_attn_backend(self.head_size, query.dtype, query.device,
+            backend = get_attn_backend(self.head_size, dtype, device,
                                        self.supported_attention_backends,
                                        requested=self.requested_backend,
                                        use_preferred=self.use_preferred_backends)
@@ -91,7 +95,7 @@ def request_attention_backend(model: nn.Module, name: str | _Backend) -> int:
         layer._impls.clear()
         layer._backends.clear()
         for dtype, device in chosen_for:
-            layer.get_impl(torch.empty(0, dtype=dtype, device=device))
+            layer.impl_for(dtype, device)
     return len(layers)
 
 
@@ -103,12 +107,10 @@ def select_attention_backends(model: nn.Module, dtype: torch.dtype,
     layer that chooses during the first trace breaks the compiled block's graph there for
     good, which costs fusions. `device`: where the inputs will be; by default where the
     model's parameters are. Returns the number of layers."""
-    if device is None:
-        device = next(model.parameters()).device
-    probe = torch.empty(0, dtype=dtype, device=device)
+    device = next(model.parameters()).device if device is None else torch.device(device)
     layers = [m for m in model.modules() if isinstance(m, _AttentionLayer)]
     for layer in layers:
-        layer.get_impl(probe)
+        layer.impl_for(dtype, device)
     return len(layers)
 
 

@@ -46,6 +46,24 @@ def kind_of(name: str) -> str:
     return "other (eager element-wise, copies)"
 
 
+def gpu_idle(events: list) -> tuple[float, float, list[tuple[float, str, str]]]:
+    """(span, idle time within it, largest gaps as (ms, kernel before, kernel after)) of GPU
+    events: idle time is where the host did not keep the GPU fed (a sync, slow launches)."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events)
+    if not spans:
+        return 0.0, 0.0, []
+    idle, gaps = 0.0, []
+    busy_until, last_name = spans[0][1], spans[0][2]
+    for start, end, name in spans[1:]:
+        if start > busy_until:
+            idle += start - busy_until
+            gaps.append(((start - busy_until) / 1e3, last_name, name))
+        if end > busy_until:
+            busy_until, last_name = end, name
+    gaps.sort(reverse=True)
+    return (busy_until - spans[0][0]) / 1e3, idle / 1e3, gaps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_workload_args(parser)
@@ -90,17 +108,20 @@ def main() -> None:
 
     totals: dict[str, float] = defaultdict(float)
     kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for event in prof.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
+    gpu_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    for event in gpu_events:
         us = event.device_time
         totals[kind_of(event.name)] += us
         kernels[event.name][0] += us
         kernels[event.name][1] += 1
     gpu_ms = sum(totals.values()) / 1e3
+    span_ms, idle_ms, gaps = gpu_idle(gpu_events)
     print(f"{args.config} {tuple(inputs['hidden_states'].shape)} {dtype} compile={args.compile} "
           f"sta={args.sta_window} tile={args.sta_tile}: forward {ms:.1f} ms (median of 5), "
-          f"GPU kernels {gpu_ms:.1f} ms")
+          f"GPU kernels {gpu_ms:.1f} ms; profiled forward spans {span_ms:.1f} ms on the GPU, "
+          f"{idle_ms:.1f} ms of it idle")
+    for gap_ms, before, after in gaps[:5]:
+        print(f"  idle {gap_ms:6.2f} ms between {before[:60]} and {after[:60]}")
     for kind, us in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:>36}: {us / 1e3:8.1f} ms")
     print("top kernels (ms total, calls):")
@@ -109,7 +130,8 @@ def main() -> None:
         print(f"  {us / 1e3:8.2f} ms {calls:5d}x  {kind_of(name)[:10]:>10}  {name[:110]}")
     if args.json_out:
         args.json_out.write_text(json.dumps({
-            "forward_ms": ms, "gpu_kernel_ms": gpu_ms, "by_kind_ms": {
+            "forward_ms": ms, "gpu_kernel_ms": gpu_ms, "gpu_span_ms": span_ms,
+            "gpu_idle_ms": idle_ms, "by_kind_ms": {
                 k: v / 1e3 for k, v in totals.items()},
             "top": [{"name": n, "ms": us / 1e3, "calls": c} for n, (us, c) in top]}, indent=2))
 

@@ -61,11 +61,16 @@ class RotaryEmbedding3D(nn.Module):
 
 def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate `x` `[B, S, H, D]` by `freqs` `[S, D / 2, 2]`; fp32 math, result in `x.dtype`."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (real, imag)
-    cos, sin = freqs.unsqueeze(1).unbind(-1)
-    # The complex product (real + i imag)(cos + i sin) as (real, imag) * cos + (imag, real) *
-    # (-sin, sin): the same fp32 operations as writing both parts out, but with the stack on
-    # the small `freqs` only, so Inductor fuses it all into one kernel with the q/k norm (a
-    # stack of the two results made it write an fp32 copy of q and k first).
-    signed_sin = torch.stack((-sin, sin), dim=-1)
-    return (pairs * cos.unsqueeze(-1) + pairs.flip(-1) * signed_sin).flatten(-2).type_as(x)
+    # Pair j (x[2j], x[2j+1]) becomes (x[2j] cos - x[2j+1] sin, x[2j+1] cos + x[2j] sin):
+    # x * (cos, cos) + swap(x) * (-sin, sin), the same fp32 operations as the complex product.
+    # Written so the last op is element-wise on `x`'s own shape, with the pair swap a view of
+    # the input and the expanded tables views of the small `freqs`: Inductor then fuses it
+    # all into the q/k norm kernel. A result built as `[..., D / 2, 2]` and flattened (or a
+    # stack of the two parts) made it write q or k to memory in fp32 and cast it in a
+    # second kernel (benchmarks/RESULTS.md).
+    x32 = x.float()
+    cos, sin = freqs.unsqueeze(1).unbind(-1)  # [S, 1, D / 2] each
+    cos = cos.unsqueeze(-1).expand(*cos.shape, 2).flatten(-2)
+    signed_sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (x32 * cos + swapped * signed_sin).type_as(x)

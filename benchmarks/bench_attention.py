@@ -60,7 +60,7 @@ def _window_2(text: str) -> tuple[int, int]:
 
 
 def _cute_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                tile_mn: tuple[int, int]) -> torch.Tensor:
+                tile_mn: tuple[int, int] | None) -> torch.Tensor:
     from flash_attn.cute.interface import _flash_attn_fwd
     return _flash_attn_fwd(q, k, v, softmax_scale=scale, tile_mn=tile_mn)[0]
 
@@ -154,6 +154,9 @@ def main() -> None:
         if cute_reason is None:
             scale = dim**-0.5
             runs["flash_cute"] = lambda: flash_cute_attention(q, k, v, scale, False).transpose(1, 2)
+            # The package's own tile choice, against the one our op picks (dense_kernel_config).
+            runs["flash_cute package tiles"] = (
+                lambda: _cute_tiles(q, k, v, scale, None).transpose(1, 2))
             for tile_mn in args.cute_tiles:
                 runs[f"flash_cute {tile_mn}"] = (
                     lambda tile_mn=tile_mn: _cute_tiles(q, k, v, scale, tile_mn).transpose(1, 2))

@@ -202,3 +202,25 @@ def test_requesting_a_backend_chooses_again_for_inputs_seen() -> None:
     assert request_attention_backend(model, "SLIDING_TILE_ATTN") == 1
     assert model["a"]._backends[key].name is STA  # chosen again at once, not at first call
     assert model["b"]._backends[key].name is SDPA
+
+
+@pytest.mark.parametrize(("capability", "head_size", "causal", "expected"), [
+    ((9, 0), 128, False, flash_cute.SM90_DENSE_HEAD128_CONFIG),  # Hopper, Wan's heads
+    ((9, 0), 64, False, {}), ((9, 0), 128, True, {}), ((10, 0), 128, False, {}),
+])
+def test_dense_cute_kernel_options(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int],
+                                   head_size: int, causal: bool, expected: dict) -> None:
+    """The dense op passes its tile choice to the package only where it was measured faster."""
+    _fake_cute(monkeypatch, capability)
+    calls = []
+
+    def fake_forward(q, k, v, **kwargs):
+        calls.append(kwargs)
+        return (torch.zeros_like(q),)
+
+    sys.modules["flash_attn.cute.interface"]._flash_attn_fwd = fake_forward
+    q = torch.randn(1, 8, 2, head_size, dtype=torch.bfloat16)
+    flash_cute.flash_cute_attention(q, q, q, 0.1, causal)
+    options = {k: v for k, v in calls[0].items() if k not in ("softmax_scale", "causal")}
+    assert options == expected
+    assert calls[0]["softmax_scale"] == 0.1 and calls[0]["causal"] is causal

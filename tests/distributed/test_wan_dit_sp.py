@@ -65,10 +65,15 @@ def _check_compiled_sp(state: dict[str, torch.Tensor], inputs: dict[str, torch.T
                        expected: torch.Tensor) -> None:
     model = WanTransformer3DModel(**TINY_CONFIG).eval()
     model.load_state_dict(state)
-    assert compile_repeated_blocks(model) == TINY_CONFIG["num_layers"]
-    with torch.no_grad():
-        for _ in range(2):  # the second call runs the compiled code without recompiling
-            assert_max_abs_diff(model(**inputs), expected, TOL)
+    # As the engine does: the attention layers choose their backends before the trace.
+    assert compile_repeated_blocks(model, dtype=torch.float32) == TINY_CONFIG["num_layers"]
+    torch._dynamo.config.error_on_recompile = True  # blocks share their graphs, calls too
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                assert_max_abs_diff(model(**inputs), expected, TOL)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
 
 
 def test_compiled_blocks_under_sp2_equal_sp1() -> None:

@@ -110,6 +110,13 @@ def _pad_to_multiple(x: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(x, (0, 0) * (x.dim() - 1 - dim) + (0, padding))
 
 
+def _with_fresh_strides(x: torch.Tensor) -> torch.Tensor:
+    """`x` when its strides are those of a new tensor of its shape, else such a copy."""
+    if x.stride() == torch.empty(x.shape, device="meta").stride():
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """`x + y * gate` in fp32 (gate is fp32), cast back to `x.dtype`: one `addcmul` pass where
     diffusers makes four."""
@@ -377,7 +384,10 @@ class WanTransformer3DModel(nn.Module):
         # a multiple of the sp size), the text is replicated, and the output is gathered after
         # `proj_out`, where it is narrowest. With one rank each step returns its input.
         num_tokens = x.shape[1]
-        x = sequence_model_parallel_shard(_pad_to_multiple(x, 1), dim=1).contiguous()
+        # A copy with the strides of a fresh tensor, as every block's output has: the shard
+        # is a view (a batch of 1 keeps the full tensor's batch stride), and a compiled block
+        # guards on strides, so block 0 would compile apart from the rest.
+        x = _with_fresh_strides(sequence_model_parallel_shard(_pad_to_multiple(x, 1), dim=1))
         freqs = sequence_model_parallel_shard(_pad_to_multiple(freqs, 0), dim=0)
         with sta_context(grid=grid):  # sliding tile attention tiles this token grid
             for block in self.blocks:

@@ -19,7 +19,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +154,28 @@ def time_once(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
     return (time.perf_counter() - begin) * 1e3
 
 
+def idle_gaps(spans: Iterable[tuple[float, float, str]]) -> list[tuple[float, str, str]]:
+    """The gaps inside the union of `(start, end, name)` intervals, longest first, each as
+    (length, name of the interval before it, name of the one after it)."""
+    gaps: list[tuple[float, str, str]] = []
+    busy_until, name_before = None, ""
+    for start, end, name in sorted(spans):
+        if busy_until is not None and start > busy_until:
+            gaps.append((start - busy_until, name_before, name))
+        if busy_until is None or end > busy_until:
+            busy_until, name_before = end, name
+    return sorted(gaps, reverse=True)
+
+
+def covered_us(intervals: Iterable[tuple[float, float]]) -> float:
+    """Length of the union of `(start, end)` intervals."""
+    intervals = list(intervals)
+    if not intervals:
+        return 0.0
+    span = max(end for _, end in intervals) - min(start for start, _ in intervals)
+    return span - sum(gap for gap, _, _ in idle_gaps((s, e, "") for s, e in intervals))
+
+
 def peak_memory_gib(fn: Callable[[], torch.Tensor], device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -226,9 +248,7 @@ def time_sta(model: nn.Module, inputs: dict[str, torch.Tensor], args: argparse.N
     for entry in results:
         entry.pop("_out", None)
     for layer, backend in previous_backends.items():
-        layer.requested_backend = backend
-        layer._impls.clear()
-        layer._backends.clear()
+        layer.request_backend(backend)
     return results
 
 

@@ -32,7 +32,7 @@ import dataclasses
 import json
 import os
 import statistics
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from bench_dit import (
     CONFIGS,
     add_workload_args,
     build_models,
+    covered_us,
     make_inputs,
     peak_memory_gib,
     time_once,
@@ -247,19 +248,6 @@ def kernel_kind(name: str) -> str:
         if any(f in lowered for f in fragments):
             return kind
     return "other"
-
-
-def covered_us(intervals: Iterable[tuple[float, float]]) -> float:
-    """Length of the union of `(start, end)` intervals."""
-    total, current_start, current_end = 0.0, None, None
-    for start, end in sorted(intervals):
-        if current_end is None or start > current_end:
-            if current_end is not None:
-                total += current_end - current_start
-            current_start, current_end = start, end
-        else:
-            current_end = max(current_end, end)
-    return total if current_end is None else total + current_end - current_start
 
 
 def kernel_breakdown(events: list[tuple[str, float, float]], num_forwards: int

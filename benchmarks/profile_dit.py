@@ -21,6 +21,7 @@ import torch
 from bench_dit import (  # the script's folder is on sys.path
     CONFIGS,
     add_workload_args,
+    idle_gaps,
     make_inputs,
     parse_tile,
     time_once,
@@ -48,20 +49,14 @@ def kind_of(name: str) -> str:
 
 def gpu_idle(events: list) -> tuple[float, float, list[tuple[float, str, str]]]:
     """(span, idle time within it, largest gaps as (ms, kernel before, kernel after)) of GPU
-    events: idle time is where the host did not keep the GPU fed (a sync, slow launches)."""
-    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events)
-    if not spans:
+    events, in ms: idle time is where the host did not keep the GPU fed (a sync, slow
+    launches)."""
+    if not events:
         return 0.0, 0.0, []
-    idle, gaps = 0.0, []
-    busy_until, last_name = spans[0][1], spans[0][2]
-    for start, end, name in spans[1:]:
-        if start > busy_until:
-            idle += start - busy_until
-            gaps.append(((start - busy_until) / 1e3, last_name, name))
-        if end > busy_until:
-            busy_until, last_name = end, name
-    gaps.sort(reverse=True)
-    return (busy_until - spans[0][0]) / 1e3, idle / 1e3, gaps
+    spans = [(e.time_range.start, e.time_range.end, e.name) for e in events]
+    gaps = [(us / 1e3, before, after) for us, before, after in idle_gaps(spans)]
+    span_us = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
+    return span_us / 1e3, sum(ms for ms, _, _ in gaps), gaps
 
 
 def main() -> None:

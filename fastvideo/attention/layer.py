@@ -57,6 +57,16 @@ class _AttentionLayer(nn.Module):
         """The backend implementation for `query`'s dtype and device, chosen once per pair."""
         return self.impl_for(query.dtype, query.device)
 
+    def request_backend(self, backend: _Backend | None) -> None:
+        """Use `backend` (None: the default choice) from now on; the inputs already seen
+        choose again at once, so no later trace has to."""
+        chosen_for = list(self._impls)
+        self.requested_backend = backend
+        self._impls.clear()
+        self._backends.clear()
+        for dtype, device in chosen_for:
+            self.impl_for(dtype, device)
+
     def impl_for(self, dtype: torch.dtype, device: torch.device) -> AttentionImpl:
         """The backend implementation for inputs of `dtype` on `device`, chosen once."""
         key = (dtype, device)
@@ -90,12 +100,7 @@ def request_attention_backend(model: nn.Module, name: str | _Backend) -> int:
     layers = [m for m in model.modules()
               if isinstance(m, _AttentionLayer) and backend in m.supported_attention_backends]
     for layer in layers:
-        chosen_for = list(layer._impls)
-        layer.requested_backend = backend
-        layer._impls.clear()
-        layer._backends.clear()
-        for dtype, device in chosen_for:
-            layer.impl_for(dtype, device)
+        layer.request_backend(backend)
     return len(layers)
 
 

@@ -77,6 +77,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--query-chunks", default="auto",
                         help="comma-separated query-chunk counts of our output all-to-all "
                              "pipeline to time ('auto': the layers' default; 1: no overlap)")
+    parser.add_argument("--all-to-all", default="auto",
+                        help="comma-separated all-to-all implementations to time ours with "
+                             "(auto, collective, peer_push; GroupCoordinator.all_to_all_impl); "
+                             "those but 'auto' get the suffix _a2a_<name>")
     parser.add_argument("--serial-inputs", action="store_true",
                         help="also time ours with q, k, v exchanged together after all three "
                              "projections (the path before they overlapped), suffix _serial")
@@ -162,6 +166,8 @@ class Variant:
     num_micro_batches: int = 2
     batch: int = 1
     """2: the conditional and unconditional inputs of a guidance step in one forward."""
+    all_to_all: str = "auto"
+    """How the sp group moves the data (`GroupCoordinator.all_to_all_impl`)."""
 
 
 def _keep_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -169,6 +175,7 @@ def _keep_tensor(x: torch.Tensor) -> torch.Tensor:
 
 
 def set_variant(layers: list[DistributedAttention], variant: Variant) -> None:
+    get_sp_group().all_to_all_impl = variant.all_to_all
     for layer in layers:
         layer.num_chunks = variant.num_chunks
         layer.num_query_chunks = variant.num_query_chunks
@@ -223,6 +230,9 @@ def our_variants(sp_size: int, args: argparse.Namespace, heads: int,
     for count in chunk_options(args.query_chunks, default.num_query_chunks):
         variants.setdefault(f"ours_qchunks{count}" if count != default.num_query_chunks
                             else "ours", Variant(default.num_chunks, count))
+    for impl in args.all_to_all.split(","):
+        if impl != default.all_to_all:
+            variants[f"ours_a2a_{impl}"] = dataclasses.replace(default, all_to_all=impl)
     if args.serial_inputs:
         variants["ours_serial"] = Variant(default.num_chunks, 1, overlap_inputs=False)
     if args.cfg_pair:
@@ -356,6 +366,9 @@ def bench_sp_size(sp_size: int, args: argparse.Namespace, config: dict[str, Any]
         if args.cfg_pair:
             runs["ours_compiled_cfgpair"] = ours_forward(ours_compiled, inputs,
                                                          variants["ours_cfgpair"])
+        for name, variant in variants.items():
+            if name.startswith("ours_a2a_"):
+                runs[f"ours_compiled_{name[5:]}"] = ours_forward(ours_compiled, inputs, variant)
     diffusers_model = None
     if sp_size == 1 and not high_priority:
         diffusers_model = reference

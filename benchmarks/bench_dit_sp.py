@@ -17,8 +17,9 @@ our sp groups. Each timed forward starts after a barrier; an iteration's time is
 rank's (CUDA events on GPU, wall clock on CPU); the median over iterations is reported.
 
 Our variants at sp > 1: `ours` (the layers' defaults), `ours_chunksN` (N head chunks),
-`ours_qchunksN` (N query chunks), `ours_serial` (the input all-to-alls started together after
-all projections, as before they overlapped them, with one query chunk). `--profile` then
+`ours_qchunksN` (N query chunks), `ours_carveoutN` (cuBLAS matmuls kept off N SMs),
+`ours_serial` (the input all-to-alls started together after all projections, as before
+they overlapped them, with one query chunk). `--profile` then
 runs each variant under torch.profiler and prints rank 0's kernel time per forward by kind,
 with the communication time during which no other kernel ran (exposed).
 """
@@ -77,10 +78,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--query-chunks", default="auto",
                         help="comma-separated query-chunk counts of our output all-to-all "
                              "pipeline to time ('auto': the layers' default; 1: no overlap)")
-    parser.add_argument("--all-to-all", default="auto",
-                        help="comma-separated all-to-all implementations to time ours with "
-                             "(auto, collective, peer_push; GroupCoordinator.all_to_all_impl); "
-                             "those but 'auto' get the suffix _a2a_<name>")
+    parser.add_argument("--sm-carveouts", default="",
+                        type=lambda v: [int(c) for c in v.split(",") if c],
+                        help="comma-separated SM counts to keep from cuBLAS matmuls in our "
+                             "forward at sp > 1, each a variant ours_carveout<N>")
     parser.add_argument("--serial-inputs", action="store_true",
                         help="also time ours with q, k, v exchanged together after all three "
                              "projections (the path before they overlapped), suffix _serial")
@@ -166,8 +167,8 @@ class Variant:
     num_micro_batches: int = 2
     batch: int = 1
     """2: the conditional and unconditional inputs of a guidance step in one forward."""
-    all_to_all: str = "auto"
-    """How the sp group moves the data (`GroupCoordinator.all_to_all_impl`)."""
+    sm_carveout: int | None = None
+    """SMs kept from cuBLAS matmuls during our forward (torch's experimental carveout)."""
 
 
 def _keep_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +176,6 @@ def _keep_tensor(x: torch.Tensor) -> torch.Tensor:
 
 
 def set_variant(layers: list[DistributedAttention], variant: Variant) -> None:
-    get_sp_group().all_to_all_impl = variant.all_to_all
     for layer in layers:
         layer.num_chunks = variant.num_chunks
         layer.num_query_chunks = variant.num_query_chunks
@@ -202,7 +202,13 @@ def ours_forward(ours: nn.Module, inputs: dict[str, torch.Tensor], variant: Vari
 
     def forward() -> torch.Tensor:
         set_variant(layers, variant)
-        return ours(**inputs)
+        if variant.sm_carveout is None:
+            return ours(**inputs)
+        torch._C._set_sm_carveout_experimental(variant.sm_carveout)
+        try:
+            return ours(**inputs)
+        finally:
+            torch._C._set_sm_carveout_experimental(None)
     return forward
 
 
@@ -230,9 +236,9 @@ def our_variants(sp_size: int, args: argparse.Namespace, heads: int,
     for count in chunk_options(args.query_chunks, default.num_query_chunks):
         variants.setdefault(f"ours_qchunks{count}" if count != default.num_query_chunks
                             else "ours", Variant(default.num_chunks, count))
-    for impl in args.all_to_all.split(","):
-        if impl != default.all_to_all:
-            variants[f"ours_a2a_{impl}"] = dataclasses.replace(default, all_to_all=impl)
+    for carveout in args.sm_carveouts:
+        variants[f"ours_carveout{carveout}"] = dataclasses.replace(default,
+                                                                  sm_carveout=carveout)
     if args.serial_inputs:
         variants["ours_serial"] = Variant(default.num_chunks, 1, overlap_inputs=False)
     if args.cfg_pair:
@@ -366,9 +372,6 @@ def bench_sp_size(sp_size: int, args: argparse.Namespace, config: dict[str, Any]
         if args.cfg_pair:
             runs["ours_compiled_cfgpair"] = ours_forward(ours_compiled, inputs,
                                                          variants["ours_cfgpair"])
-        for name, variant in variants.items():
-            if name.startswith("ours_a2a_"):
-                runs[f"ours_compiled_{name[5:]}"] = ours_forward(ours_compiled, inputs, variant)
     diffusers_model = None
     if sp_size == 1 and not high_priority:
         diffusers_model = reference

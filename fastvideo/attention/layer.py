@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from fastvideo.attention.backends.abstract import AttentionBackend, AttentionImpl, _Backend
 from fastvideo.attention.selector import backend_from_name, get_attn_backend
 from fastvideo.distributed.parallel_state import (
-    ExchangeWork,
     GroupCoordinator,
     get_sp_group,
     get_sp_world_size,
@@ -137,14 +137,14 @@ class HeadExchange:
     __slots__ = ("local_shape", "batch_bounds", "_parts")
 
     def __init__(self, local_shape: torch.Size, batch_bounds: Sequence[int],
-                 parts: list[tuple[torch.Tensor, ExchangeWork]]) -> None:
+                 parts: list[tuple[torch.Tensor, dist.Work]]) -> None:
         self.local_shape = local_shape
         """`[B, S_local, H, D]` of the tensor sent."""
         self.batch_bounds = tuple(batch_bounds)
         """Micro-batch m is batch items `[bounds[m], bounds[m + 1])`."""
         self._parts = parts
         """Per micro-batch, then per head chunk: the receive buffer `[P, b, S_local, h, D]`
-        (block j from rank j) and its exchange's handle."""
+        (block j from rank j) and its collective's handle."""
 
     @property
     def num_micro_batches(self) -> int:
@@ -165,10 +165,6 @@ class HeadExchange:
         buffer, work = self._parts[part]
         work.wait()
         return buffer
-
-    def release(self, part: int) -> None:
-        """Part `part`'s buffer is read for the last time by the work queued so far."""
-        self._parts[part][1].release()
 
 
 AttentionInput = torch.Tensor | HeadExchange
@@ -290,7 +286,7 @@ class DistributedAttention(_AttentionLayer):
         num_micro = min(self.num_micro_batches, batch)
         bounds = [m * batch // num_micro for m in range(num_micro + 1)]
         group = get_sp_group()
-        parts: list[list[tuple[torch.Tensor, ExchangeWork]]] = [[] for _ in tensors]
+        parts: list[list[tuple[torch.Tensor, dist.Work]]] = [[] for _ in tensors]
         for first, end in zip(bounds, bounds[1:]):
             for chunk in range(num_chunks):
                 for x, sent in zip(tensors, parts):
@@ -380,10 +376,9 @@ def _heads_to_ranks(x: torch.Tensor, num_ranks: int, num_chunks: int,
 
 
 @torch.compiler.disable  # streams, events and async collectives: kept out of graphs
-def _all_to_all(x: torch.Tensor,
-                group: GroupCoordinator) -> tuple[torch.Tensor, ExchangeWork]:
+def _all_to_all(x: torch.Tensor, group: GroupCoordinator) -> tuple[torch.Tensor, dist.Work]:
     """Start exchanging blocks `x[j]` (any strides) with rank j; returns the receive buffer
-    and its handle (`wait()`, then `release()` after the last read)."""
+    and its handle."""
     return group.start_all_to_all(x)
 
 
@@ -425,9 +420,6 @@ def _ulysses_attention(impl: AttentionImpl, inputs: Sequence[HeadExchange],
                 out = _attend_rows(impl, query, key, value, valid_rows)
                 # [b, P * rows, h, D] -> [P, b, rows, h, D]: block j goes back to rank j.
                 send = out.reshape(items, num_ranks, rows, heads, head_size).transpose(0, 1)
-                if end == local_len:  # the last read of this part's inputs is queued
-                    for x in (q, k, v):
-                        x.release(part)
                 pending.append((first, last, chunk, start, end, _all_to_all(send, group)))
 
     # Waited for only now: each output exchange overlaps the attention queued after it.
@@ -436,5 +428,4 @@ def _ulysses_attention(impl: AttentionImpl, inputs: Sequence[HeadExchange],
         work.wait()
         # Received from rank j: its heads of this head chunk, for these rows of our tokens.
         result[first:last, start:end, :, chunk] = buffer.permute(1, 2, 0, 3, 4)
-        work.release()
     return result.view(batch, local_len, num_heads, head_size)

@@ -27,40 +27,12 @@ Importing this module initialises neither CUDA nor torch.distributed.
 from __future__ import annotations
 
 import os
-import socket
-from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from fastvideo.distributed.utils import divide
-
-ALL_TO_ALL_IMPLS = ("auto", "collective", "peer_push", "peer_push_inline")
-
-
-class ExchangeWork(Protocol):
-    """An all-to-all in flight (`GroupCoordinator.start_all_to_all`)."""
-
-    def wait(self) -> Any: ...
-
-    def release(self) -> None: ...
-
-
-class _CollectiveWork:
-    """A `dist.Work` as an `ExchangeWork`; its receive tensor is the caller's to keep."""
-
-    __slots__ = ("_work",)
-
-    def __init__(self, work: dist.Work) -> None:
-        self._work = work
-
-    @torch.compiler.disable
-    def wait(self) -> Any:
-        return self._work.wait()
-
-    def release(self) -> None:
-        pass
 
 
 class GroupCoordinator:
@@ -86,69 +58,17 @@ class GroupCoordinator:
         assert self.ranks, f"rank {self.rank} belongs to no {name} group in {group_ranks}"
         self.world_size = len(self.ranks)
         self.rank_in_group = self.ranks.index(self.rank)
-        self._all_to_all_impl: str | None = None
-        self._peer_push_ok: bool | None = None
-        self._peer_push: Any = None
 
-    def start_all_to_all(self, x: torch.Tensor) -> tuple[torch.Tensor, ExchangeWork]:
+    def start_all_to_all(self, x: torch.Tensor) -> tuple[torch.Tensor, dist.Work]:
         """Start sending block `x[j]` of `x` `[P, ...]` (any strides) to rank j; returns the
-        receive tensor (block j from rank j) and its handle: `wait()` before reading the
-        tensor, `release()` once the last read is queued (the tensor may then be reused).
+        receive tensor (block j from rank j) and a handle to `wait()` on before reading it.
 
-        It runs on a side stream, so the caller's stream computes on meanwhile. How it moves
-        the data is `all_to_all_impl`."""
-        if self.all_to_all_impl.startswith("peer_push"):
-            if self._peer_push is None:
-                from fastvideo.distributed.peer_push import PeerPushAllToAll
-                self._peer_push = PeerPushAllToAll(self.device_group, self.device)
-            self._peer_push.inline = self.all_to_all_impl == "peer_push_inline"
-            return self._peer_push.start(x)
+        NCCL runs it on its own stream, so the caller's stream computes on meanwhile. (An
+        all-to-all on the copy engines over symmetric memory, which leaves the SMs to
+        compute, measured no faster on 4 H100s: benchmarks/RESULTS.md.)"""
         x = x.contiguous()
         out = torch.empty_like(x)
-        work = dist.all_to_all_single(out, x, group=self.device_group, async_op=True)
-        return out, _CollectiveWork(work)
-
-    @property
-    def all_to_all_impl(self) -> str:
-        """How `start_all_to_all` moves data: "collective" (`all_to_all_single`: NCCL on GPUs,
-        gloo on CPUs) or "peer_push" (stores into the peers' memory, `peer_push.py`: all ranks
-        on one node's GPUs). Chosen on first use from `FASTVIDEO_ALL_TO_ALL` ("auto" by
-        default: "peer_push" where it can run, else "collective"); settable."""
-        if self._all_to_all_impl is None:
-            self.all_to_all_impl = os.environ.get("FASTVIDEO_ALL_TO_ALL", "auto")
-        return self._all_to_all_impl
-
-    @all_to_all_impl.setter
-    def all_to_all_impl(self, impl: str) -> None:
-        if impl not in ALL_TO_ALL_IMPLS:
-            raise ValueError(f"unknown all-to-all implementation {impl!r} (FASTVIDEO_ALL_TO_ALL "
-                             f"or all_to_all_impl); choose one of {list(ALL_TO_ALL_IMPLS)}")
-        can_push = self._can_peer_push()
-        if impl.startswith("peer_push") and not can_push:
-            raise ValueError(f"all-to-all 'peer_push' needs every rank of the {self.name} group "
-                             f"on one node's CUDA GPUs with Triton; this group runs on "
-                             f"{self.device} ({self.backend}): use 'collective' or 'auto'")
-        self._all_to_all_impl = ("peer_push" if impl == "auto" and can_push else
-                                 "collective" if impl == "auto" else impl)
-
-    def _can_peer_push(self) -> bool:
-        """Whether the peer-push all-to-all can run here: asked once, of every rank
-        (collective), so all ranks agree."""
-        if self._peer_push_ok is None:
-            ok = False
-            if self.world_size > 1 and self.device.type == "cuda":
-                try:
-                    import torch.distributed._symmetric_memory  # noqa: F401
-                    import triton  # noqa: F401
-                    ok = True
-                except ImportError:
-                    pass
-            mine = (socket.gethostname(), ok)
-            everyone: list[Any] = [None] * self.world_size
-            dist.all_gather_object(everyone, mine, group=self.device_group)
-            self._peer_push_ok = len({host for host, _ in everyone}) == 1 and all(
-                can for _, can in everyone)
-        return self._peer_push_ok
+        return out, dist.all_to_all_single(out, x, group=self.device_group, async_op=True)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the group, in place (like vLLM), and return it."""

@@ -6,7 +6,7 @@ For sp sizes 2 and 4 (subgroups of the torchrun world), with one exchange being 
 blocks of a `[1, S/P, H, D]` bf16 tensor (S = 32760 tokens, H = 12 heads, D = 128) as
 `DistributedAttention` sends q, k or v (send copy + NCCL `all_to_all_single`), it times:
 
-- one exchange alone;
+- one exchange alone, and q, k, v as one message (`DistributedAttention.pack_inputs`);
 - eight matmuls of the DiT's size (`[S/P, 1536] x [1536, 6144]`) alone, and with eight
   exchanges in flight on a side stream: an overlapped exchange is free only if the second
   time equals the first;
@@ -80,12 +80,19 @@ def measure(size: int, group: dist.ProcessGroup, args: argparse.Namespace,
     device = torch.device("cuda")
     x = torch.randn(1, local, args.heads, args.head_size, device=device, dtype=torch.bfloat16)
 
-    def exchange() -> torch.Tensor:
-        send = x.view(1, local, size, args.heads // size, args.head_size).permute(
-            2, 0, 1, 3, 4).contiguous()
-        out = torch.empty_like(send)
-        dist.all_to_all_single(out, send, group=group)
+    def head_blocks(t: torch.Tensor) -> torch.Tensor:
+        return t.view(1, local, size, args.heads // size, args.head_size).permute(2, 0, 1, 3, 4)
+
+    def send(blocks: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(blocks)
+        dist.all_to_all_single(out, blocks, group=group)
         return out
+
+    def exchange() -> torch.Tensor:
+        return send(head_blocks(x).contiguous())
+
+    def packed_exchange() -> torch.Tensor:  # q, k, v in one message (pack_inputs)
+        return send(torch.stack([head_blocks(x)] * 3, dim=3))
 
     a = torch.randn(local, 1536, device=device, dtype=torch.bfloat16)
     w = torch.randn(6144, 1536, device=device, dtype=torch.bfloat16)
@@ -101,6 +108,9 @@ def measure(size: int, group: dist.ProcessGroup, args: argparse.Namespace,
                  "exchange_ms": median_ms(lambda: [exchange() for _ in range(10)],
                                           args.iters, group) / 10}
     row["8_exchanges_serial_ms"] = 8 * row["exchange_ms"]
+    row["3_exchanges_serial_ms"] = 3 * row["exchange_ms"]
+    row["packed_exchange_of_3_ms"] = median_ms(lambda: [packed_exchange() for _ in range(10)],
+                                               args.iters, group) / 10
     for carveout in [None, *args.carveouts]:
         name = "matmuls" if carveout is None else f"carveout{carveout}_matmuls"
         torch._C._set_sm_carveout_experimental(carveout)

@@ -17,7 +17,8 @@ our sp groups. Each timed forward starts after a barrier; an iteration's time is
 rank's (CUDA events on GPU, wall clock on CPU); the median over iterations is reported.
 
 Our variants at sp > 1: `ours` (the layers' defaults), `ours_chunksN` (N head chunks),
-`ours_qchunksN` (N query chunks), `ours_carveoutN` (cuBLAS matmuls kept off N SMs),
+`ours_qchunksN` (N query chunks), `ours_packed` (q, k, v in one all-to-all),
+`ours_carveoutN` (cuBLAS matmuls kept off N SMs),
 `ours_serial` (the input all-to-alls started together after all projections, as before
 they overlapped them, with one query chunk). `--profile` then
 runs each variant under torch.profiler and prints rank 0's kernel time per forward by kind,
@@ -78,6 +79,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--query-chunks", default="auto",
                         help="comma-separated query-chunk counts of our output all-to-all "
                              "pipeline to time ('auto': the layers' default; 1: no overlap)")
+    parser.add_argument("--packed-inputs", action="store_true",
+                        help="also time ours with q, k, v sent in one all-to-all after all "
+                             "three projections (DistributedAttention.pack_inputs), as "
+                             "ours_packed (with --compile also ours_compiled_packed)")
     parser.add_argument("--sm-carveouts", default="",
                         type=lambda v: [int(c) for c in v.split(",") if c],
                         help="comma-separated SM counts to keep from cuBLAS matmuls in our "
@@ -169,6 +174,8 @@ class Variant:
     """2: the conditional and unconditional inputs of a guidance step in one forward."""
     sm_carveout: int | None = None
     """SMs kept from cuBLAS matmuls during our forward (torch's experimental carveout)."""
+    pack_inputs: bool = False
+    """q, k, v in one all-to-all (`DistributedAttention.pack_inputs`)."""
 
 
 def _keep_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -180,6 +187,7 @@ def set_variant(layers: list[DistributedAttention], variant: Variant) -> None:
         layer.num_chunks = variant.num_chunks
         layer.num_query_chunks = variant.num_query_chunks
         layer.num_micro_batches = variant.num_micro_batches
+        layer.pack_inputs = variant.pack_inputs
         if variant.overlap_inputs:
             layer.__dict__.pop("scatter_heads", None)
         else:
@@ -236,6 +244,8 @@ def our_variants(sp_size: int, args: argparse.Namespace, heads: int,
     for count in chunk_options(args.query_chunks, default.num_query_chunks):
         variants.setdefault(f"ours_qchunks{count}" if count != default.num_query_chunks
                             else "ours", Variant(default.num_chunks, count))
+    if args.packed_inputs:
+        variants["ours_packed"] = dataclasses.replace(default, pack_inputs=True)
     for carveout in args.sm_carveouts:
         variants[f"ours_carveout{carveout}"] = dataclasses.replace(default,
                                                                   sm_carveout=carveout)
@@ -372,6 +382,9 @@ def bench_sp_size(sp_size: int, args: argparse.Namespace, config: dict[str, Any]
         if args.cfg_pair:
             runs["ours_compiled_cfgpair"] = ours_forward(ours_compiled, inputs,
                                                          variants["ours_cfgpair"])
+        if "ours_packed" in variants:
+            runs["ours_compiled_packed"] = ours_forward(ours_compiled, inputs,
+                                                        variants["ours_packed"])
     diffusers_model = None
     if sp_size == 1 and not high_priority:
         diffusers_model = reference

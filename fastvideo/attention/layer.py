@@ -190,6 +190,9 @@ class DistributedAttention(_AttentionLayer):
       conditional and unconditional inputs of classifier-free guidance): the same over
       groups of batch items, which keeps every kernel as large as for one item.
 
+    `pack_inputs`: instead, q, k and v travel in one all-to-all, a message three times the
+    size, once all three are computed.
+
     A sequence the model padded to a multiple of P tokens is cut back to its `valid_len`
     tokens once gathered, so padded keys are never attended and the backend runs unmasked.
     """
@@ -198,7 +201,8 @@ class DistributedAttention(_AttentionLayer):
                  causal: bool = False,
                  supported_attention_backends: Sequence[_Backend] = (_Backend.TORCH_SDPA,),
                  num_chunks: int = 1, layer_idx: int | None = None,
-                 num_query_chunks: int = 1, num_micro_batches: int = 2) -> None:
+                 num_query_chunks: int = 1, num_micro_batches: int = 2,
+                 pack_inputs: bool = False) -> None:
         super().__init__(num_heads, head_size, softmax_scale, causal,
                          supported_attention_backends, layer_idx)
         self.num_chunks = num_chunks
@@ -217,6 +221,11 @@ class DistributedAttention(_AttentionLayer):
         self.num_micro_batches = num_micro_batches
         """Groups of batch items to pipeline the all-to-alls over (capped at the batch
         size): the exchanges of one group run while the backend attends another."""
+        self.pack_inputs = pack_inputs
+        """Send q, k, v together, as one all-to-all per micro-batch and head chunk
+        (`scatter_heads` then hands its tensor back). Off by default until measured: on
+        H100s an exchange costs about its own time whether it overlaps compute or not
+        (benchmarks/RESULTS.md), so fewer, larger messages may beat early ones."""
         check_heads_divide(num_heads, get_sp_world_size())
         _check_query_chunks(num_query_chunks)
         _check_micro_batches(num_micro_batches)
@@ -224,16 +233,17 @@ class DistributedAttention(_AttentionLayer):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, num_chunks={self.num_chunks}, "
                 f"num_query_chunks={self.num_query_chunks}, "
-                f"num_micro_batches={self.num_micro_batches}")
+                f"num_micro_batches={self.num_micro_batches}, pack_inputs={self.pack_inputs}")
 
     def scatter_heads(self, x: torch.Tensor) -> AttentionInput:
         """Start sending `x` `[B, S_local, H, D]` (this rank's block of the sequence) to the
         ranks that attend its heads; pass what it returns to `forward` in place of `x`.
 
         Called as soon as each of q, k, v is computed, the transfer runs while the model
-        computes the next. With one sp rank there is nothing to send: `x` comes back.
+        computes the next. With one sp rank there is nothing to send, and with
+        `pack_inputs` `forward` sends all three together: `x` comes back.
         """
-        if get_sp_world_size() == 1:
+        if get_sp_world_size() == 1 or self.pack_inputs:
             return x
         return self._scatter((x,))[0]
 
@@ -287,11 +297,23 @@ class DistributedAttention(_AttentionLayer):
         bounds = [m * batch // num_micro for m in range(num_micro + 1)]
         group = get_sp_group()
         parts: list[list[tuple[torch.Tensor, dist.Work]]] = [[] for _ in tensors]
+        pack = self.pack_inputs and len(tensors) > 1
+        if pack and len({x.shape for x in tensors}) != 1:
+            raise ValueError(f"pack_inputs needs q, k, v of one shape, got "
+                             f"{[tuple(x.shape) for x in tensors]}")
         for first, end in zip(bounds, bounds[1:]):
             for chunk in range(num_chunks):
-                for x, sent in zip(tensors, parts):
-                    blocks = _heads_to_ranks(x[first:end], num_ranks, num_chunks, chunk)
-                    sent.append(_all_to_all(blocks, group))
+                blocks = [_heads_to_ranks(x[first:end], num_ranks, num_chunks, chunk)
+                          for x in tensors]
+                if not pack:
+                    for block, sent in zip(blocks, parts):
+                        sent.append(_all_to_all(block, group))
+                    continue
+                # [P, b, S/P, n, h, D]: one message; input i is a strided view of it, whose
+                # sequence (ranks' blocks, then rows) still merges into one dim at b = 1.
+                buffer, work = _all_to_all(torch.stack(blocks, dim=3), group)
+                for i, sent in enumerate(parts):
+                    sent.append((buffer[:, :, :, i], work))
         return [HeadExchange(x.shape, bounds, sent) for x, sent in zip(tensors, parts)]
 
     def _sp_impl(self, x: torch.Tensor,

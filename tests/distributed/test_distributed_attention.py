@@ -85,6 +85,46 @@ def test_micro_batches_equal_single_process_sdpa(batch: int, num_micro_batches: 
                  num_micro_batches, sp_size=2)
 
 
+def _check_packed_inputs(seq_len: int, num_chunks: int, num_query_chunks: int, batch: int,
+                         num_micro_batches: int) -> None:
+    import fastvideo.attention.layer as layer
+
+    (q, k, v), expected = _sharded_inputs(seq_len, batch=batch)
+    attention = DistributedAttention(NUM_HEADS, HEAD_SIZE, num_chunks=num_chunks,
+                                     num_query_chunks=num_query_chunks,
+                                     num_micro_batches=num_micro_batches, pack_inputs=True)
+    assert attention.scatter_heads(q) is q  # forward sends all three at once
+    sent = []
+    unpatched = layer._all_to_all
+    layer._all_to_all = lambda x, group: sent.append(tuple(x.shape)) or unpatched(x, group)
+    try:
+        out = attention(attention.scatter_heads(q), attention.scatter_heads(k),
+                        attention.scatter_heads(v), valid_len=seq_len)
+    finally:
+        layer._all_to_all = unpatched
+    assert_max_abs_diff(out, expected, TOL)
+    parts = min(num_micro_batches, batch) * num_chunks
+    packed = [shape for shape in sent if len(shape) == 6]
+    # One message of the three inputs per micro-batch and head chunk, then the outputs.
+    assert len(packed) == parts and all(shape[3] == 3 for shape in packed)
+    assert len(sent) == parts + parts * num_query_chunks
+
+
+@pytest.mark.parametrize(("seq_len", "num_chunks", "num_query_chunks", "batch",
+                          "num_micro_batches"), [
+    (10, 1, 1, 1, 2),  # one item: the received sequence is a view of the message
+    (7, 1, 1, 1, 2),  # padded to 8
+    (7, 1, 1, 2, 2),  # two micro-batches, a message each
+    (7, 2, 2, 3, 2),  # with head and query chunks
+    (10, 1, 2, 2, 1),  # two items in one message
+])
+def test_packed_inputs_equal_single_process_sdpa(seq_len: int, num_chunks: int,
+                                                 num_query_chunks: int, batch: int,
+                                                 num_micro_batches: int) -> None:
+    run_on_ranks(_check_packed_inputs, seq_len, num_chunks, num_query_chunks, batch,
+                 num_micro_batches, sp_size=2)
+
+
 def _check_head_exchanges(seq_len: int, num_chunks: int, num_query_chunks: int) -> None:
     (q, k, v), expected = _sharded_inputs(seq_len)
     attention = DistributedAttention(NUM_HEADS, HEAD_SIZE, num_chunks=num_chunks,

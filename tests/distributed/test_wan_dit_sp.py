@@ -19,29 +19,35 @@ TOL = 1e-5
 
 
 def _check_sp_equals_one_process(state: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
-                                 expected: torch.Tensor, num_query_chunks: int) -> None:
+                                 expected: torch.Tensor, num_query_chunks: int,
+                                 pack_inputs: bool) -> None:
     model = WanTransformer3DModel(**TINY_CONFIG).eval()
     model.load_state_dict(state)
     inputs_seen: list[type] = []
     for layer in model.modules():
         if isinstance(layer, DistributedAttention):
             layer.num_query_chunks = num_query_chunks
+            layer.pack_inputs = pack_inputs
             layer.register_forward_pre_hook(
                 lambda _, args: inputs_seen.extend(type(x) for x in args))
     with torch.no_grad():
         out = model(**inputs)
     assert_max_abs_diff(out, expected, TOL)  # every rank holds the gathered output
-    # The self-attention started its all-to-alls itself, overlapping its projections.
-    assert inputs_seen and set(inputs_seen) == {HeadExchange}
+    # The self-attention started its all-to-alls itself, overlapping its projections, unless
+    # they go out together from the attention.
+    assert inputs_seen and set(inputs_seen) == {torch.Tensor if pack_inputs else HeadExchange}
 
 
-@pytest.mark.parametrize(("latent_shape", "num_query_chunks"), [
-    ((2, 4, 3, 4, 6), 1),  # 3 x 2 x 3 = 18 tokens: 9 per rank
-    ((1, 4, 3, 6, 2), 1),  # 3 x 3 x 1 = 9 tokens: padded to 10
-    ((2, 4, 3, 4, 6), 2),  # query chunks of 4 and 5 rows per rank
-    ((1, 4, 3, 6, 2), 2),  # the padding token in the second chunk
+@pytest.mark.parametrize(("latent_shape", "num_query_chunks", "pack_inputs"), [
+    ((2, 4, 3, 4, 6), 1, False),  # 3 x 2 x 3 = 18 tokens: 9 per rank
+    ((1, 4, 3, 6, 2), 1, False),  # 3 x 3 x 1 = 9 tokens: padded to 10
+    ((2, 4, 3, 4, 6), 2, False),  # query chunks of 4 and 5 rows per rank
+    ((1, 4, 3, 6, 2), 2, False),  # the padding token in the second chunk
+    ((1, 4, 3, 6, 2), 1, True),  # q, k, v in one all-to-all
+    ((2, 4, 3, 4, 6), 2, True),
 ])
-def test_sp2_equals_sp1(latent_shape: tuple[int, ...], num_query_chunks: int) -> None:
+def test_sp2_equals_sp1(latent_shape: tuple[int, ...], num_query_chunks: int,
+                        pack_inputs: bool) -> None:
     torch.manual_seed(0)
     model = WanTransformer3DModel(**TINY_CONFIG).eval()
     with torch.no_grad():
@@ -58,13 +64,16 @@ def test_sp2_equals_sp1(latent_shape: tuple[int, ...], num_query_chunks: int) ->
     with torch.no_grad():
         expected = model(**inputs)
     run_on_ranks(_check_sp_equals_one_process, model.state_dict(), inputs, expected,
-                 num_query_chunks, sp_size=2)
+                 num_query_chunks, pack_inputs, sp_size=2)
 
 
 def _check_compiled_sp(state: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
-                       expected: torch.Tensor) -> None:
+                       expected: torch.Tensor, pack_inputs: bool) -> None:
     model = WanTransformer3DModel(**TINY_CONFIG).eval()
     model.load_state_dict(state)
+    for layer in model.modules():
+        if isinstance(layer, DistributedAttention):
+            layer.pack_inputs = pack_inputs
     # As the engine does: the attention layers choose their backends before the trace.
     assert compile_repeated_blocks(model, dtype=torch.float32) == TINY_CONFIG["num_layers"]
     torch._dynamo.config.error_on_recompile = True  # blocks share their graphs, calls too
@@ -76,8 +85,10 @@ def _check_compiled_sp(state: dict[str, torch.Tensor], inputs: dict[str, torch.T
         torch._dynamo.config.error_on_recompile = False
 
 
-def test_compiled_blocks_under_sp2_equal_sp1() -> None:
-    """`enable_torch_compile` with `num_gpus=2`: the all-to-alls split the compiled graphs."""
+@pytest.mark.parametrize("pack_inputs", [False, True])
+def test_compiled_blocks_under_sp2_equal_sp1(pack_inputs: bool) -> None:
+    """`enable_torch_compile` with `num_gpus=2`: the all-to-alls split the compiled graphs
+    (with `pack_inputs`, q, k, v are stacked for their one message inside the graph)."""
     torch.manual_seed(0)
     model = WanTransformer3DModel(**TINY_CONFIG).eval()
     with torch.no_grad():
@@ -90,5 +101,5 @@ def test_compiled_blocks_under_sp2_equal_sp1() -> None:
               "timestep": torch.tensor([999.0])}
     with torch.no_grad():
         expected = model(**inputs)
-    run_on_ranks(_check_compiled_sp, model.state_dict(), inputs, expected, sp_size=2,
-                 timeout_s=240)
+    run_on_ranks(_check_compiled_sp, model.state_dict(), inputs, expected, pack_inputs,
+                 sp_size=2, timeout_s=240)

@@ -297,10 +297,7 @@ class DistributedAttention(_AttentionLayer):
         bounds = [m * batch // num_micro for m in range(num_micro + 1)]
         group = get_sp_group()
         parts: list[list[tuple[torch.Tensor, dist.Work]]] = [[] for _ in tensors]
-        pack = self.pack_inputs and len(tensors) > 1
-        if pack and len({x.shape for x in tensors}) != 1:
-            raise ValueError(f"pack_inputs needs q, k, v of one shape, got "
-                             f"{[tuple(x.shape) for x in tensors]}")
+        pack = self.pack_inputs and len(tensors) > 1  # `forward` checked their shapes agree
         for first, end in zip(bounds, bounds[1:]):
             for chunk in range(num_chunks):
                 blocks = [_heads_to_ranks(x[first:end], num_ranks, num_chunks, chunk)

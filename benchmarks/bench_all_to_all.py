@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from fastvideo.attention.layer import _heads_to_ranks
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -80,8 +82,8 @@ def measure(size: int, group: dist.ProcessGroup, args: argparse.Namespace,
     device = torch.device("cuda")
     x = torch.randn(1, local, args.heads, args.head_size, device=device, dtype=torch.bfloat16)
 
-    def head_blocks(t: torch.Tensor) -> torch.Tensor:
-        return t.view(1, local, size, args.heads // size, args.head_size).permute(2, 0, 1, 3, 4)
+    def head_blocks(t: torch.Tensor) -> torch.Tensor:  # as DistributedAttention sends them
+        return _heads_to_ranks(t, size, num_chunks=1, chunk=0)
 
     def send(blocks: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(blocks)
@@ -101,26 +103,29 @@ def measure(size: int, group: dist.ProcessGroup, args: argparse.Namespace,
         for _ in range(8):
             torch.nn.functional.linear(a, w)
 
+    def steady_ms(fn: Callable[[], object]) -> float:
+        """Per call, ten back to back: the steady rate, not one launch's latency."""
+        return median_ms(lambda: [fn() for _ in range(10)], args.iters, group) / 10
+
     for _ in range(3):
         exchange()
     row: dict = {"MB_out_per_rank": x.numel() * x.element_size() * (size - 1) / size / 1e6,
-                 # ten back to back: the steady rate, not one launch's latency
-                 "exchange_ms": median_ms(lambda: [exchange() for _ in range(10)],
-                                          args.iters, group) / 10}
+                 "exchange_ms": steady_ms(exchange)}
     row["8_exchanges_serial_ms"] = 8 * row["exchange_ms"]
     row["3_exchanges_serial_ms"] = 3 * row["exchange_ms"]
-    row["packed_exchange_of_3_ms"] = median_ms(lambda: [packed_exchange() for _ in range(10)],
-                                               args.iters, group) / 10
+    row["packed_exchange_of_3_ms"] = steady_ms(packed_exchange)
     for carveout in [None, *args.carveouts]:
         name = "matmuls" if carveout is None else f"carveout{carveout}_matmuls"
-        torch._C._set_sm_carveout_experimental(carveout)
+        if carveout is not None:
+            torch._C._set_sm_carveout_experimental(carveout)
         try:
             row[f"{name}_alone_ms"] = median_ms(lambda: overlapped(matmuls, None, side),
                                                 args.iters, group)
             row[f"{name}_with_8_exchanges_ms"] = median_ms(
                 lambda: overlapped(matmuls, exchange, side), args.iters, group)
         finally:
-            torch._C._set_sm_carveout_experimental(None)
+            if carveout is not None:
+                torch._C._set_sm_carveout_experimental(None)
     try:
         from fastvideo.attention.backends.flash_cute import flash_cute_attention
 

@@ -18,11 +18,11 @@ rank's (CUDA events on GPU, wall clock on CPU); the median over iterations is re
 
 Our variants at sp > 1: `ours` (the layers' defaults), `ours_chunksN` (N head chunks),
 `ours_qchunksN` (N query chunks), `ours_packed` (q, k, v in one all-to-all),
-`ours_carveoutN` (cuBLAS matmuls kept off N SMs),
-`ours_serial` (the input all-to-alls started together after all projections, as before
-they overlapped them, with one query chunk). `--profile` then
-runs each variant under torch.profiler and prints rank 0's kernel time per forward by kind,
-with the communication time during which no other kernel ran (exposed).
+`ours_carveoutN` (cuBLAS matmuls kept off N SMs), `ours_serial` (the input all-to-alls
+started together after all projections, as before they overlapped them, with one query
+chunk). `--profile` then runs each variant under torch.profiler and prints rank 0's kernel
+time per forward by kind, with the communication time during which no other kernel ran
+(exposed).
 """
 
 from __future__ import annotations

@@ -302,15 +302,15 @@ class DistributedAttention(_AttentionLayer):
             for chunk in range(num_chunks):
                 blocks = [_heads_to_ranks(x[first:end], num_ranks, num_chunks, chunk)
                           for x in tensors]
-                if not pack:
+                if pack:
+                    # [P, b, S/P, n, h, D]: one message; input i is a strided view of it,
+                    # whose sequence (ranks' blocks, then rows) merges into one dim at b = 1.
+                    buffer, work = _all_to_all(torch.stack(blocks, dim=3), group)
+                    for i, sent in enumerate(parts):
+                        sent.append((buffer[:, :, :, i], work))
+                else:
                     for block, sent in zip(blocks, parts):
                         sent.append(_all_to_all(block, group))
-                    continue
-                # [P, b, S/P, n, h, D]: one message; input i is a strided view of it, whose
-                # sequence (ranks' blocks, then rows) still merges into one dim at b = 1.
-                buffer, work = _all_to_all(torch.stack(blocks, dim=3), group)
-                for i, sent in enumerate(parts):
-                    sent.append((buffer[:, :, :, i], work))
         return [HeadExchange(x.shape, bounds, sent) for x, sent in zip(tensors, parts)]
 
     def _sp_impl(self, x: torch.Tensor,

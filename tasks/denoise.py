@@ -31,12 +31,12 @@ from prefect.states import State
 
 from fastvideo.entrypoints.denoise_worker import (
     DENOISING_STAGE,
-    PROGRESS_PREFIX,
     DenoiseItem,
     DenoiseJob,
     DenoiseOutcome,
     ProgressCallback,
     check_sp_size,
+    parse_progress,
     result_key,
     run_denoise_job,
 )
@@ -139,9 +139,9 @@ def run_torchrun(store: ArtifactStore, key: str, nproc_per_node: int,
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip()
-            if line.startswith(PROGRESS_PREFIX):
-                _, item_id, step, total = line.split()
-                on_progress(item_id, int(step), int(total))
+            progress = parse_progress(line)
+            if progress is not None:
+                on_progress(*progress)
                 continue
             tail.append(line)
             logger.info("[denoise worker] %s", line)

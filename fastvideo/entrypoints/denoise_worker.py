@@ -46,6 +46,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -88,6 +89,7 @@ DENOISING_STAGE = "denoising_stage"
 REPLICA_WAIT = timedelta(days=2)
 """How long replicas that finished their items wait for the others (a shard's worth)."""
 PROGRESS_PREFIX = "fastvideo-progress"
+_PROGRESS_LINE = re.compile(rf"{PROGRESS_PREFIX} (\S+) (\d+) (\d+)")
 _PROGRESS_FIELDS = ("latents", "step_index", "extra")
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -354,7 +356,17 @@ def result_key(job_key: str) -> str:
 
 
 def _print_progress(item_id: str, step: int, total: int) -> None:
-    print(f"{PROGRESS_PREFIX} {item_id} {step} {total}", flush=True)
+    # One write(2) per line: the replicas' leaders share torchrun's stdout pipe, and a
+    # write of under PIPE_BUF bytes lands whole. (print() writes the text and its newline
+    # separately when stdout is unbuffered, so two leaders' lines could interleave.)
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), f"{PROGRESS_PREFIX} {item_id} {step} {total}\n".encode())
+
+
+def parse_progress(line: str) -> tuple[str, int, int] | None:
+    """`(item_id, step, total)` of a progress line, None for any other line."""
+    match = _PROGRESS_LINE.fullmatch(line.strip())
+    return None if match is None else (match[1], int(match[2]), int(match[3]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

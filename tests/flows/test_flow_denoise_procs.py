@@ -46,7 +46,9 @@ def _bulk(dataset: Path, output: str, model_path: Path, **options: Any) -> dict[
     options = {"shard_size": 2, **options}
     state = bulk(dataset=str(dataset), output=output, model_path=str(model_path),
                  checkpoint_every=CHECKPOINT_EVERY, return_state=True, **OPTIONS, **options)
-    assert state.is_completed(), state.message
+    if not state.is_completed():
+        errors = {item: row["error"] for item, row in read_manifest(output).items()}
+        raise AssertionError(f"{state.message}: {errors}")
     return read_manifest(output)
 
 

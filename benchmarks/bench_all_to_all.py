@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from bench_dit import sm_carveout  # the script's folder is on sys.path
 
 from fastvideo.attention.layer import _heads_to_ranks
 
@@ -116,16 +117,11 @@ def measure(size: int, group: dist.ProcessGroup, args: argparse.Namespace,
     row["packed_exchange_of_3_ms"] = steady_ms(packed_exchange)
     for carveout in [None, *args.carveouts]:
         name = "matmuls" if carveout is None else f"carveout{carveout}_matmuls"
-        if carveout is not None:
-            torch._C._set_sm_carveout_experimental(carveout)
-        try:
+        with sm_carveout(carveout):
             row[f"{name}_alone_ms"] = median_ms(lambda: overlapped(matmuls, None, side),
                                                 args.iters, group)
             row[f"{name}_with_8_exchanges_ms"] = median_ms(
                 lambda: overlapped(matmuls, exchange, side), args.iters, group)
-        finally:
-            if carveout is not None:
-                torch._C._set_sm_carveout_experimental(None)
     try:
         from fastvideo.attention.backends.flash_cute import flash_cute_attention
 

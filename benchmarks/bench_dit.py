@@ -19,7 +19,8 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +175,20 @@ def covered_us(intervals: Iterable[tuple[float, float]]) -> float:
         return 0.0
     span = max(end for _, end in intervals) - min(start for start, _ in intervals)
     return span - sum(gap for gap, _, _ in idle_gaps((s, e, "") for s, e in intervals))
+
+
+@contextmanager
+def sm_carveout(num_sms: int | None) -> Iterator[None]:
+    """Keep cuBLAS matmuls off `num_sms` SMs inside the block (None: leave it alone);
+    torch's experimental carveout."""
+    if num_sms is None:
+        yield
+        return
+    torch._C._set_sm_carveout_experimental(num_sms)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(None)
 
 
 def peak_memory_gib(fn: Callable[[], torch.Tensor], device: torch.device) -> float | None:

@@ -47,6 +47,7 @@ from bench_dit import (
     covered_us,
     make_inputs,
     peak_memory_gib,
+    sm_carveout,
     time_once,
 )
 from torch import nn
@@ -210,13 +211,8 @@ def ours_forward(ours: nn.Module, inputs: dict[str, torch.Tensor], variant: Vari
 
     def forward() -> torch.Tensor:
         set_variant(layers, variant)
-        if variant.sm_carveout is None:
+        with sm_carveout(variant.sm_carveout):
             return ours(**inputs)
-        torch._C._set_sm_carveout_experimental(variant.sm_carveout)
-        try:
-            return ours(**inputs)
-        finally:
-            torch._C._set_sm_carveout_experimental(None)
     return forward
 
 

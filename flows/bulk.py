@@ -17,6 +17,7 @@ import argparse
 import re
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from prefect import flow
@@ -24,14 +25,22 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
 from fastvideo.fastvideo_args import SamplingParam
-from flows.cli import add_options, given_options, local_path, prepare_environment, ui_hint
-from flows.pipeline import encode_negative, process_window
+from fastvideo.jobs.item_stages import DENOISE, ENCODE_TEXT
+from fastvideo.jobs.items import ItemResult, RunContext, Shard
+from flows.cli import (
+    add_options,
+    given_options,
+    local_path,
+    prepare_environment,
+    run_settings,
+    ui_hint,
+)
+from flows.pipeline import encode_negative, process_remote, process_window
 from tasks.dataset import make_shards, plan_items
-from tasks.denoise import DENOISE, DenoiseDispatch
-from tasks.engine import prepare_run
+from tasks.dispatch import Dispatch
 from tasks.manifest import FAILED, failed_row, shard_rows, write_manifest, write_training_data
+from tasks.prepare import prepare_run
 from tasks.reporting import DatasetProgress, publish_results
-from tasks.stages import ENCODE_TEXT
 
 
 @flow(name="bulk", log_prints=True)
@@ -51,15 +60,23 @@ def bulk(
     concurrency: int = 1,
     checkpoint_every: int = 5,
     checkpoint_store: str | None = None,
-    denoise_dispatch: str = "inprocess",
+    dispatch: str = "inprocess",
+    placement: str | None = None,
     nproc_per_node: int = 1,
-    denoise_sp_size: int | None = None,
-    denoise_deployment: str = "denoise-job/gpu-denoise",
+    sp_size: int | None = None,
+    deployment: str | None = None,
     remote_launcher: str = "inprocess",
+    worker_idle_timeout_s: float = 1800.0,
     device: str | None = None,
     dtype: str | None = None,
     denoise_device: str | None = None,
     denoise_dtype: str | None = None,
+    attention_backend: str | None = None,
+    sta_config: str | None = None,
+    enable_torch_compile: bool = False,
+    batch_cfg: bool = True,
+    vae_dtype: str = "float32",
+    compile_cache_dir: str | None = None,
     fps: int = 16,
     training_data: bool = False,
     manifest_interval_s: float = 60.0,
@@ -81,21 +98,40 @@ def bulk(
         seed: base of the per-item seeds of rows without one.
         max_sequence_length: text tokens per prompt.
         shard_size: items per task run (and per denoise job / GPU model load).
-        concurrency: shards submitted together per stage (GPU jobs run side by side).
+        concurrency: shards in flight together (GPU jobs side by side); a warm worker also
+            gets the next shard queued, so its GPU never waits between shards.
         checkpoint_every: denoising saves latents and scheduler state every this many steps.
         checkpoint_store: store URI for checkpoints; default the output.
-        denoise_dispatch: inprocess, torchrun (this node) or deployment (GPU work pool).
-        nproc_per_node: processes (GPUs) per denoise job under torchrun, here or on the
-            GPU node (which then gets that many GPUs); the DiT runs sequence parallel.
-        denoise_sp_size: processes per model replica in a denoise job (default all): with
-            fewer, the job's processes form replicas that split its items.
-        denoise_deployment: flow-name/deployment-name of the GPU denoise deployment.
-        remote_launcher: how the GPU deployment runs a job: inprocess or torchrun.
-        device: engine device; default cuda when available, else cpu.
+        dispatch: where stages run: inprocess (this process), worker (this node's warm
+            worker, which keeps the model loaded and compiled across shards and runs),
+            torchrun (a torchrun job per shard on this node, denoising only) or deployment
+            (the GPU work pool; its node's warm worker).
+        placement: stages that go to the worker or GPU pool: all (default for worker and
+            deployment: this machine then needs neither a GPU nor the weights) or denoise.
+        nproc_per_node: processes (GPUs) per job on the target node: under torchrun the
+            DiT runs sequence parallel over them; warm workers run one replica per GPU.
+        sp_size: processes per model replica (default all): with fewer, the processes
+            form replicas that split the items.
+        deployment: flow-name/deployment-name of the GPU deployment (default
+            gpu-shard/gpu-shard, or denoise-job/gpu-denoise with placement denoise).
+        remote_launcher: how the gpu-denoise deployment runs a job: inprocess or torchrun.
+        worker_idle_timeout_s: a warm worker exits after this long without work.
+        device: engine device; default cuda when available (always on the GPU pool), else
+            cpu.
         dtype: engine dtype; default bf16 on cuda, fp32 on cpu.
-        denoise_device: device of the denoise jobs; default `device`, or cuda when they go
-            to the GPU deployment.
-        denoise_dtype: dtype of the denoise jobs; default bf16 on cuda, fp32 on cpu.
+        denoise_device: with placement denoise, the device of denoising; default `device`,
+            or cuda on the GPU pool.
+        denoise_dtype: with placement denoise, the dtype of denoising.
+        attention_backend: the DiT's attention backend by name (default: each layer's
+            fastest on the device).
+        sta_config: sliding tile attention windows, a JSON file on this machine (from
+            `python -m fastvideo.attention.sta_search`); selects SLIDING_TILE_ATTN.
+        enable_torch_compile: compile the DiT's blocks (paid once per warm worker and
+            video shape; see compile_cache_dir).
+        batch_cfg: guidance's two DiT forwards as one batch of 2 (False: two forwards).
+        vae_dtype: dtype of the VAE decode.
+        compile_cache_dir: where compiled kernels persist across processes, on the node
+            running the stages (default PyTorch's folder under /tmp).
         fps: frames per second of the videos.
         training_data: also write prompt embeddings and final latents under training/.
         manifest_interval_s: rewrite the manifest at most this often during the run.
@@ -110,28 +146,24 @@ def bulk(
                              num_frames=num_frames, num_inference_steps=num_inference_steps,
                              guidance_scale=guidance_scale, seed=seed,
                              max_sequence_length=max_sequence_length)
-    dispatch = DenoiseDispatch(mode=denoise_dispatch, nproc_per_node=nproc_per_node,
-                               sp_size=denoise_sp_size, deployment=denoise_deployment,
-                               remote_launcher=remote_launcher)
+    run, options = run_settings(dispatch, placement, nproc_per_node, sp_size, deployment,
+                                remote_launcher, worker_idle_timeout_s, attention_backend,
+                                sta_config, enable_torch_compile, batch_cfg, vae_dtype,
+                                compile_cache_dir)
     plan = plan_items(local_path(dataset), output, defaults)
     ctx = prepare_run(model_path, local_path(checkpoint_store or output), output, defaults,
                       checkpoint_every=checkpoint_every, device=device, dtype=dtype, fps=fps,
                       denoise_device=denoise_device, denoise_dtype=denoise_dtype,
-                      remote_denoise=denoise_dispatch == "deployment")
+                      dispatch=run, options=options)
     rows: list[dict[str, Any]] = list(plan.carried) + [
         failed_row(i.item_id, i.prompt, i.error, flow_run.id) for i in plan.invalid]
     progress = DatasetProgress(total=plan.num_rows, done=len(rows),
                                description=f"Items of {dataset} done")
-    negative = encode_negative(ctx)
     last_manifest = time.monotonic()
-    shards = make_shards(plan.items, shard_size)
-    for first in range(0, len(shards), max(concurrency, 1)):
-        window = shards[first:first + max(concurrency, 1)]
-        results = process_window(window, ctx, negative, dispatch)
-        for i, shard in enumerate(window):
-            rows += shard_rows(shard, {s: r[i] for s, r in results.items()}, flow_run.id)
-            if training_data:
-                write_training_data(shard, ctx, results[ENCODE_TEXT][i], results[DENOISE][i])
+    for shard, results in _results(make_shards(plan.items, shard_size), ctx, run, concurrency):
+        rows += shard_rows(shard, results, flow_run.id)
+        if training_data:
+            write_training_data(shard, ctx, results[ENCODE_TEXT], results[DENOISE])
         progress.update(len(rows))
         if time.monotonic() - last_manifest > manifest_interval_s:
             write_manifest(rows, output)
@@ -147,6 +179,20 @@ def bulk(
         return Failed(message=f"{failed} of {len(rows)} items failed; see {manifest_uri}",
                       data=summary)
     return Completed(message=f"{len(rows)} items succeeded", data=summary)
+
+
+def _results(shards: list[Shard], ctx: RunContext, run: Dispatch, concurrency: int
+             ) -> Iterator[tuple[Shard, dict[str, list[ItemResult]]]]:
+    """Each shard with its results per stage, as they finish."""
+    if run.remote_stages:
+        yield from process_remote(shards, ctx, run, concurrency)
+        return
+    negative = encode_negative(ctx)
+    for first in range(0, len(shards), max(concurrency, 1)):
+        window = shards[first:first + max(concurrency, 1)]
+        results = process_window(window, ctx, negative, run)
+        for i, shard in enumerate(window):
+            yield shard, {stage: r[i] for stage, r in results.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

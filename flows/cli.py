@@ -13,52 +13,102 @@ from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_UI_URL
 # Same names, types and help as `fastvideo generate`'s sampling options.
 from fastvideo.entrypoints.cli import add_dataclass_options
 from fastvideo.fastvideo_args import SamplingParam
+from fastvideo.jobs.options import EngineOptions
+from tasks.dispatch import Dispatch
 
 RUN_OPTIONS = ("shard_size", "concurrency", "checkpoint_every", "checkpoint_store",
-               "denoise_dispatch", "nproc_per_node", "denoise_sp_size", "denoise_deployment",
-               "remote_launcher",
+               "dispatch", "placement", "nproc_per_node", "sp_size", "deployment",
+               "remote_launcher", "worker_idle_timeout_s",
                "device", "dtype", "denoise_device", "denoise_dtype", "fps")
+ENGINE_OPTIONS = ("attention_backend", "sta_config", "enable_torch_compile", "batch_cfg",
+                  "vae_dtype", "compile_cache_dir")
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    """The sampling options of `fastvideo generate` and the run options of the flows."""
+    """The sampling options of `fastvideo generate`, and the run and engine options."""
     sampling = parser.add_argument_group("sampling options (as in `fastvideo generate`)")
     add_dataclass_options(sampling, SamplingParam, skip=set())
     run = parser.add_argument_group("run options")
     run.add_argument("--shard-size", type=int, help="items per task run (default 1)")
     run.add_argument("--concurrency", type=int,
-                     help="shards submitted together per stage (default 1)")
+                     help="shards in flight together (default 1; a warm worker also gets the "
+                          "next one queued)")
     run.add_argument("--checkpoint-every", type=int,
                      help="save denoising state every this many steps (default 5)")
     run.add_argument("--checkpoint-store",
                      help="store URI for checkpoints (default: the output)")
-    run.add_argument("--denoise-dispatch", choices=["inprocess", "torchrun", "deployment"],
-                     help="where denoising runs (default inprocess)")
+    run.add_argument("--dispatch", choices=["inprocess", "worker", "torchrun", "deployment"],
+                     help="where stages run: this process (default), this node's warm "
+                          "worker, a torchrun job per shard (denoising), or the GPU pool")
+    run.add_argument("--placement", choices=["all", "denoise"],
+                     help="stages that go to the worker or GPU pool: all (default) or "
+                          "denoise only")
     run.add_argument("--denoise-procs", "--nproc-per-node", dest="nproc_per_node", type=int,
                      metavar="N",
-                     help="processes (GPUs) per denoise job under torchrun, here or on the GPU "
-                          "node; the DiT runs sequence parallel over them (default 1)")
-    run.add_argument("--denoise-sp-size", type=int, metavar="K",
-                     help="processes per model replica in a denoise job (default: all N); "
-                          "the N / K replicas split the job's items, for throughput")
-    run.add_argument("--denoise-deployment",
-                     help="GPU deployment for --denoise-dispatch deployment "
-                          "(default denoise-job/gpu-denoise)")
+                     help="processes (GPUs) per job on the target node (default 1): the DiT "
+                          "runs sequence parallel over them under torchrun; warm workers run "
+                          "one replica per GPU")
+    run.add_argument("--sp-size", type=int, metavar="K",
+                     help="processes per model replica (default: all N); the N / K "
+                          "replicas split the items, for throughput")
+    run.add_argument("--deployment",
+                     help="GPU deployment for --dispatch deployment (default "
+                          "gpu-shard/gpu-shard, or denoise-job/gpu-denoise with "
+                          "--placement denoise)")
     run.add_argument("--remote-launcher", choices=["inprocess", "torchrun"],
-                     help="how the GPU deployment runs a job (default inprocess)")
-    run.add_argument("--device", help="engine device (default: cuda if available, else cpu)")
+                     help="how the gpu-denoise deployment runs a job (default inprocess)")
+    run.add_argument("--worker-idle-timeout-s", type=float,
+                     help="a warm worker exits after this long without work (default 1800)")
+    run.add_argument("--device", help="engine device (default: cuda if available, else cpu; "
+                                      "cuda on the GPU pool)")
     run.add_argument("--dtype", help="engine dtype (default: bf16 on cuda, fp32 on cpu)")
     run.add_argument("--denoise-device",
-                     help="device of the denoise jobs (default: --device, or cuda with "
-                          "--denoise-dispatch deployment)")
-    run.add_argument("--denoise-dtype", help="dtype of the denoise jobs (default: bf16 on cuda)")
+                     help="with --placement denoise: device of denoising (default: --device, "
+                          "or cuda with --dispatch deployment)")
+    run.add_argument("--denoise-dtype", help="with --placement denoise: dtype of denoising")
     run.add_argument("--fps", type=int, help="frames per second of the videos (default 16)")
+    engine = parser.add_argument_group("engine options (every process that runs a stage)")
+    engine.add_argument("--attention-backend",
+                        help="attention backend of the DiT, e.g. FLASH_ATTN, TORCH_SDPA "
+                             "(default: each layer's fastest here)")
+    engine.add_argument("--sta-config", metavar="FILE",
+                        help="sliding tile attention windows (JSON from python -m "
+                             "fastvideo.attention.sta_search); selects SLIDING_TILE_ATTN")
+    engine.add_argument("--compile", "--enable-torch-compile", dest="enable_torch_compile",
+                        action="store_true", default=None,
+                        help="compile the DiT's blocks with torch.compile (pays off from the "
+                             "first video on a warm worker)")
+    engine.add_argument("--no-batch-cfg", dest="batch_cfg", action="store_false", default=None,
+                        help="run guidance as two DiT forwards instead of one batch of 2 "
+                             "(half the activation memory)")
+    engine.add_argument("--vae-dtype", help="dtype of the VAE decode (default float32)")
+    engine.add_argument("--compile-cache-dir", metavar="DIR",
+                        help="where compiled kernels persist across processes, on the node "
+                             "running the stages (default: PyTorch's, under /tmp)")
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampling and run options given on the command line (the flow has the defaults)."""
-    names = (*SamplingParam.option_names(), *RUN_OPTIONS)
+    """The sampling, run and engine options given on the command line (the flow has the
+    defaults)."""
+    names = (*SamplingParam.option_names(), *RUN_OPTIONS, *ENGINE_OPTIONS)
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def run_settings(dispatch: str, placement: str | None, nproc_per_node: int,
+                 sp_size: int | None, deployment: str | None, remote_launcher: str,
+                 worker_idle_timeout_s: float, attention_backend: str | None,
+                 sta_config: str | None, enable_torch_compile: bool, batch_cfg: bool,
+                 vae_dtype: str, compile_cache_dir: str | None
+                 ) -> tuple[Dispatch, EngineOptions]:
+    """The flows' dispatch and engine parameters as checked objects: a bad value fails the
+    run here, at its start, with a message naming the option."""
+    return (Dispatch(mode=dispatch, placement=placement, nproc_per_node=nproc_per_node,
+                     sp_size=sp_size, deployment=deployment, remote_launcher=remote_launcher,
+                     worker_idle_timeout_s=worker_idle_timeout_s),
+            EngineOptions.with_sta_file(
+                sta_config, attention_backend=attention_backend,
+                enable_torch_compile=enable_torch_compile, batch_cfg=batch_cfg,
+                vae_dtype=vae_dtype, compile_cache_dir=compile_cache_dir))
 
 
 def prepare_environment() -> None:

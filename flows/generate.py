@@ -14,13 +14,19 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
 from fastvideo.fastvideo_args import SamplingParam
-from flows.cli import add_options, given_options, local_path, prepare_environment, ui_hint
-from flows.pipeline import encode_negative, process_window
+from fastvideo.jobs.items import Shard
+from flows.cli import (
+    add_options,
+    given_options,
+    local_path,
+    prepare_environment,
+    run_settings,
+    ui_hint,
+)
+from flows.pipeline import encode_negative, process_remote, process_window
 from tasks.dataset import parse_rows
-from tasks.denoise import DenoiseDispatch
-from tasks.engine import prepare_run
-from tasks.items import Shard
 from tasks.manifest import SUCCEEDED, shard_rows
+from tasks.prepare import prepare_run
 
 
 @flow(name="generate", log_prints=True)
@@ -38,36 +44,52 @@ def generate(
     max_sequence_length: int = 512,
     checkpoint_every: int = 5,
     checkpoint_store: str | None = None,
-    denoise_dispatch: str = "inprocess",
+    dispatch: str = "inprocess",
+    placement: str | None = None,
     nproc_per_node: int = 1,
-    denoise_sp_size: int | None = None,
-    denoise_deployment: str = "denoise-job/gpu-denoise",
+    sp_size: int | None = None,
+    deployment: str | None = None,
     remote_launcher: str = "inprocess",
+    worker_idle_timeout_s: float = 1800.0,
     device: str | None = None,
     dtype: str | None = None,
     denoise_device: str | None = None,
     denoise_dtype: str | None = None,
+    attention_backend: str | None = None,
+    sta_config: str | None = None,
+    enable_torch_compile: bool = False,
+    batch_cfg: bool = True,
+    vae_dtype: str = "float32",
+    compile_cache_dir: str | None = None,
     fps: int = 16,
 ) -> State:
-    """Generate one video for `prompt` into `<output>/videos/`; the result is its manifest row."""
+    """Generate one video for `prompt` into `<output>/videos/`; the result is its manifest row.
+
+    The options are the bulk flow's (`python -m flows.bulk --help` or `flows.bulk.bulk`).
+    """
     output = local_path(output)
     defaults = SamplingParam(negative_prompt=negative_prompt, height=height, width=width,
                              num_frames=num_frames, num_inference_steps=num_inference_steps,
                              guidance_scale=guidance_scale, seed=seed,
                              max_sequence_length=max_sequence_length)
+    run, options = run_settings(dispatch, placement, nproc_per_node, sp_size, deployment,
+                                remote_launcher, worker_idle_timeout_s, attention_backend,
+                                sta_config, enable_torch_compile, batch_cfg, vae_dtype,
+                                compile_cache_dir)
     items, invalid = parse_rows([{"prompt": prompt, "seed": seed}], defaults)
     if invalid:
         return Failed(message=invalid[0].error)
     ctx = prepare_run(model_path, local_path(checkpoint_store or output), output, defaults,
                       checkpoint_every=checkpoint_every, device=device, dtype=dtype, fps=fps,
                       denoise_device=denoise_device, denoise_dtype=denoise_dtype,
-                      remote_denoise=denoise_dispatch == "deployment")
-    dispatch = DenoiseDispatch(mode=denoise_dispatch, nproc_per_node=nproc_per_node,
-                               sp_size=denoise_sp_size, deployment=denoise_deployment,
-                               remote_launcher=remote_launcher)
+                      dispatch=run, options=options)
     shard = Shard(index=0, items=tuple(items))
-    results = process_window([shard], ctx, encode_negative(ctx), dispatch)
-    row = shard_rows(shard, {stage: r[0] for stage, r in results.items()}, flow_run.id)[0]
+    if run.remote_stages:
+        ((_, by_stage),) = process_remote([shard], ctx, run, concurrency=1)
+    else:
+        results = process_window([shard], ctx, encode_negative(ctx), run)
+        by_stage = {stage: r[0] for stage, r in results.items()}
+    row = shard_rows(shard, by_stage, flow_run.id)[0]
     if row["status"] != SUCCEEDED:
         return Failed(message=f"{row['failed_stage']}: {row['error']}", data=row)
     print(f"video: {row['video_uri']}")

@@ -1,8 +1,12 @@
-"""The stage sequence both flows run over a window of shards.
+"""The stage sequence both flows run over their shards.
 
-Stage by stage, the window's shards are submitted together (the flow's task runner
-decides how many run at once), so with `denoise_dispatch="deployment"` their GPU jobs
-run side by side. An item that fails stays failed in later stages; a shard with no live
+Placement `all` (`process_remote`): one `generate-shard` task per shard hands it whole to
+a warm worker; shards are kept in flight one more than `concurrency`, so a worker always
+has the next shard queued and its GPU never waits for the flow between shards.
+
+Otherwise (`process_window`), stage by stage, a window's shards are submitted together
+(the flow's task runner decides how many run at once), so with dispatch `deployment`
+their GPU jobs run side by side. An item that fails stays failed in later stages; a shard with no live
 item left skips the remaining stages. When a stage finds one of its inputs corrupt or
 gone, the stage that wrote it is re-run for that shard without its cache (it recomputes
 the bad checkpoint), then the stage itself, once.
@@ -10,15 +14,19 @@ the bad checkpoint), then the stage itself, once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prefect import Task
 from prefect.futures import PrefectFuture
 from prefect.states import State
 
-from tasks.denoise import DENOISE, DenoiseDispatch, denoise
-from tasks.items import ItemResult, RunContext, Shard, failure
+from fastvideo.jobs.item_stages import STAGES
+from fastvideo.jobs.items import ItemResult, RunContext, Shard, failure
+from tasks.denoise import DENOISE, denoise
+from tasks.dispatch import Dispatch
+from tasks.shard import generate_shard
 from tasks.stages import (
     DECODE,
     ENCODE_NEGATIVE,
@@ -32,7 +40,6 @@ from tasks.stages import (
     write_videos,
 )
 
-STAGES = (ENCODE_TEXT, PREPARE_LATENTS, DENOISE, DECODE, WRITE_VIDEO)
 WindowResults = dict[str, list[list[ItemResult]]]
 
 
@@ -59,7 +66,7 @@ def encode_negative(ctx: RunContext, refresh: bool = False) -> ItemResult:
 
 
 def process_window(shards: list[Shard], ctx: RunContext, negative: ItemResult,
-                   dispatch: DenoiseDispatch) -> WindowResults:
+                   dispatch: Dispatch) -> WindowResults:
     """Run every stage over `shards`; returns each stage's results, per shard, per item."""
     results: WindowResults = {}
     shared = {"negative": negative}
@@ -110,3 +117,26 @@ def process_window(shards: list[Shard], ctx: RunContext, negative: ItemResult,
                     results[producer][i] = run_now(producer, i, refresh=True)
             results[stage][i] = run_now(stage, i)
     return results
+
+
+def process_remote(shards: list[Shard], ctx: RunContext, dispatch: Dispatch, concurrency: int
+                   ) -> Iterator[tuple[Shard, dict[str, list[ItemResult]]]]:
+    """Each shard's results per stage, in shard order, as its `generate-shard` task ends."""
+    in_flight: deque[tuple[Shard, PrefectFuture]] = deque()
+    pending = iter(shards)
+    for shard in pending:
+        in_flight.append((shard, generate_shard.submit(shard, ctx, dispatch)))
+        if len(in_flight) > max(concurrency, 1):
+            break
+    while in_flight:
+        shard, future = in_flight.popleft()
+        future.wait()
+        results = future.state.result(raise_on_failure=False)
+        if not isinstance(results, dict):
+            error = f"generate-shard task ended {future.state.name}: {results}"
+            results = {stage: [failure(i.item_id, STAGES[0], error) for i in shard.items]
+                       for stage in STAGES}
+        following = next(pending, None)
+        if following is not None:
+            in_flight.append((following, generate_shard.submit(following, ctx, dispatch)))
+        yield shard, results

@@ -17,7 +17,6 @@ import functools
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,17 +29,14 @@ from prefect.runtime import task_run
 from prefect.states import Failed, State
 from prefect.tasks import exponential_backoff
 
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.jobs.items import ItemResult, ItemSpec, Shard, failure, to_jsonable
 from fastvideo.storage import (
     ArtifactStore,
     CorruptInputError,
     StoreUnavailableError,
-    load_valid_checkpoint,
     open_store,
     retry_io,
-    write_checkpoint,
 )
-from tasks.items import ItemResult, ItemSpec, Shard, failure, to_jsonable
 
 # Bump when a task's output format changes, so old cache entries stop matching.
 CACHE_VERSION = 1
@@ -140,16 +136,3 @@ def finish_shard(stage: str, results: list[ItemResult]) -> list[ItemResult] | St
         return results
     return Failed(message=f"{len(failed)} of {len(results)} item(s) failed in {stage}; first: "
                           f"{failed[0].item_id}: {failed[0].error}", data=results)
-
-
-def checkpointed(store: ArtifactStore, key: str, item_id: str, fields: Sequence[str],
-                 compute: Callable[[], tuple[ForwardBatch, float]]) -> ItemResult:
-    """Reuse the checkpoint under `key` if it verifies, else `compute()` and write it."""
-    existing = load_valid_checkpoint(store, key)
-    if existing is not None:
-        return ItemResult(item_id, ref=existing[0], info={"reused": True})
-    batch, seconds = compute()
-    start = time.perf_counter()
-    ref = retry_io(lambda: write_checkpoint(store, key, batch, fields))
-    return ItemResult(item_id, ref=ref, seconds=seconds,
-                      info={"write_s": round(time.perf_counter() - start, 4)})

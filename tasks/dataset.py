@@ -29,9 +29,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fastvideo.fastvideo_args import SamplingParam
+from fastvideo.jobs.items import SAMPLING_FIELDS, ItemSpec, Shard
 from fastvideo.storage import ObjectNotFoundError, retry_io
 from tasks.common import get_store, retry_on_store_unavailable, run_logger
-from tasks.items import SAMPLING_FIELDS, ItemSpec, Shard
 from tasks.manifest import MANIFEST_KEY, SUCCEEDED, read_manifest
 
 ROW_FIELDS = ("prompt", "negative_prompt", "seed", "item_id", *SAMPLING_FIELDS)

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import torch
 from prefect import task
 
+from fastvideo.jobs.items import ItemResult, ItemSpec, RunContext, Shard
 from fastvideo.storage import ArtifactStore, ObjectNotFoundError, read_inputs, retry_io
 from tasks.common import get_store, retry_on_store_unavailable, shard_cache_key
-from tasks.items import ItemResult, ItemSpec, RunContext, Shard
 
 MANIFEST_KEY = "manifest.parquet"
 SUCCEEDED = "succeeded"

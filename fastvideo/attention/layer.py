@@ -104,6 +104,16 @@ def request_attention_backend(model: nn.Module, name: str | _Backend) -> int:
     return len(layers)
 
 
+def attention_backends_in_use(model: nn.Module) -> dict[str, list[str]]:
+    """The backends `model`'s attention layers were asked for and the ones they chose
+    (for the inputs seen so far): how a caller checks an option reached the model."""
+    layers = [m for m in model.modules() if isinstance(m, _AttentionLayer)]
+    return {"requested": sorted({layer.requested_backend.name for layer in layers
+                                 if layer.requested_backend is not None}),
+            "chosen": sorted({backend.name.name for layer in layers
+                              for backend in layer._backends.values()})}
+
+
 def select_attention_backends(model: nn.Module, dtype: torch.dtype,
                               device: torch.device | str | None = None) -> int:
     """Make every attention layer of `model` choose its backend for `dtype` inputs now.

@@ -50,6 +50,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -68,6 +69,7 @@ from fastvideo.distributed import (
     initialize_model_parallel,
 )
 from fastvideo.fastvideo_args import FastVideoArgs
+from fastvideo.jobs.options import EngineOptions
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
 from fastvideo.storage import (
@@ -80,6 +82,7 @@ from fastvideo.storage import (
     read_inputs,
     retry_io,
     write_checkpoint,
+    write_encoded,
 )
 from fastvideo.storage.batch_codec import EncodedBatch, decode_batch, encode_batch
 
@@ -116,10 +119,14 @@ class DenoiseJob:
     device: str | None = None
     """As in `FastVideoArgs`; None picks CUDA when available."""
     dtype: str | None = None
+    options: EngineOptions = EngineOptions()
+    """The run's attention, STA, compile and guidance-batching settings."""
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if isinstance(self.options, dict):  # read back from JSON
+            object.__setattr__(self, "options", EngineOptions(**self.options))
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -141,12 +148,11 @@ class DenoiseJob:
                     sp_size: int | None = None) -> FastVideoArgs:
         """The engine settings; over `world_size` processes the DiT runs sequence parallel
         over `sp_size` of them (default: all)."""
-        options = {k: v for k, v in (("device", self.device), ("dtype", self.dtype)) if v}
-        args = FastVideoArgs(model_path=self.model_path, num_gpus=world_size,
-                             sp_size=sp_size or world_size, tp_size=1, **options)
-        if world_size > 1 and args.device.startswith("cuda"):
-            args = dataclasses.replace(args, device=f"cuda:{local_rank}")  # a GPU per process
-        return args
+        device = self.device or FastVideoArgs(model_path=self.model_path).device
+        if world_size > 1 and device.startswith("cuda"):
+            device = f"cuda:{local_rank}"  # a GPU per process
+        return self.options.to_args(self.model_path, device, self.dtype, num_gpus=world_size,
+                                    sp_size=sp_size or world_size, tp_size=1)
 
 
 @dataclass(frozen=True)
@@ -196,7 +202,7 @@ def run_denoise_job(job: DenoiseJob, pipeline: ComposedPipelineBase | None = Non
         from fastvideo.entrypoints.video_generator import build_pipeline_for_stages
 
         pipeline = build_pipeline_for_stages(args, [DENOISING_STAGE])
-    runner = _ItemRunner(store=open_store(job.store_uri) if leader else None,
+    runner = ItemRunner(store=open_store(job.store_uri) if leader else None,
                          stage=pipeline.get_stage(DENOISING_STAGE), args=args,
                          checkpoint_every=job.checkpoint_every, on_progress=on_progress,
                          group=get_sp_group() if sp_size > 1 else None)
@@ -218,8 +224,17 @@ def run_denoise_job(job: DenoiseJob, pipeline: ComposedPipelineBase | None = Non
     return [per_replica[i % num_replicas][i // num_replicas] for i in range(len(job.items))]
 
 
+@dataclass(frozen=True)
+class Denoised:
+    """An item's denoised batch, not yet written."""
+
+    batch: ForwardBatch
+    resumed_from: int
+    seconds: float
+
+
 @dataclass
-class _ItemRunner:
+class ItemRunner:
     """Denoises one item at a time; with a `group`, rank 0 holds the store and leads."""
 
     store: ArtifactStore | None
@@ -228,6 +243,9 @@ class _ItemRunner:
     checkpoint_every: int
     on_progress: ProgressCallback | None
     group: GroupCoordinator | None
+    uploads: Executor | None = None
+    """Where progress checkpoints are uploaded (None: in the loop, before the next step)."""
+    _pending: dict[str, list[Future]] = field(default_factory=dict)
 
     @property
     def leads(self) -> bool:
@@ -235,6 +253,14 @@ class _ItemRunner:
 
     def run(self, item: DenoiseItem) -> DenoiseOutcome | None:
         """The item's outcome on rank 0 (None on the others)."""
+        computed = self.compute(item)
+        if not isinstance(computed, Denoised):
+            return computed
+        return self.finish(item, computed) if self.leads else None
+
+    def compute(self, item: DenoiseItem) -> DenoiseOutcome | Denoised | None:
+        """Denoise the item without writing its output: the finished batch, or the
+        outcome of an item with nothing to compute (skipped, failed; None off rank 0)."""
         plan = self._plan(item) if self.leads else None
         batch = plan if isinstance(plan, ForwardBatch) else None
         if self.group is not None:
@@ -256,7 +282,7 @@ class _ItemRunner:
             return DenoiseOutcome(item.item_id, error=f"{type(exc).__name__}: {exc}")
         finally:
             self.stage.on_step_end = None
-        return self._finish(item, batch, resumed_from) if self.leads else None
+        return Denoised(batch, resumed_from, batch.timings[self.stage.name])
 
     def _plan(self, item: DenoiseItem) -> DenoiseOutcome | ForwardBatch:
         """The outcome of an item with nothing to compute, or the batch to denoise."""
@@ -279,28 +305,38 @@ class _ItemRunner:
     def _step_callback(self, item: DenoiseItem) -> Callable[[ForwardBatch, int, int], None]:
         def on_step_end(batch: ForwardBatch, step: int, total: int) -> None:
             if step % self.checkpoint_every == 0 and step < total:
-                try:
-                    retry_io(lambda: write_checkpoint(self.store, item.progress_key, batch,
-                                                      _PROGRESS_FIELDS))
-                except Exception:  # progress only saves work; carry on without it
-                    logger.exception("item %s: saving progress at step %d failed",
-                                     item.item_id, step)
+                self._save_progress(item, encode_batch(batch, _PROGRESS_FIELDS), step)
             if self.on_progress is not None:
                 self.on_progress(item.item_id, step, total)
         return on_step_end
 
-    def _finish(self, item: DenoiseItem, batch: ForwardBatch, resumed_from: int
-                ) -> DenoiseOutcome:
+    def _save_progress(self, item: DenoiseItem, encoded: EncodedBatch, step: int) -> None:
+        def save() -> None:
+            try:
+                retry_io(lambda: write_encoded(self.store, item.progress_key, encoded))
+            except Exception:  # progress only saves work; carry on without it
+                logger.exception("item %s: saving progress at step %d failed",
+                                 item.item_id, step)
+
+        if self.uploads is None:
+            save()
+        else:  # encoded above, so the loop may go on while it uploads
+            self._pending.setdefault(item.item_id, []).append(self.uploads.submit(save))
+
+    def finish(self, item: DenoiseItem, denoised: Denoised) -> DenoiseOutcome:
+        """Write the item's output checkpoint, then drop its progress checkpoint."""
         try:
             ref = retry_io(lambda: write_checkpoint(
-                self.store, item.output_key, batch,
+                self.store, item.output_key, denoised.batch,
                 (*ForwardBatch.request_field_names(), "latents")))
+            for upload in self._pending.pop(item.item_id, []):
+                upload.result()  # a late progress write must not outlive the delete
             delete_checkpoint(self.store, item.progress_key)
         except Exception as exc:
             logger.exception("item %s: writing its output failed", item.item_id)
             return DenoiseOutcome(item.item_id, error=f"{type(exc).__name__}: {exc}")
-        return DenoiseOutcome(item.item_id, ref=ref, seconds=batch.timings[self.stage.name],
-                              resumed_from_step=resumed_from)
+        return DenoiseOutcome(item.item_id, ref=ref, seconds=denoised.seconds,
+                              resumed_from_step=denoised.resumed_from)
 
 
 def _broadcast_bytes(group: GroupCoordinator, data: bytes | None) -> bytes | None:

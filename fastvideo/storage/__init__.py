@@ -10,6 +10,7 @@ from fastvideo.storage.checkpoint import (
     read_checkpoint,
     read_inputs,
     write_checkpoint,
+    write_encoded,
 )
 from fastvideo.storage.errors import (
     CheckpointNotFoundError,
@@ -42,4 +43,5 @@ __all__ = [
     "read_inputs",
     "retry_io",
     "write_checkpoint",
+    "write_encoded",
 ]

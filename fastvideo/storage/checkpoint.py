@@ -97,7 +97,13 @@ def write_checkpoint(
 ) -> CheckpointRef:
     """Store the named fields of `batch` (all when None) under `key_prefix`; manifest last."""
     check_key(key_prefix)
-    encoded = encode_batch(batch, fields)
+    return write_encoded(store, key_prefix, encode_batch(batch, fields))
+
+
+def write_encoded(store: ArtifactStore, key_prefix: str, encoded: EncodedBatch) -> CheckpointRef:
+    """Store an already encoded batch under `key_prefix` (encoding snapshots the tensors,
+    so the upload may happen later, on another thread); manifest last."""
+    check_key(key_prefix)
     nonce = secrets.token_hex(8)
     files: dict[str, _FileEntry] = {}
     for role, data in (("tensors", encoded.tensors), ("fields", encoded.fields)):

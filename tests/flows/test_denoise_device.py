@@ -9,8 +9,9 @@ import torch
 
 from fastvideo.entrypoints.video_generator import VideoGenerator
 from fastvideo.fastvideo_args import SamplingParam
-from tasks.denoise import _job_item
-from tasks.engine import prepare_run
+from fastvideo.jobs.item_stages import denoise_item
+from tasks.dispatch import Dispatch
+from tasks.prepare import prepare_run
 
 
 def _ctx(model: Path, tmp_path: Path, **options):
@@ -26,18 +27,20 @@ def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("no_gpu")
 def test_remote_denoise_defaults_to_cuda_bf16(tiny_wan_path: Path, tmp_path: Path) -> None:
     local = _ctx(tiny_wan_path, tmp_path)
-    remote = _ctx(tiny_wan_path, tmp_path, remote_denoise=True)
+    remote = _ctx(tiny_wan_path, tmp_path,
+                  dispatch=Dispatch(mode="deployment", placement="denoise"))
     assert (local.device, local.dtype) == ("cpu", "float32")
     assert (local.denoise_device, local.denoise_dtype) == ("cpu", "float32")
     assert (remote.device, remote.dtype) == ("cpu", "float32")
     assert (remote.denoise_device, remote.denoise_dtype) == ("cuda", "bfloat16")
     # A bf16 GPU result never answers for a fp32 CPU one: different checkpoint keys.
-    assert _job_item(local, "a", []).output_key != _job_item(remote, "a", []).output_key
+    assert denoise_item(local, "a", []).output_key != denoise_item(remote, "a", []).output_key
 
 
 @pytest.mark.usefixtures("no_gpu")
 def test_explicit_denoise_device_wins(tiny_wan_path: Path, tmp_path: Path) -> None:
-    ctx = _ctx(tiny_wan_path, tmp_path, remote_denoise=True, denoise_device="cpu")
+    ctx = _ctx(tiny_wan_path, tmp_path, denoise_device="cpu",
+               dispatch=Dispatch(mode="deployment", placement="denoise"))
     assert (ctx.denoise_device, ctx.denoise_dtype) == ("cpu", "float32")
 
 

@@ -21,7 +21,7 @@ import torch
 
 from flows.bulk import bulk
 from flows.cli import add_options, given_options
-from tasks.denoise import DenoiseDispatch
+from tasks.dispatch import Dispatch
 from tests.flows.helpers import (
     PROMPTS,
     TINY,
@@ -80,7 +80,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 def torchrun_latents(prefect_server, dataset: Path, tiny_wan_path: Path,
                      tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     output = str(tmp_path_factory.mktemp("procs-torchrun"))
-    rows = _bulk(dataset, output, tiny_wan_path, denoise_dispatch="torchrun",
+    rows = _bulk(dataset, output, tiny_wan_path, dispatch="torchrun",
                  nproc_per_node=PROCS)
     assert [r["denoise_resumed_from_step"] for r in rows.values()] == [0, 0]
     return _latents(rows)
@@ -95,14 +95,14 @@ def test_two_processes_equal_inprocess(inprocess_latents: dict[str, torch.Tensor
 
 def test_two_replicas_split_the_items_and_equal_inprocess(
         prefect_server, tiny_wan_path: Path, tmp_path: Path) -> None:
-    """`denoise_sp_size=1` on 2 processes: 2 model replicas share one job of 3 items
+    """`sp_size=1` on 2 processes: 2 model replicas share one job of 3 items
     (items 0 and 2 on replica 0, item 1 on replica 1), as in-process denoising makes them."""
     three = write_dataset(tmp_path / "three.jsonl", [{"prompt": p} for p in PROMPTS[:3]])
     expected = _latents(_bulk(three, str(tmp_path / "inprocess"), tiny_wan_path,
                               shard_size=3))
     output = tmp_path / "replicas"
-    rows = _bulk(three, str(output), tiny_wan_path, shard_size=3, denoise_dispatch="torchrun",
-                 nproc_per_node=PROCS, denoise_sp_size=1)
+    rows = _bulk(three, str(output), tiny_wan_path, shard_size=3, dispatch="torchrun",
+                 nproc_per_node=PROCS, sp_size=1)
     assert {r["status"] for r in rows.values()} == {"succeeded"}
     latents = _latents(rows)
     assert latents.keys() == expected.keys() and len(latents) == 3
@@ -142,7 +142,7 @@ def test_killed_rank_fails_the_task_then_a_rerun_resumes(
         torchrun_latents: dict[str, torch.Tensor], tmp_path: Path) -> None:
     output = tmp_path / "killed"
     options = dict(dataset=str(dataset), output=str(output), model_path=str(tiny_wan_path),
-                   checkpoint_every=CHECKPOINT_EVERY, shard_size=2, denoise_dispatch="torchrun",
+                   checkpoint_every=CHECKPOINT_EVERY, shard_size=2, dispatch="torchrun",
                    nproc_per_node=PROCS, **OPTIONS)
     with ThreadPoolExecutor(1) as pool:
         # In this thread's context, so the flow talks to the session's Prefect server.
@@ -177,17 +177,21 @@ def test_killed_rank_fails_the_task_then_a_rerun_resumes(
 
 def test_several_processes_need_torchrun() -> None:
     with pytest.raises(ValueError, match="nproc_per_node=2 needs torchrun"):
-        DenoiseDispatch(mode="inprocess", nproc_per_node=2)
+        Dispatch(mode="inprocess", nproc_per_node=2)
     with pytest.raises(ValueError, match="--remote-launcher torchrun"):
-        DenoiseDispatch(mode="deployment", nproc_per_node=2)
-    DenoiseDispatch(mode="deployment", nproc_per_node=2, remote_launcher="torchrun")
+        Dispatch(mode="deployment", placement="denoise", nproc_per_node=2)
+    Dispatch(mode="deployment", placement="denoise", nproc_per_node=2, remote_launcher="torchrun")
+    # Warm workers: one replica per GPU, no sequence parallel across them.
+    with pytest.raises(ValueError, match="a warm worker runs one process per GPU"):
+        Dispatch(mode="deployment", nproc_per_node=2)
+    assert Dispatch(mode="worker", nproc_per_node=2, sp_size=1).uses_worker
     with pytest.raises(ValueError, match=r"sp size 3 must divide the 4 denoise processes; "
                                          r"sizes that work: \[1, 2, 4\]"):
-        DenoiseDispatch(mode="torchrun", nproc_per_node=4, sp_size=3)
-    assert DenoiseDispatch(mode="torchrun", nproc_per_node=4, sp_size=2).sp_size == 2
+        Dispatch(mode="torchrun", nproc_per_node=4, sp_size=3)
+    assert Dispatch(mode="torchrun", nproc_per_node=4, sp_size=2).sp_size == 2
 
     parser = argparse.ArgumentParser()
     add_options(parser)
     for flag in ("--denoise-procs", "--nproc-per-node"):
         assert given_options(parser.parse_args([flag, "4"]))["nproc_per_node"] == 4
-    assert given_options(parser.parse_args(["--denoise-sp-size", "2"]))["denoise_sp_size"] == 2
+    assert given_options(parser.parse_args(["--sp-size", "2"]))["sp_size"] == 2

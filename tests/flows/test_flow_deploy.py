@@ -60,7 +60,7 @@ def test_bulk_deployment_with_gpu_denoise_deployment(workers, s3_env, tiny_wan_p
     dataset = write_dataset(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS[:2]])
     run = run_deployment("bulk/bulk", timeout=480, parameters=dict(
         dataset=str(dataset), output=output, model_path=str(tiny_wan_path), shard_size=2,
-        denoise_dispatch="deployment", denoise_device="cpu", artifact_key="deploy-test",
+        dispatch="deployment", denoise_device="cpu", artifact_key="deploy-test",
         **TINY))
     assert run.state.is_completed(), (run.state, _logs(tmp_path))
 

@@ -17,7 +17,7 @@ def test_generate_inprocess_and_torchrun_match_the_engine(prefect_server, tiny_w
     rows = {}
     for dispatch in ("inprocess", "torchrun"):
         state = generate(output=str(tmp_path / dispatch), model_path=str(tiny_wan_path),
-                         denoise_dispatch=dispatch, checkpoint_every=2, return_state=True,
+                         dispatch=dispatch, checkpoint_every=2, return_state=True,
                          **request)
         assert state.is_completed(), state.message
         rows[dispatch] = state.result()

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 
 from fastvideo.fastvideo_args import SamplingParam
+from fastvideo.jobs.items import ItemResult
 from fastvideo.storage import CheckpointRef, open_store
 from tasks.common import shard_cache_key
 from tasks.dataset import make_shards, parse_rows, plan_items, split_uri
-from tasks.denoise import DenoiseDispatch
-from tasks.items import ItemResult
+from tasks.dispatch import Dispatch
 from tasks.manifest import read_manifest, shard_rows, write_manifest
 
 DEFAULTS = SamplingParam(negative_prompt="blurry", height=32, width=32, num_frames=5,
@@ -85,7 +85,7 @@ def test_cache_key_ignores_shard_index_and_dispatch_but_not_inputs() -> None:
     def key(shard, digest="digest-1", mode="inprocess"):
         text = [ItemResult(shard.items[0].item_id, ref=CheckpointRef(ref.store_uri, ref.key, digest))]
         return shard_cache_key(context, {"shard": shard, "text": text,
-                                         "dispatch": DenoiseDispatch(mode=mode)})
+                                         "dispatch": Dispatch(mode=mode)})
 
     moved = type(second)(index=7, items=second.items)
     assert key(second) == key(moved) == key(second, mode="torchrun")
@@ -108,5 +108,5 @@ def test_manifest_round_trip_and_labels(tmp_path: Path) -> None:
         ("failed", "decode", 4)
     assert row["denoised_checkpoint_uri"] == "file:///o/checkpoints/denoise/1"
     assert row["denoised_seconds"] == 1.5 and row["video_uri"] is None
-    with pytest.raises(ValueError, match="denoise dispatch mode"):
-        DenoiseDispatch(mode="slurm")
+    with pytest.raises(ValueError, match=r"dispatch must be one of \[.inprocess., .worker., .torchrun., .deployment.\], got .slurm."):
+        Dispatch(mode="slurm")

@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fastvideo.jobs.options import EngineOptions
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
 from fastvideo.storage import CheckpointRef
 
@@ -62,7 +63,9 @@ class RunContext:
     """What every stage of a run shares; part of every task's cache key."""
 
     model_path: str
-    model_fingerprint: str
+    model_fingerprint: str | None
+    """None when the run's own machine cannot see the model: the process that runs the
+    stages fingerprints it (`fastvideo.jobs.engine.with_fingerprint`)."""
     store_uri: str
     """Checkpoints go here (`checkpoints/<stage>/<key>`)."""
     output_uri: str
@@ -79,6 +82,8 @@ class RunContext:
     checkpoint_every: int = 5
     """Denoising saves latents + scheduler state every this many steps."""
     fps: int = 16
+    options: EngineOptions = EngineOptions()
+    """Attention, STA, compile, guidance batching, VAE dtype: the same in every process."""
 
 
 @dataclass(frozen=True)
@@ -119,3 +124,16 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v) for v in value]
     return value
+
+
+def shard_from_dict(doc: dict[str, Any]) -> Shard:
+    return Shard(index=doc["index"], items=tuple(ItemSpec(**item) for item in doc["items"]))
+
+
+def run_context_from_dict(doc: dict[str, Any]) -> RunContext:
+    return RunContext(**{**doc, "options": EngineOptions(**doc["options"])})
+
+
+def item_result_from_dict(doc: dict[str, Any]) -> ItemResult:
+    ref = doc.get("ref")
+    return ItemResult(**{**doc, "ref": CheckpointRef(**ref) if ref else None})

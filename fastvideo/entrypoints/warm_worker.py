@@ -1,0 +1,233 @@
+"""The warm worker: one long-lived process per GPU that keeps its model loaded (and compiled)
+and runs shard after shard, so no shard pays for a model load or a compile.
+
+    python -m fastvideo.entrypoints.warm_worker --spec '<WorkerSpec JSON>' --socket PATH
+
+Callers start it through `fastvideo.jobs.worker_client` (the first caller that needs it)
+and talk to it over the Unix socket, one request per connection:
+
+* `{"kind": "shard", "ctx": RunContext, "shard": Shard}`: every stage of the shard's
+  items (`ShardRunner`: decoding and videos of one item overlap the next one's
+  denoising); events per stage and per denoising step, then the results per stage;
+* `{"kind": "denoise", "job": DenoiseJob}`: denoising only; events per step, then the
+  outcomes;
+* `{"kind": "describe"}`: pid, spec, the pipelines built, compile-cache counters, peak
+  memory and lane times;
+* `{"kind": "shutdown"}`.
+
+Requests from several callers queue on the one GPU lane in arrival order. A caller that
+goes away cancels its items not yet started. The worker exits after `--idle-timeout-s`
+without requests. It never touches Prefect: progress reaches the UI through the caller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastvideo.entrypoints.denoise_worker import (
+    DENOISING_STAGE,
+    DenoiseJob,
+    DenoiseOutcome,
+    run_denoise_job,
+)
+from fastvideo.jobs import engine
+from fastvideo.jobs.items import (
+    RunContext,
+    run_context_from_dict,
+    shard_from_dict,
+    to_jsonable,
+)
+from fastvideo.jobs.shard_runner import ShardRunner
+from fastvideo.jobs.worker_client import WorkerSpec
+from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
+
+logger = logging.getLogger("fastvideo.warm_worker")
+
+
+class _Connection:
+    """One caller: events go out one whole line at a time; a broken pipe cancels."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.gone = False
+
+    def send(self, event: dict[str, Any]) -> None:
+        if self.gone:
+            return
+        try:
+            with self.lock:
+                self.sock.sendall(json.dumps(event).encode() + b"\n")
+        except OSError:
+            self.gone = True  # the caller died or gave up: its items not started are skipped
+
+
+class WarmWorker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.runner = ShardRunner(overlap=True)
+        self.active = 0
+        self.last_request = time.monotonic()
+        self.state_lock = threading.Lock()
+        self.stop = threading.Event()
+        start = time.perf_counter()
+        self.pipeline = self._load()
+        self.load_s = time.perf_counter() - start
+
+    def _load(self) -> ComposedPipelineBase:
+        """Every module of the model, once: each request's stages reuse them."""
+        if self.spec.device.startswith("cuda"):
+            torch.cuda.set_device(self.spec.device if ":" in self.spec.device else 0)
+        from fastvideo.entrypoints.video_generator import build_pipeline
+
+        args = self.spec.options.to_args(self.spec.model_path, self.spec.device, self.spec.dtype)
+        stages = list(build_pipeline(args, required_modules=()).stages)
+        return engine.pipeline_for(self.spec.model_path, self.spec.options, self.spec.device,
+                                   self.spec.dtype, stages)
+
+    def describe(self) -> dict[str, Any]:
+        from fastvideo.attention.layer import attention_backends_in_use
+        from fastvideo.models.compile_cache import compile_cache_stats
+
+        transformer = self.pipeline.get_module("transformer")
+        cuda = self.spec.device.startswith("cuda")
+        return {
+            "pid": os.getpid(), "spec": json.loads(self.spec.to_json()),
+            "load_s": self.load_s, "builds": engine.BUILDS,
+            "fastvideo_args": to_jsonable(self.pipeline.fastvideo_args),
+            "attention_backends": attention_backends_in_use(transformer),
+            "compiled_blocks": sum(hasattr(m, "_compiled_call_impl") and
+                                   m._compiled_call_impl is not None
+                                   for m in transformer.modules()),
+            "batch_cfg": self.pipeline.get_stage(DENOISING_STAGE).batch_cfg,
+            "sta": self.pipeline.get_stage(DENOISING_STAGE).sta_config is not None,
+            "compile_cache": compile_cache_stats(),
+            "lanes": self.runner.times.as_dict(),
+            "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30) if cuda else None,
+        }
+
+    def _context(self, doc: dict[str, Any]) -> RunContext:
+        """The request's run context, on this worker's device (its model and options)."""
+        ctx = run_context_from_dict(doc)
+        if (ctx.model_path, ctx.options) != (self.spec.model_path, self.spec.options):
+            raise ValueError(f"this worker serves {self.spec.model_path} with {self.spec.options}"
+                             f", not {ctx.model_path} with {ctx.options}")
+        return replace(ctx, device=self.spec.device, dtype=self.spec.dtype,
+                       denoise_device=self.spec.device, denoise_dtype=self.spec.dtype)
+
+    def handle(self, conn: _Connection, request: dict[str, Any]) -> None:
+        kind = request.get("kind")
+        if kind == "describe":
+            payload: Any = self.describe()
+        elif kind == "shutdown":
+            self.stop.set()
+            payload = {"pid": os.getpid()}
+        elif kind == "shard":
+            results = self.runner.run(self._context(request["ctx"]),
+                                      shard_from_dict(request["shard"]), conn.send,
+                                      cancelled=lambda: conn.gone)
+            payload = to_jsonable(results)
+        elif kind == "denoise":
+            job = DenoiseJob.from_json(json.dumps(request["job"]).encode())
+            payload = to_jsonable(self._denoise(job, conn))
+        else:
+            raise ValueError(f"unknown request kind {kind!r}; known: shard, denoise, "
+                             "describe, shutdown")
+        conn.send({"event": "done", "payload": payload})
+
+    def _denoise(self, job: DenoiseJob, conn: _Connection) -> list[DenoiseOutcome]:
+        def on_progress(item_id: str, step: int, total: int) -> None:
+            conn.send({"event": "step", "item_id": item_id, "step": step, "total": total})
+
+        pipeline = engine.pipeline_for(self.spec.model_path, self.spec.options,
+                                       self.spec.device, self.spec.dtype, [DENOISING_STAGE])
+
+        def work() -> list[DenoiseOutcome]:
+            with engine.stage_lock(pipeline, [DENOISING_STAGE]):
+                return run_denoise_job(replace(job, device=self.spec.device,
+                                               dtype=self.spec.dtype), pipeline, on_progress)
+
+        return self.runner.on_gpu_lane(work)
+
+    def serve_connection(self, sock: socket.socket) -> None:
+        conn = _Connection(sock)
+        with self.state_lock:
+            self.active += 1
+        try:
+            with sock.makefile("rb") as stream:
+                line = stream.readline()
+            if line:
+                self.handle(conn, json.loads(line))
+        except Exception as exc:
+            logger.exception("request failed")
+            conn.send({"event": "error", "error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            sock.close()
+            with self.state_lock:
+                self.active -= 1
+                self.last_request = time.monotonic()
+
+    def serve(self, sock_path: Path, idle_timeout_s: float) -> None:
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        tmp = sock_path.with_name(f"{sock_path.name}.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        server.bind(str(tmp))
+        os.chmod(tmp, 0o600)
+        server.listen(64)
+        server.settimeout(1.0)
+        inode = tmp.stat().st_ino
+        pid_file = sock_path.with_suffix(".pid")
+        pid_file.write_text(str(os.getpid()))
+        tmp.replace(sock_path)  # callers see the socket only once it accepts
+        logger.info("ready: %s on %s, loaded in %.1f s, socket %s", self.spec.model_path,
+                    self.spec.device, self.load_s, sock_path)
+        try:
+            while not self.stop.is_set():
+                try:
+                    client, _ = server.accept()
+                except TimeoutError:
+                    with self.state_lock:
+                        idle = self.active == 0 and \
+                            time.monotonic() - self.last_request > idle_timeout_s
+                    if idle:
+                        logger.info("idle for %.0f s: exiting", idle_timeout_s)
+                        break
+                    continue
+                threading.Thread(target=self.serve_connection, args=(client,),
+                                 daemon=True).start()
+        finally:
+            if sock_path.exists() and sock_path.stat().st_ino == inode:  # not a successor's
+                sock_path.unlink(missing_ok=True)
+                pid_file.unlink(missing_ok=True)
+            server.close()
+            self.runner.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", required=True, help="WorkerSpec as JSON")
+    parser.add_argument("--socket", required=True, type=Path)
+    parser.add_argument("--idle-timeout-s", type=float, default=1800.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format=f"%(asctime)s worker {os.getpid()} %(levelname)s %(name)s: "
+                               "%(message)s")
+    worker = WarmWorker(WorkerSpec.from_json(args.spec))
+    worker.serve(args.socket, args.idle_timeout_s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Finding, starting and calling the warm worker of this node.
+
+A warm worker (`fastvideo.entrypoints.warm_worker`) serves one model with one set of
+engine options on one device, over a Unix socket in `worker_dir()`, named by a digest of
+that spec: every caller on the node that asks for the same spec reaches the same process,
+and the first one starts it. A worker outlives the process that started it and exits
+after `idle_timeout_s` without a request.
+
+Messages are JSON lines. A call sends one request and reads events until `done` (its
+payload is the answer) or `error`. A worker that dies mid-call closes the socket, so the
+caller fails within a moment (`WorkerError`), with the end of the worker's log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fastvideo.jobs.options import EngineOptions
+
+WORKER_DIR_ENV = "FASTVIDEO_WORKER_DIR"
+Event = dict[str, Any]
+
+
+class WorkerError(RuntimeError):
+    """The warm worker could not be started, died, or failed the request."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a warm worker serves: a model with engine options on a device."""
+
+    model_path: str
+    device: str
+    dtype: str
+    options: EngineOptions = EngineOptions()
+    gpu_index: int | None = None
+    """The GPU this worker owns (CUDA_VISIBLE_DEVICES), for one replica per GPU."""
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        doc = json.loads(text)
+        return cls(**{**doc, "options": EngineOptions(**doc["options"])})
+
+
+def worker_dir() -> Path:
+    """Where this node's workers keep their sockets and logs (short: a socket path is
+    limited to ~100 bytes)."""
+    default = Path(tempfile.gettempdir()) / f"fastvideo-workers-{os.getuid()}"
+    folder = Path(os.environ.get(WORKER_DIR_ENV) or default)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
+
+
+def _paths(spec: WorkerSpec) -> tuple[Path, Path, Path]:
+    stem = worker_dir() / f"w-{spec.digest[:16]}"
+    return stem.with_suffix(".sock"), stem.with_suffix(".log"), stem.with_suffix(".lock")
+
+
+def _connect(path: Path) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+
+def _log_tail(log: Path, num_chars: int = 3000) -> str:
+    try:
+        return log.read_text(errors="replace")[-num_chars:]
+    except OSError:
+        return "(no log)"
+
+
+def ensure_worker(spec: WorkerSpec, idle_timeout_s: float = 1800.0,
+                  start_timeout_s: float = 1800.0) -> Path:
+    """The socket of the worker serving `spec`, started first if none answers."""
+    sock_path, log, lock = _paths(spec)
+    probe = _connect(sock_path)
+    if probe is not None:
+        probe.close()
+        return sock_path
+    with open(lock, "w") as lock_file:  # one starter per spec; the others wait, then connect
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        probe = _connect(sock_path)
+        if probe is not None:
+            probe.close()
+            return sock_path
+        sock_path.unlink(missing_ok=True)  # a dead worker's socket
+        env = dict(os.environ)
+        if spec.gpu_index is not None:
+            visible = env.get("CUDA_VISIBLE_DEVICES")
+            gpus = visible.split(",") if visible else [str(i) for i in range(spec.gpu_index + 1)]
+            env["CUDA_VISIBLE_DEVICES"] = gpus[spec.gpu_index]
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fastvideo.entrypoints.warm_worker", "--spec",
+                 spec.to_json(), "--socket", str(sock_path), "--idle-timeout-s",
+                 str(idle_timeout_s)], stdout=out, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True)  # outlives this process and its process group
+        deadline = time.monotonic() + start_timeout_s
+        while (probe := _connect(sock_path)) is None:
+            if proc.poll() is not None:
+                raise WorkerError(f"the warm worker for {spec.model_path} on {spec.device} "
+                                  f"exited with {proc.returncode} while starting; its log "
+                                  f"({log}) ends:\n{_log_tail(log)}")
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise WorkerError(f"the warm worker did not start in {start_timeout_s:.0f} s; "
+                                  f"its log ({log}) ends:\n{_log_tail(log)}")
+            time.sleep(0.2)
+        probe.close()
+        return sock_path
+
+
+def _events(sock: socket.socket) -> Iterator[Event]:
+    with sock.makefile("rb") as stream:
+        for line in stream:
+            yield json.loads(line)
+
+
+def call_worker(spec: WorkerSpec, request: dict[str, Any],
+                on_event: Callable[[Event], None] | None = None,
+                idle_timeout_s: float = 1800.0) -> dict[str, Any]:
+    """Send `request` to the worker serving `spec` (started if needed); every event goes
+    to `on_event`; returns the `done` event's payload."""
+    sock_path = ensure_worker(spec, idle_timeout_s)
+    sock = _connect(sock_path)
+    if sock is None:
+        raise WorkerError(f"the warm worker at {sock_path} stopped answering")
+    with contextlib.closing(sock):
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        for event in _events(sock):
+            if event["event"] == "done":
+                return event["payload"]
+            if event["event"] == "error":
+                raise WorkerError(f"the warm worker failed the request: {event['error']}")
+            if on_event is not None:
+                on_event(event)
+    raise WorkerError(f"the warm worker at {sock_path} closed the connection mid-request (it "
+                      f"died or was killed); its log ({_paths(spec)[1]}) ends:\n"
+                      f"{_log_tail(_paths(spec)[1])}")
+
+
+def describe_worker(spec: WorkerSpec) -> dict[str, Any]:
+    """The worker's pid, the pipelines it built, its engine settings and counters."""
+    return call_worker(spec, {"kind": "describe"})
+
+
+def running_workers() -> dict[int, Path]:
+    """pid -> socket of every worker of this node's `worker_dir()` that is still alive."""
+    alive = {}
+    for pid_file in worker_dir().glob("w-*.pid"):
+        try:
+            pid = int(pid_file.read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            continue
+        alive[pid] = pid_file.with_suffix(".sock")
+    return alive
+
+
+def stop_worker(spec: WorkerSpec) -> bool:
+    """Ask the worker serving `spec` to exit; False if none was running."""
+    sock = _connect(_paths(spec)[0])
+    if sock is None:
+        return False
+    with contextlib.closing(sock):
+        sock.sendall(b'{"kind": "shutdown"}\n')
+        for _ in _events(sock):
+            pass
+    return True

@@ -1,0 +1,72 @@
+"""The run's start: every option checked, the engine settings fixed for every task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from fastvideo.entrypoints.video_generator import check_device_available
+from fastvideo.fastvideo_args import FastVideoArgs, SamplingParam
+from fastvideo.jobs.items import RunContext
+from fastvideo.jobs.options import EngineOptions
+from fastvideo.storage import model_fingerprint
+from tasks.dispatch import Dispatch
+
+
+@task(name="prepare-run", cache_policy=NO_CACHE, persist_result=False)
+def prepare_run(model_path: str, store_uri: str, output_uri: str, defaults: SamplingParam,
+                checkpoint_every: int = 5, device: str | None = None, dtype: str | None = None,
+                fps: int = 16, denoise_device: str | None = None,
+                denoise_dtype: str | None = None, dispatch: Dispatch | None = None,
+                options: EngineOptions | None = None) -> RunContext:
+    """Fix the engine settings every task of the run shares, and fingerprint the model
+    where this machine can see it.
+
+    With every stage on a GPU target (placement `all`), they all run on `device`,
+    default CUDA (bf16); on a GPU deployment the model path is the GPU node's, so this
+    (possibly GPU-less, weightless) machine neither checks nor fingerprints it.
+    Otherwise denoising takes `denoise_device`/`denoise_dtype`; unset, it runs like the
+    other stages, except on the GPU pool: then on CUDA, whatever this machine has.
+    """
+    dispatch = dispatch or Dispatch()
+    options = options or EngineOptions()
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if fps < 1:
+        raise ValueError(f"fps must be >= 1, got {fps}")
+    remote_node = dispatch.mode == "deployment"
+    # Every stage on the GPU pool: the model path is the GPU node's, not this machine's.
+    weightless = remote_node and dispatch.remote_stages
+    if dispatch.remote_stages:
+        if denoise_device is not None or denoise_dtype is not None:
+            raise ValueError("denoise_device/denoise_dtype split the stages between two "
+                             "devices: use them with placement 'denoise'; with placement "
+                             "'all' every stage runs on --device")
+        if remote_node and device is None:
+            device = "cuda"
+        denoise_device, denoise_dtype = device, dtype
+    path = model_path if weightless else str(Path(model_path).resolve())
+    args = FastVideoArgs(model_path=path, dtype=dtype, **({"device": device} if device else {}))
+    if denoise_device is None:
+        denoise_device = "cuda" if remote_node else args.device
+    if denoise_dtype is None and denoise_device == args.device:
+        denoise_dtype = args.dtype
+    denoise_args = FastVideoArgs(model_path=path, device=denoise_device, dtype=denoise_dtype)
+    if not weightless:
+        # Fail now, not in the first task: this node runs the stages.
+        if not Path(path, "model_index.json").is_file():
+            raise ValueError(f"model_path {model_path!r} is not a Diffusers model folder "
+                             "(no model_index.json)")
+        check_device_available(args.device)
+        if not remote_node:
+            check_device_available(denoise_args.device)
+    return RunContext(model_path=path,
+                      model_fingerprint=None if weightless else model_fingerprint(path),
+                      store_uri=store_uri, output_uri=output_uri, device=args.device,
+                      dtype=args.dtype, denoise_device=denoise_args.device,
+                      denoise_dtype=denoise_args.dtype,
+                      negative_prompt=defaults.negative_prompt or "",
+                      max_sequence_length=defaults.max_sequence_length,
+                      checkpoint_every=checkpoint_every, fps=fps, options=options)

@@ -1,0 +1,150 @@
+"""Bulk runs on a warm worker (dispatch `worker`, placement `all`): every stage in one
+long-lived process that loads the model once, equal to in-process runs bit for bit, and a
+killed worker fails its shard in seconds while the rerun resumes mid-denoise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fastvideo.jobs import engine
+from fastvideo.jobs.options import EngineOptions
+from fastvideo.jobs.worker_client import (
+    WORKER_DIR_ENV,
+    WorkerSpec,
+    describe_worker,
+    ensure_worker,
+    running_workers,
+)
+from flows.bulk import bulk
+from tests.flows.helpers import (
+    PROMPTS,
+    TINY,
+    checkpoint_latents,
+    read_manifest,
+    task_states,
+    write_dataset,
+)
+
+OPTIONS = {**TINY, "num_inference_steps": 12}
+CHECKPOINT_EVERY = 2
+
+
+@pytest.fixture
+def worker_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh folder for this test's workers (short: it holds Unix sockets); every worker
+    still running at the end is killed."""
+    folder = Path(tempfile.mkdtemp(prefix="fvw-"))
+    monkeypatch.setenv(WORKER_DIR_ENV, str(folder))
+    try:
+        yield folder
+    finally:
+        for pid in running_workers():
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _spec(model: Path, **options: Any) -> WorkerSpec:
+    return WorkerSpec(model_path=str(model.resolve()), device="cpu", dtype="float32",
+                      options=EngineOptions(**options))
+
+
+def _bulk(dataset: Path, output: Path, model: Path, **options: Any):
+    return bulk(dataset=str(dataset), output=str(output), model_path=str(model),
+                checkpoint_every=CHECKPOINT_EVERY, negative_prompt="blurry, static",
+                return_state=True, **{**OPTIONS, **options})
+
+
+def test_options_reach_the_worker(worker_dir: Path, tiny_wan_path: Path) -> None:
+    spec = _spec(tiny_wan_path, attention_backend="TORCH_SDPA", batch_cfg=False,
+                 enable_torch_compile=True, vae_dtype="bfloat16")
+    ensure_worker(spec)
+    info = describe_worker(spec)
+    args = info["fastvideo_args"]
+    assert (args["attention_backend"], args["batch_cfg"], args["enable_torch_compile"],
+            args["vae_dtype"]) == ("TORCH_SDPA", False, True, "bfloat16")
+    assert info["attention_backends"]["requested"] == ["TORCH_SDPA"]
+    assert info["compiled_blocks"] == 2  # the tiny DiT's two blocks, compiled on first use
+    assert info["batch_cfg"] is False and info["sta"] is False
+    # Other options, another worker; the same options, the same worker.
+    other = _spec(tiny_wan_path)
+    assert describe_worker(other)["pid"] != info["pid"]
+    assert describe_worker(spec)["pid"] == info["pid"]
+
+
+def test_windows_share_one_model_load_and_equal_inprocess(
+        prefect_server, worker_dir: Path, tiny_wan_path: Path, tmp_path: Path) -> None:
+    dataset = write_dataset(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    builds_here = len(engine.BUILDS)
+    state = _bulk(dataset, tmp_path / "worker", tiny_wan_path, dispatch="worker",
+                  shard_size=1, concurrency=1)
+    assert state.is_completed(), state.message
+    # The flow's process loaded nothing: every stage ran on the worker.
+    assert len(engine.BUILDS) == builds_here
+    (pid,) = running_workers()
+    info = describe_worker(_spec(tiny_wan_path))
+    assert info["pid"] == pid
+    # Three shards, three task runs, one load of every module (the stages' own pipelines,
+    # built on first use, take the modules already there).
+    assert [b["loaded"] for b in info["builds"] if b["loaded"]] == [
+        ["scheduler", "text_encoder", "tokenizer", "transformer", "vae"]]
+    names = task_states(state.state_details.flow_run_id)
+    assert len([n for n in names if n.startswith("generate-shard-")]) == 3
+
+    reference = _bulk(dataset, tmp_path / "inprocess", tiny_wan_path)
+    assert reference.is_completed(), reference.message
+    worker_rows = read_manifest(str(tmp_path / "worker"))
+    for item_id, row in read_manifest(str(tmp_path / "inprocess")).items():
+        # Overlapped lanes on the worker, stage tasks here: the same video, bit for bit.
+        assert worker_rows[item_id]["video_sha256"] == row["video_sha256"], item_id
+        assert torch.equal(checkpoint_latents(worker_rows[item_id]["denoised_checkpoint_uri"]),
+                           checkpoint_latents(row["denoised_checkpoint_uri"]))
+
+
+def test_killed_worker_fails_its_shard_fast_and_rerun_resumes(
+        prefect_server, worker_dir: Path, tiny_wan_path: Path, tmp_path: Path) -> None:
+    dataset = write_dataset(tmp_path / "prompts.jsonl", [{"prompt": PROMPTS[0]}])
+    output = tmp_path / "out"
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        outcome["state"] = _bulk(dataset, output, tiny_wan_path, dispatch="worker")
+        outcome["ended"] = time.monotonic()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    progress = output / "checkpoints" / "denoise-progress"
+    deadline = time.monotonic() + 240
+    while not list(progress.glob("*/manifest.json")):
+        assert time.monotonic() < deadline, "no progress checkpoint appeared"
+        assert thread.is_alive(), outcome
+        time.sleep(0.05)
+    (pid,) = running_workers()
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    thread.join(timeout=120)
+    state = outcome["state"]
+    assert state.is_failed()
+    assert outcome["ended"] - killed < 15, "the shard did not fail within seconds"
+    (row,) = read_manifest(str(output)).values()
+    assert row["status"] == "failed" and "closed the connection" in row["error"]
+
+    rerun = _bulk(dataset, output, tiny_wan_path, dispatch="worker")
+    assert rerun.is_completed(), rerun.message
+    (row,) = read_manifest(str(output)).values()
+    assert row["denoise_resumed_from_step"] >= CHECKPOINT_EVERY
+    reference = _bulk(dataset, tmp_path / "reference", tiny_wan_path)
+    (expected,) = read_manifest(str(tmp_path / "reference")).values()
+    # Resumed from the saved latents and scheduler state: bit-exact.
+    assert row["video_sha256"] == expected["video_sha256"]

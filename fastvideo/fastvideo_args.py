@@ -58,6 +58,10 @@ class FastVideoArgs:
     """Pipeline class to use; defaults to the `_class_name` in `model_index.json`."""
     enable_torch_compile: bool = False
     """Compile the DiT's repeated blocks with `torch.compile` (one compile per video shape)."""
+    compile_cache_dir: str | None = None
+    """Where torch.compile keeps its caches across processes (Inductor FX graph +
+    AOTAutograd + Triton); None: PyTorch's default, a folder under /tmp. Only used with
+    enable_torch_compile."""
     sta_config: str | None = None
     """JSON of sliding tile attention windows (`python -m fastvideo.attention.sta_search`);
     setting it selects the SLIDING_TILE_ATTN backend when `attention_backend` is unset."""

@@ -33,6 +33,7 @@ from flows.cli import (
     local_path,
     prepare_environment,
     run_settings,
+    start_worker_early,
     ui_hint,
 )
 from flows.pipeline import encode_negative, process_remote, process_window
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     add_options(parser)
     args = parser.parse_args(argv)
     prepare_environment()
+    start_worker_early(bulk.fn, args.model_path, given_options(args))
     state = bulk(dataset=args.dataset, output=args.output, model_path=args.model_path,
                  training_data=args.training_data, artifact_key=args.artifact_key,
                  **given_options(args), return_state=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -109,6 +111,32 @@ def run_settings(dispatch: str, placement: str | None, nproc_per_node: int,
                 sta_config, attention_backend=attention_backend,
                 enable_torch_compile=enable_torch_compile, batch_cfg=batch_cfg,
                 vae_dtype=vae_dtype, compile_cache_dir=compile_cache_dir))
+
+
+def start_worker_early(flow_fn: Callable[..., Any], model_path: str,
+                       options: dict[str, Any]) -> None:
+    """With every stage on this node's warm worker, start it loading the model now, while
+    Prefect starts its server (seconds each, side by side instead of one after the other).
+    Bad options are left for the flow to report."""
+    defaults = {name: p.default for name, p in inspect.signature(flow_fn).parameters.items()}
+    given = {**defaults, **options}
+    names = inspect.signature(run_settings).parameters
+    try:
+        dispatch, engine = run_settings(**{name: given[name] for name in names})
+        if dispatch.mode != "worker" or not dispatch.remote_stages:
+            return
+        from fastvideo.fastvideo_args import FastVideoArgs
+        from fastvideo.jobs.worker_client import ensure_worker
+        from tasks.shard import worker_spec_for
+
+        path = str(Path(model_path).resolve())
+        args = FastVideoArgs(model_path=path, dtype=given["dtype"],
+                             **({"device": given["device"]} if given["device"] else {}))
+        for index in range(dispatch.nproc_per_node):
+            ensure_worker(worker_spec_for(path, args.device, args.dtype, engine, dispatch, index),
+                          dispatch.worker_idle_timeout_s, wait=False)
+    except ValueError:
+        return
 
 
 def prepare_environment() -> None:

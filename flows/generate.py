@@ -21,6 +21,7 @@ from flows.cli import (
     local_path,
     prepare_environment,
     run_settings,
+    start_worker_early,
     ui_hint,
 )
 from flows.pipeline import encode_negative, process_remote, process_window
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prepare_environment()
     options = {k: v for k, v in given_options(args).items() if k not in ("shard_size", "concurrency")}
+    start_worker_early(generate.fn, args.model_path, options)
     state = generate(prompt=args.prompt, output=args.output, model_path=args.model_path,
                      **options, return_state=True)
     row = state.result(raise_on_failure=False)

@@ -32,6 +32,7 @@ from fastvideo.jobs.items import (
     shard_from_dict,
     to_jsonable,
 )
+from fastvideo.jobs.options import EngineOptions
 from fastvideo.jobs.shard_runner import ShardResults
 from fastvideo.jobs.worker_client import WorkerSpec, call_worker
 from fastvideo.storage import ObjectNotFoundError, retry_io
@@ -45,9 +46,15 @@ SHARD_TASK = "generate-shard"
 
 def worker_spec(ctx: RunContext, dispatch: Dispatch, shard_index: int = 0) -> WorkerSpec:
     """The warm worker a shard goes to: with N GPUs per node, replica `index % N`."""
+    return worker_spec_for(ctx.model_path, ctx.device, ctx.dtype, ctx.options, dispatch,
+                           shard_index)
+
+
+def worker_spec_for(model_path: str, device: str, dtype: str, options: EngineOptions,
+                    dispatch: Dispatch, shard_index: int = 0) -> WorkerSpec:
     gpu = shard_index % dispatch.nproc_per_node if dispatch.nproc_per_node > 1 else None
-    return WorkerSpec(model_path=ctx.model_path, device=ctx.device, dtype=ctx.dtype,
-                      options=ctx.options, gpu_index=gpu)
+    return WorkerSpec(model_path=model_path, device=device, dtype=dtype, options=options,
+                      gpu_index=gpu)
 
 
 def results_from_json(doc: dict[str, list[dict[str, Any]]]) -> ShardResults:

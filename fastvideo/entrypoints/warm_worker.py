@@ -114,7 +114,7 @@ class WarmWorker:
             "batch_cfg": self.pipeline.get_stage(DENOISING_STAGE).batch_cfg,
             "sta": self.pipeline.get_stage(DENOISING_STAGE).sta_config is not None,
             "compile_cache": compile_cache_stats(),
-            "lanes": self.runner.times.as_dict(),
+            "timeline": self.runner.timeline.as_list(),
             "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30) if cuda else None,
         }
 
@@ -189,7 +189,7 @@ class WarmWorker:
         server.settimeout(1.0)
         inode = tmp.stat().st_ino
         pid_file = sock_path.with_suffix(".pid")
-        pid_file.write_text(str(os.getpid()))
+        pid_file.write_text(str(os.getpid()))  # its starter wrote it too; a hand start did not
         tmp.replace(sock_path)  # callers see the socket only once it accepts
         logger.info("ready: %s on %s, loaded in %.1f s, socket %s", self.spec.model_path,
                     self.spec.device, self.load_s, sock_path)

@@ -59,21 +59,19 @@ ShardResults = dict[str, list[ItemResult]]
 
 
 @dataclass
-class LaneTimes:
-    """Seconds each lane spent working, summed over items (for the benchmarks)."""
+class Timeline:
+    """When each item's lanes ran (epoch seconds): how a benchmark sees idle time."""
 
-    gpu_lane_s: float = 0.0
-    post_lane_s: float = 0.0
-    items: int = 0
+    items: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, lane: str, seconds: float) -> None:
+    def add(self, item_id: str, lane: str, start: float, end: float) -> None:
         with self.lock:
-            setattr(self, lane, getattr(self, lane) + seconds)
+            self.items.append({"item_id": item_id, "lane": lane, "start": start, "end": end})
 
-    def as_dict(self) -> dict[str, float]:
-        return {"gpu_lane_s": self.gpu_lane_s, "post_lane_s": self.post_lane_s,
-                "items": self.items}
+    def as_list(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.items)
 
 
 class ShardRunner:
@@ -88,7 +86,7 @@ class ShardRunner:
             if overlap else None
         self._stores: dict[str, ArtifactStore] = {}
         self._negatives: dict[tuple[str, ...], ItemResult] = {}
-        self.times = LaneTimes()
+        self.timeline = Timeline()
 
     def close(self) -> None:
         for pool in (self._gpu, self._post, self._uploads):
@@ -127,7 +125,7 @@ class ShardRunner:
     def _front(self, ctx: RunContext, item: ItemSpec, negative: ItemResult | None, emit: Emit,
                cancelled: Callable[[], bool]) -> Future[dict[str, ItemResult]]:
         """The GPU lane's share of an item; returns the future of its post-lane share."""
-        start = time.perf_counter()
+        start = time.time()
         results: dict[str, ItemResult] = {}
         store = self.store(ctx.store_uri)
 
@@ -154,7 +152,7 @@ class ShardRunner:
         if isinstance(computed, Denoised):
             # Off the device on this lane's stream, so the post lane's stream sees it whole.
             computed.batch.latents = computed.batch.latents.cpu()
-        self.times.add("gpu_lane_s", time.perf_counter() - start)
+        self.timeline.add(item.item_id, "gpu", start, time.time())
         post = lambda: self._post_work(ctx, item, runner, job_item, computed, results, stage)  # noqa: E731
         if self._post is None:
             return _done(post())
@@ -165,7 +163,7 @@ class ShardRunner:
                    results: dict[str, ItemResult],
                    stage: Callable[[str, Callable[[], ItemResult]], bool]
                    ) -> dict[str, ItemResult]:
-        start = time.perf_counter()
+        start = time.time()
         store, output = self.store(ctx.store_uri), self.store(ctx.output_uri)
         batch = computed.batch if isinstance(computed, Denoised) else None
         outcome = runner.finish(job_item, computed) if batch is not None else computed
@@ -174,9 +172,7 @@ class ShardRunner:
                 ctx, store, item, results[DENOISE].ref, batch)):
             stage(WRITE_VIDEO, lambda: item_stages.write_video(
                 ctx, store, output, item, results[DECODE].ref))
-        self.times.add("post_lane_s", time.perf_counter() - start)
-        with self.times.lock:
-            self.times.items += 1
+        self.timeline.add(item.item_id, "post", start, time.time())
         return results
 
     def _denoiser(self, ctx: RunContext, store: ArtifactStore, emit: Emit) -> ItemRunner:

@@ -93,45 +93,72 @@ def _log_tail(log: Path, num_chars: int = 3000) -> str:
         return "(no log)"
 
 
+_CHILDREN: list[subprocess.Popen] = []
+"""Workers this process started: kept so their exit status is collected (no zombies)."""
+
+
+def _alive(pid_file: Path) -> int | None:
+    """The pid in `pid_file` if that process runs (a dead child of ours is reaped first,
+    or it would look alive)."""
+    for child in _CHILDREN:
+        child.poll()
+    try:
+        pid = int(pid_file.read_text())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
 def ensure_worker(spec: WorkerSpec, idle_timeout_s: float = 1800.0,
-                  start_timeout_s: float = 1800.0) -> Path:
-    """The socket of the worker serving `spec`, started first if none answers."""
+                  start_timeout_s: float = 1800.0, wait: bool = True) -> Path:
+    """The socket of the worker serving `spec`, started first if none is running.
+
+    `wait=False` starts it and returns at once (the socket may not answer yet): a caller
+    that knows it will need the worker lets it load while doing other work.
+    """
     sock_path, log, lock = _paths(spec)
+    pid_file = sock_path.with_suffix(".pid")
     probe = _connect(sock_path)
     if probe is not None:
         probe.close()
         return sock_path
     with open(lock, "w") as lock_file:  # one starter per spec; the others wait, then connect
         fcntl.flock(lock_file, fcntl.LOCK_EX)
-        probe = _connect(sock_path)
-        if probe is not None:
-            probe.close()
-            return sock_path
-        sock_path.unlink(missing_ok=True)  # a dead worker's socket
-        env = dict(os.environ)
-        if spec.gpu_index is not None:
-            visible = env.get("CUDA_VISIBLE_DEVICES")
-            gpus = visible.split(",") if visible else [str(i) for i in range(spec.gpu_index + 1)]
-            env["CUDA_VISIBLE_DEVICES"] = gpus[spec.gpu_index]
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "fastvideo.entrypoints.warm_worker", "--spec",
-                 spec.to_json(), "--socket", str(sock_path), "--idle-timeout-s",
-                 str(idle_timeout_s)], stdout=out, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True)  # outlives this process and its process group
-        deadline = time.monotonic() + start_timeout_s
-        while (probe := _connect(sock_path)) is None:
-            if proc.poll() is not None:
-                raise WorkerError(f"the warm worker for {spec.model_path} on {spec.device} "
-                                  f"exited with {proc.returncode} while starting; its log "
-                                  f"({log}) ends:\n{_log_tail(log)}")
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise WorkerError(f"the warm worker did not start in {start_timeout_s:.0f} s; "
-                                  f"its log ({log}) ends:\n{_log_tail(log)}")
-            time.sleep(0.2)
-        probe.close()
+        pid = _alive(pid_file)
+        if pid is None:
+            sock_path.unlink(missing_ok=True)  # a dead worker's socket
+            pid = _spawn(spec, sock_path, log, idle_timeout_s)
+            pid_file.write_text(str(pid))
+    if not wait:
         return sock_path
+    deadline = time.monotonic() + start_timeout_s
+    while (probe := _connect(sock_path)) is None:
+        if _alive(pid_file) is None:
+            raise WorkerError(f"the warm worker for {spec.model_path} on {spec.device} exited "
+                              f"while starting; its log ({log}) ends:\n{_log_tail(log)}")
+        if time.monotonic() > deadline:
+            raise WorkerError(f"the warm worker did not start in {start_timeout_s:.0f} s; "
+                              f"its log ({log}) ends:\n{_log_tail(log)}")
+        time.sleep(0.2)
+    probe.close()
+    return sock_path
+
+
+def _spawn(spec: WorkerSpec, sock_path: Path, log: Path, idle_timeout_s: float) -> int:
+    env = dict(os.environ)
+    if spec.gpu_index is not None:
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(spec.gpu_index + 1)]
+        env["CUDA_VISIBLE_DEVICES"] = gpus[spec.gpu_index]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastvideo.entrypoints.warm_worker", "--spec",
+             spec.to_json(), "--socket", str(sock_path), "--idle-timeout-s",
+             str(idle_timeout_s)], stdout=out, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True)  # outlives this process and its process group
+    _CHILDREN[:] = [p for p in _CHILDREN if p.poll() is None] + [proc]
+    return proc.pid
 
 
 def _events(sock: socket.socket) -> Iterator[Event]:
@@ -145,7 +172,12 @@ def call_worker(spec: WorkerSpec, request: dict[str, Any],
                 idle_timeout_s: float = 1800.0) -> dict[str, Any]:
     """Send `request` to the worker serving `spec` (started if needed); every event goes
     to `on_event`; returns the `done` event's payload."""
-    sock_path = ensure_worker(spec, idle_timeout_s)
+    return call_socket(ensure_worker(spec, idle_timeout_s), request, on_event)
+
+
+def call_socket(sock_path: Path, request: dict[str, Any],
+                on_event: Callable[[Event], None] | None = None) -> dict[str, Any]:
+    """Send `request` to the worker listening on `sock_path` (see `call_worker`)."""
     sock = _connect(sock_path)
     if sock is None:
         raise WorkerError(f"the warm worker at {sock_path} stopped answering")
@@ -158,9 +190,9 @@ def call_worker(spec: WorkerSpec, request: dict[str, Any],
                 raise WorkerError(f"the warm worker failed the request: {event['error']}")
             if on_event is not None:
                 on_event(event)
+    log = sock_path.with_suffix(".log")
     raise WorkerError(f"the warm worker at {sock_path} closed the connection mid-request (it "
-                      f"died or was killed); its log ({_paths(spec)[1]}) ends:\n"
-                      f"{_log_tail(_paths(spec)[1])}")
+                      f"died or was killed); its log ({log}) ends:\n{_log_tail(log)}")
 
 
 def describe_worker(spec: WorkerSpec) -> dict[str, Any]:
@@ -172,12 +204,9 @@ def running_workers() -> dict[int, Path]:
     """pid -> socket of every worker of this node's `worker_dir()` that is still alive."""
     alive = {}
     for pid_file in worker_dir().glob("w-*.pid"):
-        try:
-            pid = int(pid_file.read_text())
-            os.kill(pid, 0)
-        except (OSError, ValueError):
-            continue
-        alive[pid] = pid_file.with_suffix(".sock")
+        pid = _alive(pid_file)
+        if pid is not None:
+            alive[pid] = pid_file.with_suffix(".sock")
     return alive
 
 

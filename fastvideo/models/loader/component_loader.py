@@ -14,6 +14,7 @@ from torch import nn
 from fastvideo.attention.layer import request_attention_backend
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.models.compile import compile_repeated_blocks
+from fastvideo.models.compile_cache import configure_compile_cache
 from fastvideo.models.loader.weight_utils import WeightFileError, find_weight_files, iterate_weights
 from fastvideo.models.registry import ModelEntry, resolve_model
 
@@ -65,6 +66,9 @@ def load_component(name: str, spec: list[str] | tuple[str, str], model_path: str
         if fastvideo_args.attention_backend is not None:
             request_attention_backend(model, fastvideo_args.attention_backend)
         if fastvideo_args.enable_torch_compile and name == "transformer":
+            if fastvideo_args.compile_cache_dir is not None:
+                # Before the first compile: the caches' folder is read when they are used.
+                configure_compile_cache(fastvideo_args.compile_cache_dir)
             compile_repeated_blocks(model, dtype=dtype)
         return model
     return _load_library_component(entry, folder, fastvideo_args.device, dtype)

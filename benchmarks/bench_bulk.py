@@ -1,0 +1,323 @@
+"""Bulk generation on one GPU, as a user runs it: a plain diffusers `WanPipeline` loop over N
+prompts against `python -m flows.bulk` on a warm worker (embedded Prefect server, local
+store) over the same prompts, dense compiled and with sliding tile attention.
+
+    python benchmarks/bench_bulk.py --model-path DIR --num-prompts 6 \
+        --phases diffusers,dense,fresh,sta --json-out bulk.json
+    python benchmarks/bench_bulk.py --smoke --json-out bulk.json     # CPU, tiny model
+
+Phases (each in its own processes, one after the other, the GPU freed in between):
+
+* `diffusers`: load `WanPipeline` (bf16, fp32 VAE, as its reference runs), then for each
+  prompt generate and write the mp4;
+* `dense`: `flows.bulk --dispatch worker --compile` over the prompts, a fresh worker
+  and an empty compile cache (the first video pays the compile);
+* `fresh`: a new worker process over two more prompts with the cache `dense` left:
+  what the first video costs a fresh process on a node that compiled before;
+* `sta`: `dense` with sliding tile attention (25.7% of the keys, 10 dense steps first).
+
+Per phase: videos/hour, steady-state seconds per video (between the first and last
+video's completion), first-video latency (from the command's start), GPU busy fraction
+(NVML, over the steady state), peak GPU memory, and the orchestration + checkpoint
+seconds per item (steady-state seconds per video minus the engine's own seconds on the
+GPU lane: text encoding, latents, denoising).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fastvideo.jobs.worker_client import (  # noqa: E402
+    WORKER_DIR_ENV,
+    call_socket,
+    running_workers,
+)
+from fastvideo.utils.video_io import write_mp4  # noqa: E402
+
+PROMPTS = [
+    "a red fox running through fresh snow, golden hour",
+    "a sailboat crossing a calm bay at sunrise, aerial view",
+    "a street market in the rain at night, neon reflections",
+    "a hummingbird hovering over a purple flower, slow motion",
+    "waves crashing on black volcanic rocks under a grey sky",
+    "a steam train crossing a stone bridge in autumn forest",
+    "a chef flipping vegetables in a wok, close up, flames",
+    "time-lapse of clouds over a mountain lake",
+    "a child flying a kite on a windy beach",
+    "city traffic at dusk seen from a rooftop",
+]
+NEGATIVE = "blurry, static, distorted, low quality"
+# STA as measured in RESULTS.md: window (4, 3, 6) tiles of the auto tile at 480p keeps 25.7%
+# of the keys; the first 10 of 50 steps attend densely.
+STA_CONFIG = {"tile_size": "auto", "num_full_steps": 10, "default_window": [4, 3, 6]}
+
+
+class GpuSampler:
+    """NVML utilisation and memory every 100 ms (nothing without a GPU)."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._nvml = pynvml
+        except Exception:
+            self._nvml = None
+
+    def __enter__(self) -> GpuSampler:
+        if self._nvml is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu
+            used = self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used
+            self.samples.append((time.time(), util, used))
+            time.sleep(0.1)
+
+    def busy(self, start: float, end: float) -> float | None:
+        """Mean NVML utilisation (share of time a kernel ran) between `start` and `end`."""
+        inside = [u for t, u, _ in self.samples if start <= t <= end]
+        return round(statistics.mean(inside) / 100, 3) if inside else None
+
+    def peak_gib(self) -> float | None:
+        return round(max(m for _, _, m in self.samples) / 2**30, 2) if self.samples else None
+
+
+def summarise(t0: float, done_at: list[float], engine_s: list[float],
+              sampler: GpuSampler) -> dict[str, Any]:
+    """The per-phase figures from the command's start and each video's completion."""
+    done_at = sorted(done_at)
+    n = len(done_at)
+    steady = (done_at[-1] - done_at[0]) / (n - 1) if n > 1 else None
+    result: dict[str, Any] = {
+        "videos": n, "first_video_s": round(done_at[0] - t0, 2),
+        "total_s": round(done_at[-1] - t0, 2),
+        "steady_s_per_video": round(steady, 2) if steady else None,
+        "videos_per_hour": round(3600 / steady, 1) if steady else None,
+        "gpu_busy_fraction": sampler.busy(done_at[0], done_at[-1]) if n > 1 else None,
+        "nvml_peak_memory_gib": sampler.peak_gib(),
+    }
+    if steady and engine_s:
+        engine = statistics.mean(engine_s[1:] if len(engine_s) > 1 else engine_s)
+        result["engine_gpu_lane_s_per_video"] = round(engine, 2)
+        result["orchestration_checkpoint_s_per_video"] = round(steady - engine, 3)
+        result["orchestration_fraction"] = round((steady - engine) / steady, 4)
+    return result
+
+
+def run_diffusers(args: argparse.Namespace, prompts: list[str], out: Path) -> dict[str, Any]:
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    with GpuSampler() as sampler:
+        t0 = time.time()
+        vae = AutoencoderKLWan.from_pretrained(args.model_path, subfolder="vae",
+                                               torch_dtype=torch.float32)
+        pipe = WanPipeline.from_pretrained(args.model_path, vae=vae,
+                                           torch_dtype=dtype).to(args.device)
+        load_s = time.time() - t0
+        done_at, engine_s = [], []
+        for i, prompt in enumerate(prompts):
+            start = time.time()
+            frames = pipe(prompt=prompt, negative_prompt=NEGATIVE, height=args.height,
+                          width=args.width, num_frames=args.num_frames,
+                          num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                          generator=torch.Generator().manual_seed(i), output_type="pt").frames[0]
+            engine_s.append(time.time() - start)
+            write_mp4(frames.permute(0, 2, 3, 1).float().cpu(), out / f"{i}.mp4", fps=16)
+            done_at.append(time.time())
+            print(f"diffusers video {i}: {done_at[-1] - start:.2f} s", flush=True)
+    result = summarise(t0, done_at, [], sampler)
+    result["load_s"] = round(load_s, 2)
+    result["seconds_per_video"] = [round(b - a, 2) for a, b in
+                                   zip([t0 + load_s, *done_at[:-1]], done_at)]
+    if args.device.startswith("cuda"):
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    del pipe, vae
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return result
+
+
+def run_flow(args: argparse.Namespace, name: str, prompts: list[str], options: list[str],
+             workdir: Path, worker_dir: Path) -> dict[str, Any]:
+    """`python -m flows.bulk` over `prompts` on a warm worker in `worker_dir`."""
+    from tasks.manifest import read_manifest
+    from fastvideo.storage import open_store
+
+    dataset = workdir / f"{name}.jsonl"
+    dataset.write_text("".join(json.dumps({"prompt": p, "seed": i}) + "\n"
+                               for i, p in enumerate(prompts)))
+    output = workdir / name
+    env = {**os.environ, WORKER_DIR_ENV: str(worker_dir), "PYTHONPATH": str(ROOT),
+           "PREFECT_HOME": str(workdir / "prefect-home"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "flows.bulk", "--dataset", str(dataset), "--output",
+           str(output), "--model-path", args.model_path, "--dispatch", "worker",
+           "--device", args.device, "--height", str(args.height), "--width", str(args.width),
+           "--num-frames", str(args.num_frames), "--num-inference-steps", str(args.steps),
+           "--guidance-scale", str(args.guidance_scale), "--negative-prompt", NEGATIVE,
+           "--shard-size", str(args.shard_size), "--checkpoint-every",
+           str(args.checkpoint_every), *options]
+    with GpuSampler() as sampler:
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        wall = time.time() - t0
+    log = workdir / f"{name}.log"
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"flows.bulk ({name}) failed; end of its log:\n"
+                           f"{(proc.stdout + proc.stderr)[-4000:]}")
+    (pid, sock), = running_workers_in(worker_dir).items()
+    info = call_socket(sock, {"kind": "describe"})
+    call_socket(sock, {"kind": "shutdown"})
+    rows = read_manifest(open_store(str(output)))
+    assert all(r["status"] == "succeeded" for r in rows), [r["error"] for r in rows]
+    post = {e["item_id"]: e["end"] for e in info["timeline"] if e["lane"] == "post"}
+    gpu = [e for e in info["timeline"] if e["lane"] == "gpu"]
+    by_id = {r["item_id"]: r for r in rows}
+    engine_s = [by_id[e["item_id"]]["text_seconds"] + by_id[e["item_id"]]["latents_seconds"]
+                + by_id[e["item_id"]]["denoised_seconds"]
+                for e in sorted(gpu, key=lambda e: e["start"])]
+    result = summarise(t0, list(post.values()), engine_s, sampler)
+    result.update(command_wall_s=round(wall, 2), worker_load_s=round(info["load_s"], 2),
+                  peak_memory_gib=info["peak_memory_gib"], compile_cache=info["compile_cache"],
+                  attention_backends=info["attention_backends"],
+                  post_lane_s_per_video=round(statistics.mean(
+                      e["end"] - e["start"] for e in info["timeline"] if e["lane"] == "post"), 2),
+                  denoise_s_per_video=[round(r["denoised_seconds"], 2) for r in rows],
+                  gpu_lane_idle_s=_gpu_lane_idle(gpu))
+    return result
+
+
+def running_workers_in(folder: Path) -> dict[int, Path]:
+    previous = os.environ.get(WORKER_DIR_ENV)
+    os.environ[WORKER_DIR_ENV] = str(folder)
+    try:
+        return running_workers()
+    finally:
+        if previous is None:
+            os.environ.pop(WORKER_DIR_ENV)
+        else:
+            os.environ[WORKER_DIR_ENV] = previous
+
+
+def _gpu_lane_idle(spans: list[dict[str, Any]]) -> float:
+    """Seconds the GPU lane waited between consecutive items (the flow, the store)."""
+    spans = sorted(spans, key=lambda e: e["start"])
+    return round(sum(max(0.0, b["start"] - a["end"]) for a, b in zip(spans, spans[1:])), 3)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-path")
+    parser.add_argument("--num-prompts", type=int, default=6)
+    parser.add_argument("--phases", default="diffusers,dense,fresh,sta")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--num-frames", type=int, default=81)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--shard-size", type=int, default=1)
+    parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--no-compile", action="store_true",
+                        help="flows without --compile (the CPU smoke test: compiling is slow)")
+    parser.add_argument("--workdir", type=Path, help="default: a temporary folder")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU: a tiny model and video through every phase")
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+    if args.smoke:
+        args.device, args.height, args.width, args.num_frames, args.steps = "cpu", 32, 32, 5, 4
+        args.num_prompts = min(args.num_prompts, 3)
+        STA_CONFIG.update(num_full_steps=2, default_window=[1, 2, 2])
+    elif not args.model_path:
+        parser.error("--model-path is required (or --smoke)")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    phases = args.phases.split(",")
+    unknown = set(phases) - {"diffusers", "dense", "fresh", "sta"}
+    if unknown:
+        raise SystemExit(f"unknown phases {sorted(unknown)}; known: diffusers, dense, fresh, sta")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-bulk-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.smoke and not args.model_path:
+        from fastvideo.testing.tiny_wan import make_tiny_wan
+
+        args.model_path = str(make_tiny_wan(workdir / "tiny-wan"))
+    args.model_path = str(Path(args.model_path).resolve())
+    prompts = PROMPTS[:args.num_prompts]
+    sta_file = workdir / "sta.json"
+    sta_file.write_text(json.dumps(STA_CONFIG))
+    cache = workdir / "compile-cache"
+    compile_opts = [] if args.no_compile else ["--compile", "--compile-cache-dir", str(cache)]
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "workload": {"height": args.height, "width": args.width, "num_frames": args.num_frames,
+                     "steps": args.steps, "guidance_scale": args.guidance_scale,
+                     "num_prompts": len(prompts), "shard_size": args.shard_size,
+                     "checkpoint_every": args.checkpoint_every, "sta": STA_CONFIG},
+        "phases": {}}
+
+    def record(name: str, value: dict[str, Any]) -> None:
+        result["phases"][name] = value
+        print(f"{name}: {json.dumps(value)}", flush=True)
+        if args.json_out:
+            args.json_out.write_text(json.dumps(result, indent=2))
+
+    if "diffusers" in phases:
+        (workdir / "diffusers").mkdir(exist_ok=True)
+        record("diffusers", run_diffusers(args, prompts, workdir / "diffusers"))
+    if "dense" in phases:
+        record("dense", run_flow(args, "dense", prompts, compile_opts, workdir,
+                                 workdir / "workers-dense"))
+    if "fresh" in phases:
+        more = PROMPTS[len(prompts):len(prompts) + 2] or PROMPTS[:2]
+        record("fresh", run_flow(args, "fresh", more, compile_opts, workdir,
+                                 workdir / "workers-fresh"))
+    if "sta" in phases:
+        record("sta", run_flow(args, "sta", prompts,
+                               [*compile_opts, "--sta-config", str(sta_file)], workdir,
+                               workdir / "workers-sta"))
+    base = result["phases"].get("diffusers", {}).get("steady_s_per_video")
+    for name, phase in result["phases"].items():
+        if base and phase.get("steady_s_per_video"):
+            phase["speedup_vs_diffusers"] = round(base / phase["steady_s_per_video"], 3)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -169,8 +169,8 @@ def run_diffusers(args: argparse.Namespace, prompts: list[str], out: Path) -> di
 def run_flow(args: argparse.Namespace, name: str, prompts: list[str], options: list[str],
              workdir: Path, worker_dir: Path) -> dict[str, Any]:
     """`python -m flows.bulk` over `prompts` on a warm worker in `worker_dir`."""
-    from tasks.manifest import read_manifest
     from fastvideo.storage import open_store
+    from tasks.manifest import read_manifest
 
     dataset = workdir / f"{name}.jsonl"
     dataset.write_text("".join(json.dumps({"prompt": p, "seed": i}) + "\n"
@@ -195,7 +195,7 @@ def run_flow(args: argparse.Namespace, name: str, prompts: list[str], options: l
     if proc.returncode != 0:
         raise RuntimeError(f"flows.bulk ({name}) failed; end of its log:\n"
                            f"{(proc.stdout + proc.stderr)[-4000:]}")
-    (pid, sock), = running_workers_in(worker_dir).items()
+    ((_, sock),) = running_workers(worker_dir).items()
     info = call_socket(sock, {"kind": "describe"})
     call_socket(sock, {"kind": "shutdown"})
     rows = read_manifest(open_store(str(output)))
@@ -215,18 +215,6 @@ def run_flow(args: argparse.Namespace, name: str, prompts: list[str], options: l
                   denoise_s_per_video=[round(r["denoised_seconds"], 2) for r in rows],
                   gpu_lane_idle_s=_gpu_lane_idle(gpu))
     return result
-
-
-def running_workers_in(folder: Path) -> dict[int, Path]:
-    previous = os.environ.get(WORKER_DIR_ENV)
-    os.environ[WORKER_DIR_ENV] = str(folder)
-    try:
-        return running_workers()
-    finally:
-        if previous is None:
-            os.environ.pop(WORKER_DIR_ENV)
-        else:
-            os.environ[WORKER_DIR_ENV] = previous
 
 
 def _gpu_lane_idle(spans: list[dict[str, Any]]) -> float:
@@ -311,7 +299,7 @@ def main() -> None:
                                [*compile_opts, "--sta-config", str(sta_file)], workdir,
                                workdir / "workers-sta"))
     base = result["phases"].get("diffusers", {}).get("steady_s_per_video")
-    for name, phase in result["phases"].items():
+    for phase in result["phases"].values():
         if base and phase.get("steady_s_per_video"):
             phase["speedup_vs_diffusers"] = round(base / phase["steady_s_per_video"], 3)
     if args.json_out:

@@ -200,10 +200,10 @@ def describe_worker(spec: WorkerSpec) -> dict[str, Any]:
     return call_worker(spec, {"kind": "describe"})
 
 
-def running_workers() -> dict[int, Path]:
-    """pid -> socket of every worker of this node's `worker_dir()` that is still alive."""
+def running_workers(folder: Path | None = None) -> dict[int, Path]:
+    """pid -> socket of every worker in `folder` (default `worker_dir()`) still alive."""
     alive = {}
-    for pid_file in worker_dir().glob("w-*.pid"):
+    for pid_file in (folder or worker_dir()).glob("w-*.pid"):
         pid = _alive(pid_file)
         if pid is not None:
             alive[pid] = pid_file.with_suffix(".sock")

@@ -109,3 +109,4 @@ def checkpoint_latents(uri: str) -> Any:
 
     root, key = uri.split("/checkpoints/", 1)
     return read_checkpoint(open_store(root), f"checkpoints/{key}").latents
+

@@ -144,7 +144,7 @@ def test_killed_worker_fails_its_shard_fast_and_rerun_resumes(
     assert rerun.is_completed(), rerun.message
     (row,) = read_manifest(str(output)).values()
     assert row["denoise_resumed_from_step"] >= CHECKPOINT_EVERY
-    reference = _bulk(dataset, tmp_path / "reference", tiny_wan_path)
+    assert _bulk(dataset, tmp_path / "reference", tiny_wan_path).is_completed()
     (expected,) = read_manifest(str(tmp_path / "reference")).values()
     # Resumed from the saved latents and scheduler state: bit-exact.
     assert row["video_sha256"] == expected["video_sha256"]

@@ -1,0 +1,152 @@
+"""Engine options end to end: checked when a run starts, carried to every process that runs
+a stage, and in checkpoint keys only where they change results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastvideo.entrypoints.denoise_worker import DenoiseJob
+from fastvideo.fastvideo_args import SamplingParam
+from fastvideo.jobs.item_stages import (
+    DECODE,
+    DENOISE,
+    ENCODE_TEXT,
+    PREPARE_LATENTS,
+    denoise_item,
+    stage_key,
+)
+from fastvideo.jobs.options import EngineOptions
+from flows.bulk import bulk
+from tasks.dispatch import Dispatch
+from tasks.prepare import prepare_run
+from tests.flows.helpers import REPO, TINY, task_states, write_dataset
+
+STA = {"tile_size": "auto", "num_full_steps": 1, "default_window": [1, 2, 2]}
+
+
+def _keys(ctx) -> dict[str, str]:
+    return {stage: stage_key(ctx, stage, {"x": 1}, "digest")
+            for stage in (ENCODE_TEXT, PREPARE_LATENTS, DENOISE, DECODE)}
+
+
+def test_only_options_that_change_results_enter_checkpoint_keys(tiny_wan_path: Path,
+                                                                tmp_path: Path) -> None:
+    def ctx(**options: Any):
+        return prepare_run.fn(str(tiny_wan_path), str(tmp_path), str(tmp_path), SamplingParam(),
+                              options=EngineOptions(**options))
+
+    plain = _keys(ctx())
+    # Same math, another kernel or schedule: every key is the same, work is reused.
+    for options in ({"attention_backend": "TORCH_SDPA"}, {"enable_torch_compile": True},
+                    {"batch_cfg": False}, {"compile_cache_dir": str(tmp_path)}):
+        assert _keys(ctx(**options)) == plain, options
+    # Sparse attention changes the denoised latents only; the VAE's dtype the frames only.
+    sta = _keys(ctx(sta_config=json.dumps(STA)))
+    assert [s for s in plain if sta[s] != plain[s]] == [DENOISE]
+    vae = _keys(ctx(vae_dtype="bfloat16"))
+    assert [s for s in plain if vae[s] != plain[s]] == [DECODE]
+    # Formatting of the STA file is not a different config.
+    spaced = _keys(ctx(sta_config=json.dumps(STA, indent=4)))
+    assert spaced == sta
+
+
+def test_denoise_jobs_carry_the_options(tiny_wan_path: Path, tmp_path: Path) -> None:
+    options = EngineOptions(batch_cfg=False,
+                            sta_config=json.dumps(STA), enable_torch_compile=True)
+    ctx = prepare_run.fn(str(tiny_wan_path), str(tmp_path), str(tmp_path), SamplingParam(),
+                         options=options)
+    job = DenoiseJob(model_path=ctx.model_path, store_uri=ctx.store_uri,
+                     items=(denoise_item(ctx, "a", []),), options=options)
+    # A torchrun worker reads the job from JSON and builds its engine args from it.
+    args = DenoiseJob.from_json(job.to_json()).engine_args(world_size=2, sp_size=2)
+    assert (args.attention_backend, args.batch_cfg, args.enable_torch_compile, args.sp_size) == \
+        ("SLIDING_TILE_ATTN", False, True, 2)
+    assert json.loads(Path(args.sta_config).read_text()) == STA
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("attention_backend", "NOPE", r"attention_backend: unknown attention backend 'NOPE'; "
+                                  r"valid: \[.*'TORCH_SDPA'"),
+    ("vae_dtype", "fp8", r"vae_dtype: unknown dtype 'fp8'; known: \["),
+    ("sta_config", "missing.json", r"sta_config 'missing.json' is not a file"),
+    ("dispatch", "slurm", r"dispatch must be one of \['inprocess', 'worker', 'torchrun', "
+                          r"'deployment'\], got 'slurm'"),
+    ("placement", "gpu", r"placement must be 'all' or 'denoise', got 'gpu'"),
+    ("worker_idle_timeout_s", 0, r"worker_idle_timeout_s must be > 0, got 0"),
+])
+def test_bad_options_fail_the_run_at_its_start(prefect_server, tiny_wan_path: Path,
+                                               tmp_path: Path, option: str, value: Any,
+                                               message: str) -> None:
+    dataset = write_dataset(tmp_path / "prompts.jsonl", [{"prompt": "a cat"}])
+    state = bulk(dataset=str(dataset), output=str(tmp_path / "out"),
+                 model_path=str(tiny_wan_path), return_state=True, **TINY, **{option: value})
+    assert state.is_failed()
+    with pytest.raises(ValueError, match=message):
+        state.result()
+    # Nothing ran: no task, no output.
+    assert task_states(state.state_details.flow_run_id) == {}
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_sta_config_content_names_the_option(tmp_path: Path) -> None:
+    path = tmp_path / "sta.json"
+    path.write_text(json.dumps({"default_window": [0, 1, 1]}))
+    with pytest.raises(ValueError, match=r"sta_config is not a valid sliding tile attention "
+                                         r"config: default_window must be three positive ints"):
+        EngineOptions.with_sta_file(str(path))
+    with pytest.raises(ValueError, match="sta_config is used by the SLIDING_TILE_ATTN backend "
+                                         "only, but attention_backend='TORCH_SDPA'"):
+        EngineOptions(sta_config=json.dumps(STA), attention_backend="TORCH_SDPA")
+
+
+def test_placement_all_on_the_gpu_pool_needs_no_gpu_and_no_weights(tmp_path: Path) -> None:
+    ctx = prepare_run.fn("/models/wan-on-the-gpu-node", str(tmp_path), str(tmp_path),
+                         SamplingParam(), dispatch=Dispatch(mode="deployment"))
+    # Every stage runs on the GPU node, in bf16 on CUDA; its worker fingerprints the model.
+    assert (ctx.device, ctx.dtype, ctx.denoise_device, ctx.denoise_dtype) == \
+        ("cuda", "bfloat16", "cuda", "bfloat16")
+    assert ctx.model_fingerprint is None and ctx.model_path == "/models/wan-on-the-gpu-node"
+    assert Dispatch(mode="deployment").deployment_name == "gpu-shard/gpu-shard"
+    assert Dispatch(mode="worker").remote_stages and Dispatch(mode="deployment").remote_stages
+    # Placement denoise keeps the other stages here; torchrun only ever denoises.
+    assert not Dispatch(mode="deployment", placement="denoise").remote_stages
+    assert Dispatch(mode="deployment", placement="denoise").deployment_name == \
+        "denoise-job/gpu-denoise"
+    assert not Dispatch(mode="torchrun").remote_stages
+    with pytest.raises(ValueError, match="placement 'all' needs a warm worker"):
+        Dispatch(mode="torchrun", placement="all")
+    with pytest.raises(ValueError, match="denoise_device/denoise_dtype split the stages"):
+        prepare_run.fn("/m", str(tmp_path), str(tmp_path), SamplingParam(),
+                       denoise_device="cpu", dispatch=Dispatch(mode="deployment"))
+
+
+def test_cli_takes_every_engine_option(tmp_path: Path) -> None:
+    import argparse
+
+    from flows.cli import add_options, given_options
+
+    parser = argparse.ArgumentParser()
+    add_options(parser)
+    given = given_options(parser.parse_args([
+        "--dispatch", "worker", "--placement", "all", "--attention-backend", "FLASH_ATTN",
+        "--sta-config", "sta.json", "--compile", "--no-batch-cfg", "--vae-dtype", "bf16",
+        "--compile-cache-dir", "/cache", "--worker-idle-timeout-s", "60", "--sp-size", "1"]))
+    assert given == {"dispatch": "worker", "placement": "all",
+                     "attention_backend": "FLASH_ATTN", "sta_config": "sta.json",
+                     "enable_torch_compile": True, "batch_cfg": False, "vae_dtype": "bf16",
+                     "compile_cache_dir": "/cache", "worker_idle_timeout_s": 60.0,
+                     "sp_size": 1}
+    # The command line names the option in its error and exits non-zero before any work.
+    dataset = write_dataset(tmp_path / "p.jsonl", [{"prompt": "a cat"}])
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.bulk", "--dataset", str(dataset), "--output",
+         str(tmp_path / "o"), "--model-path", str(tmp_path), "--attention-backend", "NOPE"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "attention_backend: unknown attention backend 'NOPE'" in proc.stdout + proc.stderr

@@ -12,7 +12,7 @@ Phases (each in its own processes, one after the other, the GPU freed in between
   prompt generate and write the mp4;
 * `dense`: `flows.bulk --dispatch worker --compile` over the prompts, a fresh worker
   and an empty compile cache (the first video pays the compile);
-* `fresh`: a new worker process over two more prompts with the cache `dense` left:
+* `fresh`: a new worker process over one more prompt with the cache `dense` left:
   what the first video costs a fresh process on a node that compiled before;
 * `sta`: `dense` with sliding tile attention (25.7% of the keys, 10 dense steps first).
 
@@ -176,7 +176,8 @@ def run_flow(args: argparse.Namespace, name: str, prompts: list[str], options: l
     dataset.write_text("".join(json.dumps({"prompt": p, "seed": i}) + "\n"
                                for i, p in enumerate(prompts)))
     output = workdir / name
-    env = {**os.environ, WORKER_DIR_ENV: str(worker_dir), "PYTHONPATH": str(ROOT),
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, WORKER_DIR_ENV: str(worker_dir), "PYTHONPATH": path,
            "PREFECT_HOME": str(workdir / "prefect-home"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "flows.bulk", "--dataset", str(dataset), "--output",
@@ -235,7 +236,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=5.0)
     parser.add_argument("--shard-size", type=int, default=1)
-    parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--checkpoint-every", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true",
                         help="flows without --compile (the CPU smoke test: compiling is slow)")
     parser.add_argument("--workdir", type=Path, help="default: a temporary folder")
@@ -291,7 +292,7 @@ def main() -> None:
         record("dense", run_flow(args, "dense", prompts, compile_opts, workdir,
                                  workdir / "workers-dense"))
     if "fresh" in phases:
-        more = PROMPTS[len(prompts):len(prompts) + 2] or PROMPTS[:2]
+        more = PROMPTS[len(prompts):len(prompts) + 1] or PROMPTS[:1]
         record("fresh", run_flow(args, "fresh", more, compile_opts, workdir,
                                  workdir / "workers-fresh"))
     if "sta" in phases:

@@ -1,0 +1,66 @@
+"""The warm worker's shard runner on a GPU, without Prefect: every stage of a few items of a
+tiny model with the lanes overlapped (decoding on its own CUDA stream) against the lanes in
+turn, and the difference between their outputs.
+
+    python benchmarks/check_gpu_worker.py --json-out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastvideo.jobs.item_stages import DECODE, DENOISE, STAGES  # noqa: E402
+from fastvideo.jobs.items import ItemSpec, RunContext, Shard  # noqa: E402
+from fastvideo.jobs.shard_runner import ShardRunner  # noqa: E402
+from fastvideo.storage import open_store, read_checkpoint  # noqa: E402
+from fastvideo.testing.tiny_wan import make_tiny_wan  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="check-worker-"))
+    model = make_tiny_wan(tmp / "tiny")
+    items = tuple(ItemSpec(item_id=f"item{i}", prompt=f"a cat walks {i}", negative_prompt="blurry",
+                           shared_negative=True, seed=i, height=64, width=64, num_frames=9,
+                           num_inference_steps=8, guidance_scale=5.0, max_sequence_length=16)
+                  for i in range(3))
+    result: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
+    frames = {}
+    for overlap in (True, False):
+        store = tmp / f"overlap-{overlap}"
+        ctx = RunContext(model_path=str(model), model_fingerprint=None, store_uri=str(store),
+                         output_uri=str(store), device=args.device, dtype=args.dtype,
+                         denoise_device=args.device, denoise_dtype=args.dtype,
+                         negative_prompt="blurry", max_sequence_length=16, checkpoint_every=2)
+        runner = ShardRunner(overlap=overlap)
+        start = time.perf_counter()
+        results = runner.run(ctx, Shard(index=0, items=items), lambda event: None)
+        runner.close()
+        assert all(r.ok for stage in STAGES for r in results[stage]), results
+        result[f"seconds_overlap_{overlap}"] = round(time.perf_counter() - start, 3)
+        frames[overlap] = [read_checkpoint(open_store(str(store)), r.ref.key).output.float()
+                           for r in results[DECODE]]
+        result[f"denoise_digests_{overlap}"] = [r.ref.digest for r in results[DENOISE]]
+    result["max_frame_diff"] = max((a - b).abs().max().item()
+                                   for a, b in zip(frames[True], frames[False]))
+    result["denoised_equal"] = result["denoise_digests_True"] == result["denoise_digests_False"]
+    print(json.dumps(result, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

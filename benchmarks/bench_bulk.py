@@ -153,7 +153,8 @@ def run_diffusers(args: argparse.Namespace, prompts: list[str], out: Path) -> di
             engine_s.append(time.time() - start)
             write_mp4(frames.permute(0, 2, 3, 1).float().cpu(), out / f"{i}.mp4", fps=16)
             done_at.append(time.time())
-            print(f"diffusers video {i}: {done_at[-1] - start:.2f} s", flush=True)
+            print(f"diffusers video {i}: {done_at[-1] - start:.2f} s "
+                  f"(load {load_s:.1f} s, since start {done_at[-1] - t0:.1f} s)", flush=True)
     result = summarise(t0, done_at, [], sampler)
     result["load_s"] = round(load_s, 2)
     result["seconds_per_video"] = [round(b - a, 2) for a, b in

@@ -19,8 +19,8 @@ Phases (each in its own processes, one after the other, the GPU freed in between
 Per phase: videos/hour, steady-state seconds per video (between the first and last
 video's completion), first-video latency (from the command's start), GPU busy fraction
 (NVML, over the steady state), peak GPU memory, and the orchestration + checkpoint
-seconds per item (steady-state seconds per video minus the engine's own seconds on the
-GPU lane: text encoding, latents, denoising).
+seconds per item (the steady-state period of the GPU lane, which is the critical path,
+minus the engine's own seconds in it: text encoding, latents, denoising).
 """
 
 from __future__ import annotations
@@ -110,26 +110,20 @@ class GpuSampler:
         return round(max(m for _, _, m in self.samples) / 2**30, 2) if self.samples else None
 
 
-def summarise(t0: float, done_at: list[float], engine_s: list[float],
-              sampler: GpuSampler) -> dict[str, Any]:
-    """The per-phase figures from the command's start and each video's completion."""
+def summarise(t0: float, done_at: list[float], cycles: list[float], sampler: GpuSampler,
+              steady_from: float) -> dict[str, Any]:
+    """The figures of a phase from the command's start `t0`, each video's completion, and
+    the steady-state seconds per video `cycles` (measured from `steady_from` on)."""
     done_at = sorted(done_at)
-    n = len(done_at)
-    steady = (done_at[-1] - done_at[0]) / (n - 1) if n > 1 else None
-    result: dict[str, Any] = {
-        "videos": n, "first_video_s": round(done_at[0] - t0, 2),
+    steady = statistics.mean(cycles) if cycles else None
+    return {
+        "videos": len(done_at), "first_video_s": round(done_at[0] - t0, 2),
         "total_s": round(done_at[-1] - t0, 2),
         "steady_s_per_video": round(steady, 2) if steady else None,
         "videos_per_hour": round(3600 / steady, 1) if steady else None,
-        "gpu_busy_fraction": sampler.busy(done_at[0], done_at[-1]) if n > 1 else None,
+        "gpu_busy_fraction": sampler.busy(steady_from, done_at[-1]) if steady else None,
         "nvml_peak_memory_gib": sampler.peak_gib(),
     }
-    if steady and engine_s:
-        engine = statistics.mean(engine_s[1:] if len(engine_s) > 1 else engine_s)
-        result["engine_gpu_lane_s_per_video"] = round(engine, 2)
-        result["orchestration_checkpoint_s_per_video"] = round(steady - engine, 3)
-        result["orchestration_fraction"] = round((steady - engine) / steady, 4)
-    return result
 
 
 def run_diffusers(args: argparse.Namespace, prompts: list[str], out: Path) -> dict[str, Any]:
@@ -155,7 +149,9 @@ def run_diffusers(args: argparse.Namespace, prompts: list[str], out: Path) -> di
             done_at.append(time.time())
             print(f"diffusers video {i}: {done_at[-1] - start:.2f} s "
                   f"(load {load_s:.1f} s, since start {done_at[-1] - t0:.1f} s)", flush=True)
-    result = summarise(t0, done_at, [], sampler)
+    # Each video is whole before the next starts: the steady state is video 2 onwards.
+    cycles = [b - a for a, b in zip(done_at, done_at[1:])]
+    result = summarise(t0, done_at, cycles, sampler, done_at[0])
     result["load_s"] = round(load_s, 2)
     result["seconds_per_video"] = [round(b - a, 2) for a, b in
                                    zip([t0 + load_s, *done_at[:-1]], done_at)]
@@ -202,20 +198,34 @@ def run_flow(args: argparse.Namespace, name: str, prompts: list[str], options: l
     call_socket(sock, {"kind": "shutdown"})
     rows = read_manifest(open_store(str(output)))
     assert all(r["status"] == "succeeded" for r in rows), [r["error"] for r in rows]
-    post = {e["item_id"]: e["end"] for e in info["timeline"] if e["lane"] == "post"}
-    gpu = [e for e in info["timeline"] if e["lane"] == "gpu"]
+    post = [e["end"] for e in info["timeline"] if e["lane"] == "post"]
+    gpu = sorted((e for e in info["timeline"] if e["lane"] == "gpu"), key=lambda e: e["start"])
     by_id = {r["item_id"]: r for r in rows}
-    engine_s = [by_id[e["item_id"]]["text_seconds"] + by_id[e["item_id"]]["latents_seconds"]
-                + by_id[e["item_id"]]["denoised_seconds"]
-                for e in sorted(gpu, key=lambda e: e["start"])]
-    result = summarise(t0, list(post.values()), engine_s, sampler)
+    # The GPU lane (text, latents, denoising) is the critical path: decoding and the mp4
+    # of item k run beside item k+1's denoising. Its period from the second item on (the
+    # first compiles) is the steady state; of that period, what is not the engine's own
+    # compute is orchestration and checkpoints (store I/O, waiting for the next shard).
+    starts = [e["start"] for e in gpu]
+    cycles = [b - a for a, b in zip(starts[1:], starts[2:])] + [gpu[-1]["end"] - starts[-1]]
+    engine = [by_id[e["item_id"]]["text_seconds"] + by_id[e["item_id"]]["latents_seconds"]
+              + by_id[e["item_id"]]["denoised_seconds"] for e in gpu[1:]]
+    result = summarise(t0, post, cycles if len(gpu) > 1 else [], sampler,
+                       starts[1] if len(gpu) > 1 else t0)
+    if len(gpu) > 1:
+        overhead = statistics.mean(c - e for c, e in zip(cycles, engine))
+        result.update(engine_s_per_video=round(statistics.mean(engine), 2),
+                      orchestration_checkpoint_s_per_video=round(overhead, 3),
+                      orchestration_fraction=round(overhead / statistics.mean(cycles), 4))
     result.update(command_wall_s=round(wall, 2), worker_load_s=round(info["load_s"], 2),
                   peak_memory_gib=info["peak_memory_gib"], compile_cache=info["compile_cache"],
                   attention_backends=info["attention_backends"],
                   post_lane_s_per_video=round(statistics.mean(
                       e["end"] - e["start"] for e in info["timeline"] if e["lane"] == "post"), 2),
-                  denoise_s_per_video=[round(r["denoised_seconds"], 2) for r in rows],
-                  gpu_lane_idle_s=_gpu_lane_idle(gpu))
+                  denoise_s_per_video=[round(by_id[e["item_id"]]["denoised_seconds"], 2)
+                                       for e in gpu],
+                  gpu_lane_idle_s=_gpu_lane_idle(gpu),
+                  timeline=[{**e, "start": round(e["start"] - t0, 3),
+                             "end": round(e["end"] - t0, 3)} for e in info["timeline"]])
     return result
 
 

@@ -94,8 +94,11 @@ class WarmWorker:
 
         args = self.spec.options.to_args(self.spec.model_path, self.spec.device, self.spec.dtype)
         stages = list(build_pipeline(args, required_modules=()).stages)
-        return engine.pipeline_for(self.spec.model_path, self.spec.options, self.spec.device,
-                                   self.spec.dtype, stages)
+        pipeline = engine.pipeline_for(self.spec.model_path, self.spec.options,
+                                       self.spec.device, self.spec.dtype, stages)
+        if self.spec.device.startswith("cuda"):
+            torch.cuda.synchronize()  # the lanes' own streams read these weights
+        return pipeline
 
     def describe(self) -> dict[str, Any]:
         from fastvideo.attention.layer import attention_backends_in_use

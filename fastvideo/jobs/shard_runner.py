@@ -3,8 +3,8 @@
 Two lanes, each one thread, each FIFO:
 
 * the **GPU lane** encodes an item's prompt, prepares its latents and denoises it;
-* the **post lane** writes the denoised checkpoint, decodes (on its own CUDA stream),
-  stores the frames and writes the mp4.
+* the **post lane** writes the denoised checkpoint, decodes (on its own CUDA stream, of
+  lower priority than the GPU lane's), stores the frames and writes the mp4.
 
 So item k's decoding and video writing overlap item k+1's denoising, and the checkpoint
 uploads of denoising's progress go to a third thread: the loop never waits on the store.
@@ -79,9 +79,11 @@ class ShardRunner:
 
     def __init__(self, overlap: bool = True) -> None:
         self.overlap = overlap
-        self._gpu = ThreadPoolExecutor(1, thread_name_prefix="fastvideo-gpu-lane")
+        self._gpu = ThreadPoolExecutor(1, thread_name_prefix="fastvideo-gpu-lane",
+                                       initializer=_use_stream, initargs=(True,))
         self._post = ThreadPoolExecutor(1, thread_name_prefix="fastvideo-post-lane",
-                                        initializer=_use_side_stream) if overlap else None
+                                        initializer=_use_stream, initargs=(False,)) \
+            if overlap else None
         self._uploads = ThreadPoolExecutor(1, thread_name_prefix="fastvideo-uploads") \
             if overlap else None
         self._stores: dict[str, ArtifactStore] = {}
@@ -224,7 +226,10 @@ def _done(results: dict[str, ItemResult]) -> Future[dict[str, ItemResult]]:
     return future
 
 
-def _use_side_stream() -> None:
-    """Give the post lane its own CUDA stream, so decoding runs beside denoising."""
+def _use_stream(high_priority: bool) -> None:
+    """Give a lane its own CUDA stream, so decoding runs beside denoising; the GPU lane's
+    has the higher priority, so the DiT, the critical path, goes first and decoding fills
+    the gaps."""
     if torch.cuda.is_available():
-        torch.cuda.set_stream(torch.cuda.Stream())
+        # 0 is the lowest priority; out-of-range values map to the highest there is.
+        torch.cuda.set_stream(torch.cuda.Stream(priority=-100 if high_priority else 0))

@@ -18,14 +18,16 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 from prefect import Task, task
-from prefect.client.schemas.objects import TaskRun
+from prefect.client.schemas.objects import FlowRun, TaskRun
 from prefect.context import TaskRunContext
+from prefect.deployments import run_deployment
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
-from prefect.runtime import task_run
+from prefect.runtime import flow_run, task_run
 from prefect.states import Failed, State
 from prefect.tasks import exponential_backoff
 
@@ -37,6 +39,7 @@ from fastvideo.storage import (
     open_store,
     retry_io,
 )
+from tasks.dispatch import Dispatch
 
 # Bump when a task's output format changes, so old cache entries stop matching.
 CACHE_VERSION = 1
@@ -136,3 +139,31 @@ def finish_shard(stage: str, results: list[ItemResult]) -> list[ItemResult] | St
         return results
     return Failed(message=f"{len(failed)} of {len(results)} item(s) failed in {stage}; first: "
                           f"{failed[0].item_id}: {failed[0].error}", data=results)
+
+
+GPU_COUNT_VARIABLE = "gpu_count"
+"""The GPU work pool's job variable for the GPUs of one job (infra/k8s/gpu-job-template.json)."""
+
+
+def run_gpu_deployment(dispatch: Dispatch, parameters: dict[str, Any], job_digest: str
+                       ) -> FlowRun:
+    """A flow run of the dispatch's GPU deployment for one job, waited for.
+
+    The idempotency key (this flow run and the job's digest) makes a retried parent attach
+    to the GPU run already going instead of starting another; a run from before this
+    attempt that failed gets one more, deterministically named. The GPU job's size is
+    fixed before it starts: the Kubernetes template requests `gpu_count` GPUs (a process
+    worker ignores the variable).
+    """
+    job_variables = {GPU_COUNT_VARIABLE: dispatch.nproc_per_node}
+    idempotency_key = f"{flow_run.id}-{job_digest}"
+    started = datetime.now(timezone.utc)
+    child = run_deployment(dispatch.deployment_name, parameters=parameters,
+                           job_variables=job_variables, idempotency_key=idempotency_key,
+                           timeout=dispatch.timeout_s)
+    if not child.state.is_completed() and child.created < started:
+        child = run_deployment(dispatch.deployment_name, parameters=parameters,
+                               job_variables=job_variables,
+                               idempotency_key=f"{idempotency_key}-after-{child.id}",
+                               timeout=dispatch.timeout_s)
+    return child

@@ -21,11 +21,9 @@ import json
 import subprocess
 import sys
 from collections import deque
-from datetime import datetime, timezone
 
 from prefect import task
-from prefect.deployments import run_deployment
-from prefect.runtime import flow_run, task_run
+from prefect.runtime import task_run
 from prefect.states import State
 
 from fastvideo.entrypoints.denoise_worker import (
@@ -38,16 +36,19 @@ from fastvideo.entrypoints.denoise_worker import (
     run_denoise_job,
 )
 from fastvideo.jobs.engine import pipeline_for, stage_lock
-from fastvideo.jobs.item_stages import DENOISE, denoise_inputs, denoise_item
-from fastvideo.jobs.items import ItemResult, RunContext, Shard, failure
+from fastvideo.jobs.item_stages import DENOISE, denoise_inputs, denoise_item, denoise_result
+from fastvideo.jobs.items import ItemResult, RunContext, Shard
 from fastvideo.jobs.worker_client import WorkerSpec, call_worker
 from fastvideo.storage import ArtifactStore, ObjectNotFoundError, retry_io
-from tasks.common import finish_shard, get_store, run_logger, stage_task
+from tasks.common import (
+    finish_shard,
+    get_store,
+    run_gpu_deployment,
+    run_logger,
+    stage_task,
+)
 from tasks.dispatch import Dispatch, Launcher, check_launcher
 from tasks.progress import StepProgress
-
-GPU_COUNT_VARIABLE = "gpu_count"
-"""The GPU work pool's job variable for the GPUs of one job (infra/k8s/gpu-job-template.json)."""
 
 
 def job_key(job: DenoiseJob) -> str:
@@ -124,34 +125,13 @@ def run_remote(job: DenoiseJob, dispatch: Dispatch) -> list[DenoiseOutcome]:
     parameters = {"store_uri": job.store_uri, "job_key": key,
                   "launcher": dispatch.remote_launcher,
                   "nproc_per_node": dispatch.nproc_per_node, "sp_size": dispatch.sp_size}
-    # The GPU job's size is fixed before it starts (the Kubernetes template requests
-    # `gpu_count` GPUs; a process worker ignores the variable).
-    job_variables = {GPU_COUNT_VARIABLE: dispatch.nproc_per_node}
-    idempotency_key = f"{flow_run.id}-{job.digest}"
-    started = datetime.now(timezone.utc)
-    child = run_deployment(dispatch.deployment_name, parameters=parameters,
-                           job_variables=job_variables, idempotency_key=idempotency_key,
-                           timeout=dispatch.timeout_s)
-    if not child.state.is_completed() and child.created < started:
-        # A run from before this attempt that failed: start one more, deterministically named.
-        child = run_deployment(dispatch.deployment_name, parameters=parameters,
-                               job_variables=job_variables,
-                               idempotency_key=f"{idempotency_key}-after-{child.id}",
-                               timeout=dispatch.timeout_s)
+    child = run_gpu_deployment(dispatch, parameters, job.digest)
     run_logger().info("GPU denoise run %s ended %s", child.name, child.state.name)
     try:
         return DenoiseOutcome.list_from_json(retry_io(lambda: store.get_bytes(result_key(key))))
     except ObjectNotFoundError:
         error = f"GPU denoise run {child.name} ended {child.state.name} without outcomes"
         return [DenoiseOutcome(item.item_id, error=error) for item in job.items]
-
-
-def _result(outcome: DenoiseOutcome) -> ItemResult:
-    if outcome.error is not None:
-        return failure(outcome.item_id, DENOISE, outcome.error, outcome.corrupt_input)
-    return ItemResult(outcome.item_id, ref=outcome.ref, seconds=outcome.seconds,
-                      info={"reused": outcome.skipped,
-                            "resumed_from_step": outcome.resumed_from_step})
 
 
 @stage_task(DENOISE, tags=["denoise"])
@@ -179,7 +159,7 @@ def denoise(shard: Shard, ctx: RunContext, negative: ItemResult | None, text: li
             else:
                 outcomes = execute_job(job, dispatch.mode, dispatch.nproc_per_node, progress,
                                        dispatch.sp_size)
-        by_id = {o.item_id: _result(o) for o in outcomes}
+        by_id = {o.item_id: denoise_result(o) for o in outcomes}
         results = [r if r is not None else by_id[item.item_id]
                    for r, item in zip(results, shard.items)]
     for result in results:

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.deployments import run_deployment
-from prefect.runtime import flow_run, task_run
+from prefect.runtime import task_run
 from prefect.states import Failed, State
 
 from fastvideo.jobs.item_stages import STAGES
@@ -36,8 +34,12 @@ from fastvideo.jobs.options import EngineOptions
 from fastvideo.jobs.shard_runner import ShardResults
 from fastvideo.jobs.worker_client import WorkerSpec, call_worker
 from fastvideo.storage import ObjectNotFoundError, retry_io
-from tasks.common import get_store, retry_on_store_unavailable, run_logger
-from tasks.denoise import GPU_COUNT_VARIABLE
+from tasks.common import (
+    get_store,
+    retry_on_store_unavailable,
+    run_gpu_deployment,
+    run_logger,
+)
 from tasks.dispatch import Dispatch
 from tasks.progress import StepProgress
 
@@ -102,18 +104,7 @@ def run_on_deployment(ctx: RunContext, shard: Shard, dispatch: Dispatch) -> Shar
     parameters = {"store_uri": ctx.store_uri, "job_key": key,
                   "nproc_per_node": dispatch.nproc_per_node,
                   "worker_idle_timeout_s": dispatch.worker_idle_timeout_s}
-    job_variables = {GPU_COUNT_VARIABLE: dispatch.nproc_per_node}
-    idempotency_key = f"{flow_run.id}-{key.split('/')[2]}"
-    started = datetime.now(timezone.utc)
-    child = run_deployment(dispatch.deployment_name, parameters=parameters,
-                           job_variables=job_variables, idempotency_key=idempotency_key,
-                           timeout=dispatch.timeout_s)
-    if not child.state.is_completed() and child.created < started:
-        # A run from before this attempt that failed: start one more, deterministically named.
-        child = run_deployment(dispatch.deployment_name, parameters=parameters,
-                               job_variables=job_variables,
-                               idempotency_key=f"{idempotency_key}-after-{child.id}",
-                               timeout=dispatch.timeout_s)
+    child = run_gpu_deployment(dispatch, parameters, key.split("/")[2])
     run_logger().info("GPU shard run %s ended %s", child.name, child.state.name)
     try:
         return results_from_json(json.loads(retry_io(lambda: store.get_bytes(result_key(key)))))

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from fastvideo.entrypoints.denoise_worker import DenoiseItem
+from fastvideo.entrypoints.denoise_worker import DenoiseItem, DenoiseOutcome
 from fastvideo.jobs.engine import run_stages
-from fastvideo.jobs.items import ItemResult, ItemSpec, RunContext, combined_digest
+from fastvideo.jobs.items import ItemResult, ItemSpec, RunContext, combined_digest, failure
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
 from fastvideo.storage import (
     ArtifactStore,
@@ -160,6 +160,15 @@ def denoise_item(ctx: RunContext, item_id: str, inputs: list[CheckpointRef]) -> 
     progress_key = output_key.replace(f"/{DENOISE}/", f"/{DENOISE_PROGRESS}/", 1)
     return DenoiseItem(item_id=item_id, inputs=tuple(inputs), output_key=output_key,
                        progress_key=progress_key)
+
+
+def denoise_result(outcome: DenoiseOutcome) -> ItemResult:
+    """An item's denoise outcome as its stage result."""
+    if outcome.error is not None:
+        return failure(outcome.item_id, DENOISE, outcome.error, outcome.corrupt_input)
+    return ItemResult(outcome.item_id, ref=outcome.ref, seconds=outcome.seconds,
+                      info={"reused": outcome.skipped,
+                            "resumed_from_step": outcome.resumed_from_step})
 
 
 def decode(ctx: RunContext, store: ArtifactStore, item: ItemSpec, denoised: CheckpointRef,

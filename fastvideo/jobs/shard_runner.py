@@ -169,7 +169,7 @@ class ShardRunner:
         store, output = self.store(ctx.store_uri), self.store(ctx.output_uri)
         batch = computed.batch if isinstance(computed, Denoised) else None
         outcome = runner.finish(job_item, computed) if batch is not None else computed
-        denoised_ok = stage(DENOISE, lambda: _denoise_result(outcome))
+        denoised_ok = stage(DENOISE, lambda: item_stages.denoise_result(outcome))
         if denoised_ok and stage(DECODE, lambda: item_stages.decode(
                 ctx, store, item, results[DENOISE].ref, batch)):
             stage(WRITE_VIDEO, lambda: item_stages.write_video(
@@ -186,15 +186,6 @@ class ShardRunner:
         return ItemRunner(store=store, stage=pipeline.get_stage(DENOISING_STAGE),
                           args=pipeline.fastvideo_args, checkpoint_every=ctx.checkpoint_every,
                           on_progress=on_progress, group=None, uploads=self._uploads)
-
-
-def _denoise_result(outcome: DenoiseOutcome) -> ItemResult:
-    """An item's denoise outcome as a stage result (raises nothing: errors are results)."""
-    if outcome.error is not None:
-        return failure(outcome.item_id, DENOISE, outcome.error, outcome.corrupt_input)
-    return ItemResult(outcome.item_id, ref=outcome.ref, seconds=outcome.seconds,
-                      info={"reused": outcome.skipped,
-                            "resumed_from_step": outcome.resumed_from_step})
 
 
 def _guarded(stage: str, item_id: str, work: Callable[[], ItemResult]) -> ItemResult:

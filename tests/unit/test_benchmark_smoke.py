@@ -41,3 +41,16 @@ def test_bench_dit_smoke_with_backends_and_sta(tmp_path: Path) -> None:
     (sta,) = result["sta"]
     assert sta["kernel"] == "flex" and sta["window"] == [1, 1, 1]
     assert 0 < sta["rel_l2_vs_dense"] < 1  # sparse, so not equal to dense, but close
+
+
+def test_bench_bulk_smoke(tmp_path: Path) -> None:
+    result = _run("bench_bulk.py", "--smoke", "--no-compile", "--num-prompts", "2",
+                  "--phases", "diffusers,sta", "--workdir", str(tmp_path / "work"),
+                  tmp_path=tmp_path)
+    diffusers, sta = result["phases"]["diffusers"], result["phases"]["sta"]
+    assert diffusers["videos"] == sta["videos"] == 2
+    assert diffusers["steady_s_per_video"] > 0 and sta["steady_s_per_video"] > 0
+    # The option reached the warm worker, and the GPU lane's period was measured.
+    assert sta["attention_backends"]["requested"] == ["SLIDING_TILE_ATTN"]
+    assert sta["engine_s_per_video"] > 0 and "orchestration_checkpoint_s_per_video" in sta
+    assert {e["lane"] for e in sta["timeline"]} == {"gpu", "post"}

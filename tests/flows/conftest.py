@@ -9,7 +9,11 @@ the other.
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +50,17 @@ def flow_env(prefect_server: PrefectServer) -> dict[str, str]:
     return {**os.environ, **prefect_server.settings_env(), "PYTHONPATH": str(REPO)}
 
 
+@pytest.fixture
+def worker_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh folder for this test's warm workers (short: it holds Unix sockets); every
+    worker still running at the end is killed."""
+    from fastvideo.jobs.worker_client import WORKER_DIR_ENV, running_workers
+
+    folder = Path(tempfile.mkdtemp(prefix="fvw-"))
+    monkeypatch.setenv(WORKER_DIR_ENV, str(folder))
+    try:
+        yield folder
+    finally:
+        for pid in running_workers(folder):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(folder, ignore_errors=True)

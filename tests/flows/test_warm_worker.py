@@ -6,22 +6,17 @@ killed worker fails its shard in seconds while the rerun resumes mid-denoise.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
 from fastvideo.jobs import engine
 from fastvideo.jobs.options import EngineOptions
 from fastvideo.jobs.worker_client import (
-    WORKER_DIR_ENV,
     WorkerSpec,
     describe_worker,
     ensure_worker,
@@ -39,20 +34,6 @@ from tests.flows.helpers import (
 
 OPTIONS = {**TINY, "num_inference_steps": 12}
 CHECKPOINT_EVERY = 2
-
-
-@pytest.fixture
-def worker_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A fresh folder for this test's workers (short: it holds Unix sockets); every worker
-    still running at the end is killed."""
-    folder = Path(tempfile.mkdtemp(prefix="fvw-"))
-    monkeypatch.setenv(WORKER_DIR_ENV, str(folder))
-    try:
-        yield folder
-    finally:
-        for pid in running_workers():
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _spec(model: Path, **options: Any) -> WorkerSpec:
@@ -148,3 +129,21 @@ def test_killed_worker_fails_its_shard_fast_and_rerun_resumes(
     (expected,) = read_manifest(str(tmp_path / "reference")).values()
     # Resumed from the saved latents and scheduler state: bit-exact.
     assert row["video_sha256"] == expected["video_sha256"]
+
+
+def test_an_item_failing_on_the_worker_fails_alone(prefect_server, worker_dir: Path,
+                                                   tiny_wan_path: Path, tmp_path: Path) -> None:
+    # 36 pixels is no whole number of latent patches (8): the worker's input validation
+    # refuses that item; the other one is made.
+    dataset = write_dataset(tmp_path / "prompts.jsonl", [
+        {"prompt": PROMPTS[0], "item_id": "good"},
+        {"prompt": PROMPTS[1], "item_id": "bad", "height": 36}])
+    state = _bulk(dataset, tmp_path / "out", tiny_wan_path, dispatch="worker", shard_size=2,
+                  num_inference_steps=2)
+    assert state.is_failed()
+    rows = read_manifest(str(tmp_path / "out"))
+    assert rows["good"]["status"] == "succeeded"
+    assert (rows["bad"]["status"], rows["bad"]["failed_stage"]) == ("failed", "encode-text")
+    assert "36" in rows["bad"]["error"]
+    names = task_states(state.state_details.flow_run_id)
+    assert [s for n, s in names.items() if n.startswith("generate-shard-")] == [["Failed"]]

@@ -35,6 +35,7 @@ from flows.cli import (
     run_settings,
     start_worker_early,
     ui_hint,
+    worker_hint,
 )
 from flows.pipeline import encode_negative, process_remote, process_window
 from tasks.dataset import make_shards, plan_items
@@ -221,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"\nthe run ended {state.name}: {summary}", file=sys.stderr)
     print(ui_hint(state.state_details.flow_run_id))
+    hint = worker_hint(given_options(args))
+    if hint:
+        print(hint)
     return 0 if state.is_completed() else 1
 
 

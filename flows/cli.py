@@ -139,6 +139,18 @@ def start_worker_early(flow_fn: Callable[..., Any], model_path: str,
         return
 
 
+def worker_hint(options: dict[str, Any]) -> str | None:
+    """What a user should know about the warm workers a run leaves loaded, if any."""
+    from fastvideo.jobs.worker_client import running_workers
+
+    if options.get("dispatch") != "worker" or not running_workers():
+        return None
+    idle = options.get("worker_idle_timeout_s", 1800.0)
+    return (f"{len(running_workers())} warm worker(s) keep the model loaded for the next run "
+            f"and exit after {idle:.0f} s idle; `python -m fastvideo.jobs.worker_client stop` "
+            "frees the GPU now")
+
+
 def prepare_environment() -> None:
     """Settings for a command-line run: no telemetry offline, patience for a slow start."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

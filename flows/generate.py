@@ -23,6 +23,7 @@ from flows.cli import (
     run_settings,
     start_worker_early,
     ui_hint,
+    worker_hint,
 )
 from flows.pipeline import encode_negative, process_remote, process_window
 from tasks.dataset import parse_rows
@@ -116,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"\nthe run ended {state.name}: {state.message}", file=sys.stderr)
     print(ui_hint(state.state_details.flow_run_id))
+    hint = worker_hint(options)
+    if hint:
+        print(hint)
     return 0 if state.is_completed() else 1
 
 

@@ -6,6 +6,9 @@ that spec: every caller on the node that asks for the same spec reaches the same
 and the first one starts it. A worker outlives the process that started it and exits
 after `idle_timeout_s` without a request.
 
+    python -m fastvideo.jobs.worker_client list    # this node's warm workers
+    python -m fastvideo.jobs.worker_client stop    # stop them all now
+
 Messages are JSON lines. A call sends one request and reads events until `done` (its
 payload is the answer) or `error`. A worker that dies mid-call closes the socket, so the
 caller fails within a moment (`WorkerError`), with the end of the worker's log.
@@ -172,7 +175,18 @@ def call_worker(spec: WorkerSpec, request: dict[str, Any],
                 idle_timeout_s: float = 1800.0) -> dict[str, Any]:
     """Send `request` to the worker serving `spec` (started if needed); every event goes
     to `on_event`; returns the `done` event's payload."""
-    return call_socket(ensure_worker(spec, idle_timeout_s), request, on_event)
+    sock_path = ensure_worker(spec, idle_timeout_s)
+    if not _answers(sock_path):  # it went idle and exited just now: start another
+        sock_path = ensure_worker(spec, idle_timeout_s)
+    return call_socket(sock_path, request, on_event)
+
+
+def _answers(sock_path: Path) -> bool:
+    probe = _connect(sock_path)
+    if probe is None:
+        return False
+    probe.close()
+    return True
 
 
 def call_socket(sock_path: Path, request: dict[str, Any],
@@ -220,3 +234,32 @@ def stop_worker(spec: WorkerSpec) -> bool:
         for _ in _events(sock):
             pass
     return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fastvideo.jobs.worker_client",
+                                     description="This node's warm workers (in "
+                                                 f"${WORKER_DIR_ENV} or {worker_dir()}).")
+    parser.add_argument("command", choices=["list", "stop"])
+    args = parser.parse_args(argv)
+    for pid, sock in running_workers().items():
+        if args.command == "stop":
+            call_socket(sock, {"kind": "shutdown"})
+            print(f"stopped worker {pid}")
+            continue
+        try:
+            info = call_socket(sock, {"kind": "describe"})
+        except WorkerError as exc:
+            print(f"worker {pid}: {exc}")
+            continue
+        spec = info["spec"]
+        print(f"worker {pid} on {spec['device']}: {spec['model_path']} ({spec['dtype']}, "
+              f"options {spec['options']}), {len(info['timeline']) // 2} items made; "
+              f"log {sock.with_suffix('.log')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fastvideo.jobs import engine
+from fastvideo.jobs import engine, worker_client
 from fastvideo.jobs.options import EngineOptions
 from fastvideo.jobs.worker_client import (
     WorkerSpec,
@@ -62,6 +62,13 @@ def test_options_reach_the_worker(worker_dir: Path, tiny_wan_path: Path) -> None
     other = _spec(tiny_wan_path)
     assert describe_worker(other)["pid"] != info["pid"]
     assert describe_worker(spec)["pid"] == info["pid"]
+    # `python -m fastvideo.jobs.worker_client stop` frees the node.
+    assert len(running_workers()) == 2
+    worker_client.main(["stop"])
+    deadline = time.monotonic() + 30
+    while running_workers():
+        assert time.monotonic() < deadline, running_workers()
+        time.sleep(0.2)
 
 
 def test_windows_share_one_model_load_and_equal_inprocess(

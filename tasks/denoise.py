@@ -21,6 +21,7 @@ import json
 import subprocess
 import sys
 from collections import deque
+from pathlib import Path
 
 from prefect import task
 from prefect.runtime import task_run
@@ -39,7 +40,7 @@ from fastvideo.jobs.engine import pipeline_for, stage_lock
 from fastvideo.jobs.item_stages import DENOISE, denoise_inputs, denoise_item, denoise_result
 from fastvideo.jobs.items import ItemResult, RunContext, Shard
 from fastvideo.jobs.worker_client import WorkerSpec, call_worker
-from fastvideo.storage import ArtifactStore, ObjectNotFoundError, retry_io
+from fastvideo.storage import ArtifactStore, ObjectNotFoundError, model_fingerprint, retry_io
 from tasks.common import (
     finish_shard,
     get_store,
@@ -107,7 +108,8 @@ def execute_on_worker(job: DenoiseJob, dispatch: Dispatch, on_progress: Progress
     args = job.engine_args()
     gpu = index % dispatch.nproc_per_node if dispatch.nproc_per_node > 1 else None
     spec = WorkerSpec(model_path=job.model_path, device=args.device, dtype=args.dtype,
-                      options=job.options, gpu_index=gpu)
+                      options=job.options, gpu_index=gpu,
+                      model_fingerprint=model_fingerprint(Path(job.model_path)))
 
     def on_event(event: dict) -> None:
         on_progress(event["item_id"], event["step"], event["total"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -20,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
 from prefect.states import Failed, State
 
+from fastvideo.jobs.engine import with_fingerprint
 from fastvideo.jobs.item_stages import STAGES
 from fastvideo.jobs.items import (
     RunContext,
@@ -33,7 +35,7 @@ from fastvideo.jobs.items import (
 from fastvideo.jobs.options import EngineOptions
 from fastvideo.jobs.shard_runner import ShardResults
 from fastvideo.jobs.worker_client import WorkerSpec, call_worker
-from fastvideo.storage import ObjectNotFoundError, retry_io
+from fastvideo.storage import ObjectNotFoundError, model_fingerprint, retry_io
 from tasks.common import (
     get_store,
     retry_on_store_unavailable,
@@ -47,15 +49,18 @@ SHARD_TASK = "generate-shard"
 
 
 def worker_spec(ctx: RunContext, dispatch: Dispatch, shard_index: int = 0) -> WorkerSpec:
-    """The warm worker a shard goes to: with N GPUs per node, replica `index % N`."""
+    """The warm worker a shard goes to (`ctx` fingerprinted on this node): with N GPUs per
+    node, replica `index % N`."""
     return worker_spec_for(ctx.model_path, ctx.device, ctx.dtype, ctx.options, dispatch,
-                           shard_index)
+                           shard_index, ctx.model_fingerprint)
 
 
 def worker_spec_for(model_path: str, device: str, dtype: str, options: EngineOptions,
-                    dispatch: Dispatch, shard_index: int = 0) -> WorkerSpec:
+                    dispatch: Dispatch, shard_index: int = 0,
+                    fingerprint: str | None = None) -> WorkerSpec:
     gpu = shard_index % dispatch.nproc_per_node if dispatch.nproc_per_node > 1 else None
     return WorkerSpec(model_path=model_path, device=device, dtype=dtype, options=options,
+                      model_fingerprint=fingerprint or model_fingerprint(Path(model_path)),
                       gpu_index=gpu)
 
 
@@ -82,6 +87,7 @@ def run_on_worker(ctx: RunContext, shard: Shard, dispatch: Dispatch) -> ShardRes
             logger.info("%s item %s: %.3f s -> %s", event["stage"], result.item_id,
                         result.seconds, result.ref.uri)
 
+    ctx = with_fingerprint(ctx)  # here: this node runs the stages and sees the model
     spec = worker_spec(ctx, dispatch, shard.index)
     payload = call_worker(spec, {"kind": "shard", "ctx": to_jsonable(ctx),
                                  "shard": to_jsonable(shard)}, on_event,

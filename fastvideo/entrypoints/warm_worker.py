@@ -124,9 +124,10 @@ class WarmWorker:
     def _context(self, doc: dict[str, Any]) -> RunContext:
         """The request's run context, on this worker's device (its model and options)."""
         ctx = run_context_from_dict(doc)
-        if (ctx.model_path, ctx.options) != (self.spec.model_path, self.spec.options):
-            raise ValueError(f"this worker serves {self.spec.model_path} with {self.spec.options}"
-                             f", not {ctx.model_path} with {ctx.options}")
+        mine = (self.spec.model_path, self.spec.model_fingerprint, self.spec.options)
+        if (ctx.model_path, ctx.model_fingerprint, ctx.options) != mine:
+            raise ValueError(f"this worker serves {mine}, not {ctx.model_path} "
+                             f"({ctx.model_fingerprint}) with {ctx.options}")
         return replace(ctx, device=self.spec.device, dtype=self.spec.dtype,
                        denoise_device=self.spec.device, denoise_dtype=self.spec.dtype)
 

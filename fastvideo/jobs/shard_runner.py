@@ -87,7 +87,6 @@ class ShardRunner:
         self._uploads = ThreadPoolExecutor(1, thread_name_prefix="fastvideo-uploads") \
             if overlap else None
         self._stores: dict[str, ArtifactStore] = {}
-        self._negatives: dict[tuple[str, ...], ItemResult] = {}
         self.timeline = Timeline()
 
     def close(self) -> None:
@@ -117,12 +116,10 @@ class ShardRunner:
         return {stage: [_carry(results, stage) for results in per_item] for stage in STAGES}
 
     def _negative(self, ctx: RunContext) -> ItemResult:
-        key = (ctx.model_fingerprint, ctx.store_uri, ctx.negative_prompt,
-               str(ctx.max_sequence_length), ctx.device, ctx.dtype, repr(ctx.options))
-        if key not in self._negatives or not self._negatives[key].ok:
-            self._negatives[key] = _guarded(ENCODE_NEGATIVE, "negative", lambda: (
-                item_stages.encode_negative(ctx, self.store(ctx.store_uri))))
-        return self._negatives[key]
+        """The run's negative embedding, once per shard: computed the first time, then a
+        verified read (never remembered across shards: its checkpoint may be gone since)."""
+        return _guarded(ENCODE_NEGATIVE, "negative", lambda: item_stages.encode_negative(
+            ctx, self.store(ctx.store_uri)))
 
     def _front(self, ctx: RunContext, item: ItemSpec, negative: ItemResult | None, emit: Emit,
                cancelled: Callable[[], bool]) -> Future[dict[str, ItemResult]]:

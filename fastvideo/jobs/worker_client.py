@@ -49,6 +49,9 @@ class WorkerSpec:
     device: str
     dtype: str
     options: EngineOptions = EngineOptions()
+    model_fingerprint: str | None = None
+    """The model's fingerprint when the worker was asked for: a model replaced at the same
+    path gets a new worker, never the one holding the old weights."""
     gpu_index: int | None = None
     """The GPU this worker owns (CUDA_VISIBLE_DEVICES), for one replica per GPU."""
 

@@ -6,6 +6,7 @@ killed worker fails its shard in seconds while the rerun resumes mid-denoise.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -22,6 +23,7 @@ from fastvideo.jobs.worker_client import (
     ensure_worker,
     running_workers,
 )
+from fastvideo.storage import model_fingerprint
 from flows.bulk import bulk
 from tests.flows.helpers import (
     PROMPTS,
@@ -37,8 +39,10 @@ CHECKPOINT_EVERY = 2
 
 
 def _spec(model: Path, **options: Any) -> WorkerSpec:
+    """The spec of the worker a flow on this node uses for `model` and `options`."""
     return WorkerSpec(model_path=str(model.resolve()), device="cpu", dtype="float32",
-                      options=EngineOptions(**options))
+                      options=EngineOptions(**options),
+                      model_fingerprint=model_fingerprint(model.resolve()))
 
 
 def _bulk(dataset: Path, output: Path, model: Path, **options: Any):
@@ -154,3 +158,28 @@ def test_an_item_failing_on_the_worker_fails_alone(prefect_server, worker_dir: P
     assert "36" in rows["bad"]["error"]
     names = task_states(state.state_details.flow_run_id)
     assert [s for n, s in names.items() if n.startswith("generate-shard-")] == [["Failed"]]
+
+
+def test_a_long_lived_worker_remembers_nothing_stale(prefect_server, worker_dir: Path,
+                                                     tiny_wan_path: Path, tmp_path: Path) -> None:
+    dataset = write_dataset(tmp_path / "prompts.jsonl", [{"prompt": PROMPTS[0]}])
+    output = tmp_path / "out"
+    first = _bulk(dataset, output, tiny_wan_path, dispatch="worker", num_inference_steps=2)
+    assert first.is_completed(), first.message
+    (pid,) = running_workers()
+    # The output, with the run's shared negative embedding, is deleted between runs: the
+    # same worker makes everything again.
+    shutil.rmtree(output)
+    again = _bulk(dataset, output, tiny_wan_path, dispatch="worker", num_inference_steps=2)
+    assert again.is_completed(), again.message
+    assert list(running_workers()) == [pid]
+    # A model replaced at the same path is another model: a new worker serves it.
+    model = tmp_path / "model"
+    shutil.copytree(tiny_wan_path, model)
+    assert _bulk(dataset, tmp_path / "a", model, dispatch="worker",
+                 num_inference_steps=2).is_completed()
+    config = model / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace('"flow_shift": 3.0', '"flow_shift": 5.0'))
+    assert _bulk(dataset, tmp_path / "b", model, dispatch="worker",
+                 num_inference_steps=2).is_completed()
+    assert len(running_workers()) == 3

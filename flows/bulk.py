@@ -31,7 +31,7 @@ from flows.cli import (
     add_options,
     given_options,
     local_path,
-    prepare_environment,
+    prepared_environment,
     run_settings,
     start_worker_early,
     ui_hint,
@@ -208,11 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifact-key", help="key that versions the result artifacts")
     add_options(parser)
     args = parser.parse_args(argv)
-    prepare_environment()
     start_worker_early(bulk.fn, args.model_path, given_options(args))
-    state = bulk(dataset=args.dataset, output=args.output, model_path=args.model_path,
-                 training_data=args.training_data, artifact_key=args.artifact_key,
-                 **given_options(args), return_state=True)
+    with prepared_environment():
+        state = bulk(dataset=args.dataset, output=args.output, model_path=args.model_path,
+                     training_data=args.training_data, artifact_key=args.artifact_key,
+                     **given_options(args), return_state=True)
     summary = state.result(raise_on_failure=False)
     if isinstance(summary, dict):
         print(f"\nvideos:   {summary['output'].rstrip('/')}/videos/\n"

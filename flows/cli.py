@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -151,10 +152,26 @@ def worker_hint(options: dict[str, Any]) -> str | None:
             "frees the GPU now")
 
 
-def prepare_environment() -> None:
-    """Settings for a command-line run: no telemetry offline, patience for a slow start."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+@contextlib.contextmanager
+def prepared_environment() -> Iterator[None]:
+    """Settings for a command-line run, unless the environment sets them: no telemetry
+    offline, and patience for the embedded server's start on a busy machine (a warm
+    worker loading beside it). Prefect reads its settings when imported, so they are
+    applied as temporary settings (and in the environment, for subprocesses)."""
+    from prefect.settings import (
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    wanted = {PREFECT_SERVER_ANALYTICS_ENABLED: "false",
+              PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: "120"}
+    updates = {setting: value for setting, value in wanted.items()
+               if setting.name not in os.environ}
+    for setting, value in updates.items():
+        os.environ[setting.name] = value
+    with temporary_settings(updates=updates):
+        yield
 
 
 def local_path(uri: str) -> str:

@@ -14,7 +14,7 @@ import sys
 from prefect import flow
 from prefect.states import Completed, Failed, State
 
-from flows.cli import prepare_environment
+from flows.cli import prepared_environment
 from tasks.denoise import run_denoise_job_task
 
 
@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc-per-node", type=int, default=1)
     parser.add_argument("--sp-size", type=int, default=None)
     args = parser.parse_args(argv)
-    prepare_environment()
-    state = denoise_job(args.store, args.job_key, args.launcher, args.nproc_per_node,
-                        args.sp_size, return_state=True)
+    with prepared_environment():
+        state = denoise_job(args.store, args.job_key, args.launcher, args.nproc_per_node,
+                            args.sp_size, return_state=True)
     print(f"denoise job ended {state.name}: {state.message}")
     return 0 if state.is_completed() else 1
 

@@ -19,7 +19,7 @@ from flows.cli import (
     add_options,
     given_options,
     local_path,
-    prepare_environment,
+    prepared_environment,
     run_settings,
     start_worker_early,
     ui_hint,
@@ -106,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-path", required=True, help="Diffusers-format model folder")
     add_options(parser)
     args = parser.parse_args(argv)
-    prepare_environment()
     options = {k: v for k, v in given_options(args).items() if k not in ("shard_size", "concurrency")}
     start_worker_early(generate.fn, args.model_path, options)
-    state = generate(prompt=args.prompt, output=args.output, model_path=args.model_path,
-                     **options, return_state=True)
+    with prepared_environment():
+        state = generate(prompt=args.prompt, output=args.output, model_path=args.model_path,
+                         **options, return_state=True)
     row = state.result(raise_on_failure=False)
     if isinstance(row, dict) and row.get("video_uri"):
         print(f"\nvideo: {row['video_uri']}\ncheckpoints: {row['denoised_checkpoint_uri']} ...")

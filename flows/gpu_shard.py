@@ -19,7 +19,7 @@ from prefect.states import Completed, Failed, State
 from fastvideo.jobs.item_stages import STAGES
 from fastvideo.jobs.items import to_jsonable
 from fastvideo.storage import retry_io
-from flows.cli import prepare_environment
+from flows.cli import prepared_environment
 from tasks.common import get_store
 from tasks.dispatch import Dispatch
 from tasks.shard import read_shard_job, result_key, run_on_worker
@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc-per-node", type=int, default=1)
     parser.add_argument("--worker-idle-timeout-s", type=float, default=1800.0)
     args = parser.parse_args(argv)
-    prepare_environment()
-    state = gpu_shard(args.store, args.job_key, args.nproc_per_node,
-                      args.worker_idle_timeout_s, return_state=True)
+    with prepared_environment():
+        state = gpu_shard(args.store, args.job_key, args.nproc_per_node,
+                          args.worker_idle_timeout_s, return_state=True)
     print(f"gpu shard ended {state.name}: {state.message}")
     return 0 if state.is_completed() else 1
 

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# bench_bulk.py on one GPU machine of the device tool, in the calls its carry limit needs
+# (see benchmarks/gpu_wheels.md for the folders .gpu1-.gpu3). One call per step, each
+# within 30 s of the last (the machine, /tmp/site and the checkpoint go when it idles):
+#
+#   bash benchmarks/gpu_bench_bulk.sh diffusers   # carry .gpu1: wheels, checkpoint, baseline
+#   bash benchmarks/gpu_bench_bulk.sh carry       # carry .gpu2: the CUTLASS compiler, part 1
+#   bash benchmarks/gpu_bench_bulk.sh dense       # carry .gpu3: Prefect, compiler part 2; dense+fresh
+#   bash benchmarks/gpu_bench_bulk.sh sta         # nothing carried
+#
+# Results go to $OUT (bench_<step>.json, the flow and worker logs).
+set -uo pipefail
+step=$1
+export PYTHONPATH=/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/site:$PWD
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
+install() {  # --upgrade: the compiler wheel writes into a folder an earlier wheel made
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$@"
+}
+bench() {
+    python3 benchmarks/bench_bulk.py --model-path /tmp/wan --num-prompts 6 --workdir /tmp/bench \
+        "$@" 2>&1 | grep -v -i warn | tail -40
+    cp /tmp/bench/*.log "$OUT"/ 2>/dev/null
+    for log in /tmp/bench/workers-*/*.log; do cp "$log" "$OUT/worker-$(basename "$(dirname "$log")").log"; done 2>/dev/null
+}
+case $step in
+diffusers)
+    install .gpu1/*.whl || exit 1
+    nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv
+    python3 benchmarks/make_random_wan.py --output /tmp/wan --device cuda \
+        --json-out "$OUT/build.json" 2>&1 | grep -v -i warn | tail -6
+    bench --phases diffusers --json-out "$OUT/bench_diffusers.json" ;;
+carry)
+    mkdir -p /tmp/cu && cp .gpu2/cu13.part.a /tmp/cu/ && ls -la /tmp/cu ;;
+dense)
+    cat /tmp/cu/cu13.part.a .gpu3/cu13.part.b \
+        > /tmp/cu/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
+    install .gpu3/*.whl /tmp/cu/*.whl || exit 1
+    reason=$(python3 -c "from fastvideo.attention.backends.flash_cute import cute_unavailable_reason as r; print(r('cuda'))" 2>&1 | tail -1)
+    echo "CuTe kernels: ${reason}"
+    [ "$reason" = "None" ] || { echo "the CuTe kernels cannot run: not benchmarking"; exit 1; }
+    bench --phases dense,fresh --json-out "$OUT/bench_dense.json" ;;
+sta)
+    bench --phases sta --json-out "$OUT/bench_sta.json" ;;
+*)
+    echo "usage: $0 diffusers|carry|dense|sta" >&2; exit 2 ;;
+esac

@@ -24,15 +24,15 @@ from pathlib import Path
 
 import torch
 
-from fastvideo.entrypoints.denoise_worker import (
+from fastvideo.fastvideo_args import FastVideoArgs
+from fastvideo.jobs.denoise import (
     DenoiseItem,
     DenoiseJob,
     DenoiseOutcome,
     result_key,
     run_denoise_job,
 )
-from fastvideo.entrypoints.video_generator import build_pipeline_for_stages
-from fastvideo.fastvideo_args import FastVideoArgs
+from fastvideo.pipelines.builder import build_pipeline_for_stages
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
 from fastvideo.storage import CheckpointRef, open_store, read_checkpoint, write_checkpoint
 from fastvideo.testing.tiny_wan import make_tiny_wan

@@ -27,12 +27,12 @@ from prefect import task
 from prefect.runtime import task_run
 from prefect.states import State
 
-from fastvideo.entrypoints.denoise_worker import (
+from fastvideo.entrypoints.denoise_worker import parse_progress
+from fastvideo.jobs.denoise import (
     DENOISING_STAGE,
     DenoiseJob,
     DenoiseOutcome,
     ProgressCallback,
-    parse_progress,
     result_key,
     run_denoise_job,
 )

@@ -7,10 +7,10 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from fastvideo.entrypoints.video_generator import check_device_available
 from fastvideo.fastvideo_args import FastVideoArgs, SamplingParam
 from fastvideo.jobs.items import RunContext
 from fastvideo.jobs.options import EngineOptions
+from fastvideo.pipelines.builder import check_device_available
 from fastvideo.storage import model_fingerprint
 from tasks.dispatch import Dispatch
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,10 +11,9 @@ from typing import Any
 import torch
 
 from fastvideo.fastvideo_args import FastVideoArgs, SamplingParam
-from fastvideo.models.loader.component_loader import read_model_index
+from fastvideo.pipelines.builder import build_pipeline
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
-from fastvideo.pipelines.pipeline_registry import get_pipeline_class
 from fastvideo.utils.video_io import video_file_name, write_mp4
 
 logger = logging.getLogger(__name__)
@@ -34,38 +32,6 @@ class GenerationResult:
     video_path: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per stage (shared by all videos generated in the same call)."""
-
-
-def check_device_available(device: str) -> None:
-    """Fail before loading anything when a CUDA device is asked for on a machine without one."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was requested but this machine has no usable CUDA "
-                         "GPU (torch.cuda.is_available() is False); use device='cpu'")
-
-
-def build_pipeline(fastvideo_args: FastVideoArgs, modules: dict[str, Any] | None = None,
-                   required_modules: Iterable[str] | None = None) -> ComposedPipelineBase:
-    """Instantiate the pipeline named by the args or by `model_index.json`.
-
-    `required_modules` (default: all) are the modules to load; see `ComposedPipelineBase`.
-    """
-    check_device_available(fastvideo_args.device)
-    name = fastvideo_args.pipeline_name or read_model_index(fastvideo_args.model_path)["_class_name"]
-    return get_pipeline_class(name)(fastvideo_args.model_path, fastvideo_args, modules=modules,
-                                    required_modules=required_modules)
-
-
-def build_pipeline_for_stages(fastvideo_args: FastVideoArgs, stage_names: Iterable[str],
-                              modules: dict[str, Any] | None = None) -> ComposedPipelineBase:
-    """A pipeline that loads only the modules the named stages use (of `modules`, the
-    already loaded ones, it takes those).
-
-    Which modules those are, a first build without any (model configs only, milliseconds)
-    tells, so this works for any pipeline's stages.
-    """
-    needed = build_pipeline(fastvideo_args, required_modules=()).stage_modules(stage_names)
-    given = {name: module for name, module in (modules or {}).items() if name in needed}
-    return build_pipeline(fastvideo_args, modules=given, required_modules=needed)
 
 
 class VideoGenerator:

@@ -36,13 +36,13 @@ from typing import Any
 
 import torch
 
-from fastvideo.entrypoints.denoise_worker import (
+from fastvideo.jobs import engine
+from fastvideo.jobs.denoise import (
     DENOISING_STAGE,
     DenoiseJob,
     DenoiseOutcome,
     run_denoise_job,
 )
-from fastvideo.jobs import engine
 from fastvideo.jobs.items import (
     RunContext,
     run_context_from_dict,
@@ -90,7 +90,7 @@ class WarmWorker:
         """Every module of the model, once: each request's stages reuse them."""
         if self.spec.device.startswith("cuda"):
             torch.cuda.set_device(self.spec.device if ":" in self.spec.device else 0)
-        from fastvideo.entrypoints.video_generator import build_pipeline
+        from fastvideo.pipelines.builder import build_pipeline
 
         args = self.spec.options.to_args(self.spec.model_path, self.spec.device, self.spec.dtype)
         stages = list(build_pipeline(args, required_modules=()).stages)

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from fastvideo.entrypoints.video_generator import build_pipeline_for_stages
 from fastvideo.jobs.items import RunContext
 from fastvideo.jobs.options import EngineOptions
+from fastvideo.pipelines.builder import build_pipeline_for_stages
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase, UnloadedModule
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
 from fastvideo.storage import model_fingerprint

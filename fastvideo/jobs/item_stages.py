@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fastvideo.entrypoints.denoise_worker import DenoiseItem, DenoiseOutcome
+from fastvideo.jobs.denoise import DenoiseItem, DenoiseOutcome
 from fastvideo.jobs.engine import run_stages
 from fastvideo.jobs.items import ItemResult, ItemSpec, RunContext, combined_digest, failure
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch

@@ -27,14 +27,14 @@ from typing import Any, TypeVar
 
 import torch
 
-from fastvideo.entrypoints.denoise_worker import (
+from fastvideo.jobs import item_stages
+from fastvideo.jobs.denoise import (
     DENOISING_STAGE,
     Denoised,
     DenoiseItem,
     DenoiseOutcome,
     ItemRunner,
 )
-from fastvideo.jobs import item_stages
 from fastvideo.jobs.engine import get_pipeline, stage_lock, with_fingerprint
 from fastvideo.jobs.item_stages import (
     DECODE,

@@ -43,7 +43,7 @@ def worker_main(rank: int, world_size: int, master_port: int, fastvideo_args: Fa
                 conn: Connection, parent_pid: int) -> None:
     threading.Thread(target=_exit_when_parent_dies, args=(parent_pid,), daemon=True).start()
     from fastvideo.distributed import parallel_state as ps
-    from fastvideo.entrypoints.video_generator import build_pipeline
+    from fastvideo.pipelines.builder import build_pipeline
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from fastvideo.entrypoints.denoise_worker import DenoiseJob
 from fastvideo.fastvideo_args import SamplingParam
+from fastvideo.jobs.denoise import DenoiseJob
 from fastvideo.jobs.item_stages import (
     DECODE,
     DENOISE,

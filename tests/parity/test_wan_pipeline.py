@@ -74,8 +74,8 @@ def test_batched_guidance_equals_two_forwards(tiny_wan_path) -> None:
 def test_guidance_texts_of_different_lengths_run_as_two_forwards(tiny_wan_path) -> None:
     """Embeddings that cannot be stacked (here the negative cut to 8 tokens) fall back to
     two forwards per step, with the result of `batch_cfg=False`."""
-    from fastvideo.entrypoints.video_generator import build_pipeline
     from fastvideo.fastvideo_args import FastVideoArgs
+    from fastvideo.pipelines.builder import build_pipeline
     from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
 
     pipeline = build_pipeline(FastVideoArgs(model_path=str(tiny_wan_path), device="cpu"))

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastvideo.entrypoints.video_generator import build_pipeline, build_pipeline_for_stages
 from fastvideo.fastvideo_args import FastVideoArgs
+from fastvideo.pipelines.builder import build_pipeline, build_pipeline_for_stages
 from fastvideo.pipelines.composed_pipeline_base import ModuleNotLoadedError, UnloadedModule
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
 

@@ -150,10 +150,3 @@ def generate_shard(shard: Shard, ctx: RunContext, dispatch: Dispatch) -> ShardRe
                               f"{failed[0].item_id} in {failed[0].failed_stage}: "
                               f"{failed[0].error}", data=results)
     return results
-
-
-def shard_failure(shard: Shard, error: str) -> ShardResults:
-    """Every item of `shard` failed in its first stage with `error`."""
-    return {stage: [failure(i.item_id, STAGES[0], error) for i in shard.items]
-            for stage in STAGES}
-

@@ -227,18 +227,6 @@ def running_workers(folder: Path | None = None) -> dict[int, Path]:
     return alive
 
 
-def stop_worker(spec: WorkerSpec) -> bool:
-    """Ask the worker serving `spec` to exit; False if none was running."""
-    sock = _connect(_paths(spec)[0])
-    if sock is None:
-        return False
-    with contextlib.closing(sock):
-        sock.sendall(b'{"kind": "shutdown"}\n')
-        for _ in _events(sock):
-            pass
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

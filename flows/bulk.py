@@ -17,7 +17,6 @@ import argparse
 import re
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from prefect import flow
@@ -26,7 +25,6 @@ from prefect.states import Completed, Failed, State
 
 from fastvideo.fastvideo_args import SamplingParam
 from fastvideo.jobs.item_stages import DENOISE, ENCODE_TEXT
-from fastvideo.jobs.items import ItemResult, RunContext, Shard
 from flows.cli import (
     add_options,
     given_options,
@@ -37,9 +35,8 @@ from flows.cli import (
     ui_hint,
     worker_hint,
 )
-from flows.pipeline import encode_negative, process_remote, process_window
+from flows.pipeline import run_shards
 from tasks.dataset import make_shards, plan_items
-from tasks.dispatch import Dispatch
 from tasks.manifest import FAILED, failed_row, shard_rows, write_manifest, write_training_data
 from tasks.prepare import prepare_run
 from tasks.reporting import DatasetProgress, publish_results
@@ -162,7 +159,7 @@ def bulk(
     progress = DatasetProgress(total=plan.num_rows, done=len(rows),
                                description=f"Items of {dataset} done")
     last_manifest = time.monotonic()
-    for shard, results in _results(make_shards(plan.items, shard_size), ctx, run, concurrency):
+    for shard, results in run_shards(make_shards(plan.items, shard_size), ctx, run, concurrency):
         rows += shard_rows(shard, results, flow_run.id)
         if training_data:
             write_training_data(shard, ctx, results[ENCODE_TEXT], results[DENOISE])
@@ -181,20 +178,6 @@ def bulk(
         return Failed(message=f"{failed} of {len(rows)} items failed; see {manifest_uri}",
                       data=summary)
     return Completed(message=f"{len(rows)} items succeeded", data=summary)
-
-
-def _results(shards: list[Shard], ctx: RunContext, run: Dispatch, concurrency: int
-             ) -> Iterator[tuple[Shard, dict[str, list[ItemResult]]]]:
-    """Each shard with its results per stage, as they finish."""
-    if run.remote_stages:
-        yield from process_remote(shards, ctx, run, concurrency)
-        return
-    negative = encode_negative(ctx)
-    for first in range(0, len(shards), max(concurrency, 1)):
-        window = shards[first:first + max(concurrency, 1)]
-        results = process_window(window, ctx, negative, run)
-        for i, shard in enumerate(window):
-            yield shard, {stage: r[i] for stage, r in results.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from flows.cli import (
     ui_hint,
     worker_hint,
 )
-from flows.pipeline import encode_negative, process_remote, process_window
+from flows.pipeline import run_shards
 from tasks.dataset import parse_rows
 from tasks.manifest import SUCCEEDED, shard_rows
 from tasks.prepare import prepare_run
@@ -86,11 +86,7 @@ def generate(
                       denoise_device=denoise_device, denoise_dtype=denoise_dtype,
                       dispatch=run, options=options)
     shard = Shard(index=0, items=tuple(items))
-    if run.remote_stages:
-        ((_, by_stage),) = process_remote([shard], ctx, run, concurrency=1)
-    else:
-        results = process_window([shard], ctx, encode_negative(ctx), run)
-        by_stage = {stage: r[0] for stage, r in results.items()}
+    ((_, by_stage),) = run_shards([shard], ctx, run, concurrency=1)
     row = shard_rows(shard, by_stage, flow_run.id)[0]
     if row["status"] != SUCCEEDED:
         return Failed(message=f"{row['failed_stage']}: {row['error']}", data=row)

@@ -140,3 +140,18 @@ def process_remote(shards: list[Shard], ctx: RunContext, dispatch: Dispatch, con
         if following is not None:
             in_flight.append((following, generate_shard.submit(following, ctx, dispatch)))
         yield shard, results
+
+
+def run_shards(shards: list[Shard], ctx: RunContext, dispatch: Dispatch, concurrency: int
+               ) -> Iterator[tuple[Shard, dict[str, list[ItemResult]]]]:
+    """Each shard with its results per stage, as they finish: whole shards on a warm worker
+    (placement `all`), else stage by stage over windows of `concurrency` shards."""
+    if dispatch.remote_stages:
+        yield from process_remote(shards, ctx, dispatch, concurrency)
+        return
+    negative = encode_negative(ctx)
+    for first in range(0, len(shards), max(concurrency, 1)):
+        window = shards[first:first + max(concurrency, 1)]
+        results = process_window(window, ctx, negative, dispatch)
+        for i, shard in enumerate(window):
+            yield shard, {stage: r[i] for stage, r in results.items()}

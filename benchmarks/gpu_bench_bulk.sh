@@ -8,6 +8,9 @@
 #   bash benchmarks/gpu_bench_bulk.sh dense       # carry .gpu3: Prefect, compiler part 2; dense+fresh
 #   bash benchmarks/gpu_bench_bulk.sh sta         # nothing carried
 #
+# `prepare` instead of `diffusers` installs and builds the checkpoint without the baseline
+# (for a machine lost mid-way, when the session's baseline is already measured).
+#
 # Results go to $OUT (bench_<step>.json, the flow and worker logs).
 set -uo pipefail
 step=$1
@@ -24,12 +27,12 @@ bench() {
     for log in /tmp/bench/workers-*/*.log; do cp "$log" "$OUT/worker-$(basename "$(dirname "$log")").log"; done 2>/dev/null
 }
 case $step in
-diffusers)
+diffusers|prepare)
     install .gpu1/*.whl || exit 1
     nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv
     python3 benchmarks/make_random_wan.py --output /tmp/wan --device cuda \
         --json-out "$OUT/build.json" 2>&1 | grep -v -i warn | tail -6
-    bench --phases diffusers --json-out "$OUT/bench_diffusers.json" ;;
+    [ "$step" = prepare ] || bench --phases diffusers --json-out "$OUT/bench_diffusers.json" ;;
 carry)
     mkdir -p /tmp/cu && cp .gpu2/cu13.part.a /tmp/cu/ && ls -la /tmp/cu ;;
 dense)
@@ -43,5 +46,5 @@ dense)
 sta)
     bench --phases sta --json-out "$OUT/bench_sta.json" ;;
 *)
-    echo "usage: $0 diffusers|carry|dense|sta" >&2; exit 2 ;;
+    echo "usage: $0 diffusers|prepare|carry|dense|sta" >&2; exit 2 ;;
 esac

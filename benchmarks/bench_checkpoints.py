@@ -27,7 +27,7 @@ import torch
 # Run as a script from anywhere: `tests.s3_server` lives at the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch  # noqa: E402
+from fastvideo.forward_batch import ForwardBatch  # noqa: E402
 from fastvideo.storage import ArtifactStore, open_store, read_checkpoint, write_checkpoint  # noqa: E402
 from tests.s3_server import S3Server  # noqa: E402
 

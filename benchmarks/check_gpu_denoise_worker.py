@@ -33,7 +33,7 @@ from fastvideo.jobs.denoise import (
     run_denoise_job,
 )
 from fastvideo.pipelines.builder import build_pipeline_for_stages
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.forward_batch import ForwardBatch
 from fastvideo.storage import CheckpointRef, open_store, read_checkpoint, write_checkpoint
 from fastvideo.testing.tiny_wan import make_tiny_wan
 

@@ -63,7 +63,7 @@ class FastVideoArgs:
     AOTAutograd + Triton); None: PyTorch's default, a folder under /tmp. Only used with
     enable_torch_compile."""
     sta_config: str | None = None
-    """JSON of sliding tile attention windows (`python -m fastvideo.attention.sta_search`);
+    """JSON of sliding tile attention windows (`python -m fastvideo.entrypoints.sta_search`);
     setting it selects the SLIDING_TILE_ATTN backend when `attention_backend` is unset."""
     batch_cfg: bool = True
     """Run each guidance step's conditional and unconditional forwards as one batch of 2,
@@ -91,7 +91,7 @@ class FastVideoArgs:
                                  f"attention_backend={self.attention_backend!r}; drop one of them")
             if not Path(self.sta_config).is_file():
                 raise ValueError(f"sta_config {self.sta_config!r} is not a file (write one with "
-                                 "python -m fastvideo.attention.sta_search)")
+                                 "python -m fastvideo.entrypoints.sta_search)")
         if self.dtype is None:
             self.dtype = "float32" if self.device == "cpu" else "bfloat16"
         parse_dtype(self.dtype)

@@ -124,7 +124,7 @@ def bulk(
         attention_backend: the DiT's attention backend by name (default: each layer's
             fastest on the device).
         sta_config: sliding tile attention windows, a JSON file on this machine (from
-            `python -m fastvideo.attention.sta_search`); selects SLIDING_TILE_ATTN.
+            `python -m fastvideo.entrypoints.sta_search`); selects SLIDING_TILE_ATTN.
         enable_torch_compile: compile the DiT's blocks (paid once per warm worker and
             video shape; see compile_cache_dir).
         batch_cfg: guidance's two DiT forwards as one batch of 2 (False: two forwards).

@@ -76,7 +76,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                              "(default: each layer's fastest here)")
     engine.add_argument("--sta-config", metavar="FILE",
                         help="sliding tile attention windows (JSON from python -m "
-                             "fastvideo.attention.sta_search); selects SLIDING_TILE_ATTN")
+                             "fastvideo.entrypoints.sta_search); selects SLIDING_TILE_ATTN")
     engine.add_argument("--compile", "--enable-torch-compile", dest="enable_torch_compile",
                         action="store_true", default=None,
                         help="compile the DiT's blocks with torch.compile (pays off from the "

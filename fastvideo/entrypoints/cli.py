@@ -47,7 +47,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="TORCH_SDPA, FLASH_ATTN or SLIDING_TILE_ATTN (default: per layer)")
     engine.add_argument("--sta-config", default=None,
                         help="sliding tile attention windows (JSON from "
-                             "python -m fastvideo.attention.sta_search); selects that backend")
+                             "python -m fastvideo.entrypoints.sta_search); selects that backend")
     engine.add_argument("--enable-torch-compile", action="store_true", default=None,
                         help="compile the DiT's blocks (first video of each shape is slower)")
     engine.add_argument("--no-batch-cfg", dest="batch_cfg", action="store_false", default=None,

@@ -13,7 +13,7 @@ import torch
 from fastvideo.fastvideo_args import FastVideoArgs, SamplingParam
 from fastvideo.pipelines.builder import build_pipeline
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.forward_batch import ForwardBatch
 from fastvideo.utils.video_io import video_file_name, write_mp4
 
 logger = logging.getLogger(__name__)

@@ -58,7 +58,7 @@ from fastvideo.distributed import (
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.jobs.options import EngineOptions
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.forward_batch import ForwardBatch
 from fastvideo.storage import (
     ArtifactStore,
     CheckpointRef,

@@ -27,7 +27,7 @@ from fastvideo.jobs.items import RunContext
 from fastvideo.jobs.options import EngineOptions
 from fastvideo.pipelines.builder import build_pipeline_for_stages
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase, UnloadedModule
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.forward_batch import ForwardBatch
 from fastvideo.storage import model_fingerprint
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import torch
 from fastvideo.jobs.denoise import DenoiseItem, DenoiseOutcome
 from fastvideo.jobs.engine import run_stages
 from fastvideo.jobs.items import ItemResult, ItemSpec, RunContext, combined_digest, failure
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.forward_batch import ForwardBatch
 from fastvideo.storage import (
     ArtifactStore,
     CheckpointRef,

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fastvideo.jobs.options import EngineOptions
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.forward_batch import ForwardBatch
 from fastvideo.storage import CheckpointRef
 
 # The per-item sampling options a dataset row may override (named as SamplingParam's).

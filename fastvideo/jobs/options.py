@@ -74,7 +74,7 @@ class EngineOptions:
             path = Path(sta_config_path)
             if not path.is_file():
                 raise ValueError(f"sta_config {sta_config_path!r} is not a file (write one with "
-                                 "python -m fastvideo.attention.sta_search)")
+                                 "python -m fastvideo.entrypoints.sta_search)")
             text = path.read_text()
         return cls(sta_config=text, **options)
 

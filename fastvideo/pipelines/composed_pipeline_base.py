@@ -14,7 +14,7 @@ import torch
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.models.loader.component_loader import load_component, read_json, read_model_index
 from fastvideo.models.registry import resolve_model
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.forward_batch import ForwardBatch
 from fastvideo.pipelines.stages.base import PipelineStage
 
 logger = logging.getLogger(__name__)

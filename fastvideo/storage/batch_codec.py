@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 from safetensors.torch import load as load_safetensors
 
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.forward_batch import ForwardBatch
 
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_COLUMN = "schema_version"

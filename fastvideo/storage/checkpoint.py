@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.forward_batch import ForwardBatch
 from fastvideo.storage.base import ArtifactStore, check_key
 from fastvideo.storage.batch_codec import SCHEMA_VERSION, EncodedBatch, decode_batch, encode_batch
 from fastvideo.storage.errors import (

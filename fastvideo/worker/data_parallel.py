@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from fastvideo.pipelines.pipeline_batch_info import NOISE_ROWS_KEY, ForwardBatch
+from fastvideo.forward_batch import NOISE_ROWS_KEY, ForwardBatch
 
 PER_ITEM_LISTS = ("prompt", "negative_prompt")
 """List fields with one entry per item (when their length is the batch size)."""

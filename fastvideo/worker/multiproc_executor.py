@@ -21,7 +21,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from fastvideo.fastvideo_args import FastVideoArgs
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.forward_batch import ForwardBatch
 from fastvideo.worker.data_parallel import item_ranges, merge_batches, split_batch
 from fastvideo.worker.worker_process import READY, SHUTDOWN, worker_main
 

@@ -17,7 +17,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from fastvideo.fastvideo_args import FastVideoArgs
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.forward_batch import ForwardBatch
 
 READY = "ready"
 SHUTDOWN = "shutdown"

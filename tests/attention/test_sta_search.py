@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastvideo.attention import sta_search
+from fastvideo.entrypoints import sta_search
 from fastvideo.attention.sta_config import STAConfig
-from fastvideo.attention.sta_search import main, search_windows
+from fastvideo.entrypoints.sta_search import main, search_windows
 from fastvideo.models.dits.wanvideo import WanTransformer3DModel
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

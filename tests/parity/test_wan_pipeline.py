@@ -76,7 +76,7 @@ def test_guidance_texts_of_different_lengths_run_as_two_forwards(tiny_wan_path) 
     two forwards per step, with the result of `batch_cfg=False`."""
     from fastvideo.fastvideo_args import FastVideoArgs
     from fastvideo.pipelines.builder import build_pipeline
-    from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+    from fastvideo.forward_batch import ForwardBatch
 
     pipeline = build_pipeline(FastVideoArgs(model_path=str(tiny_wan_path), device="cpu"))
     args = pipeline.fastvideo_args

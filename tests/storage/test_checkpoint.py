@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.forward_batch import ForwardBatch
 from fastvideo.storage import (
     CheckpointNotFoundError,
     CheckpointRef,

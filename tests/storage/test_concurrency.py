@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.forward_batch import ForwardBatch
 from fastvideo.storage import (
     CorruptCheckpointError,
     LocalStore,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.forward_batch import ForwardBatch
 from fastvideo.storage import (
     CorruptCheckpointError,
     ObjectNotFoundError,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastvideo.fastvideo_args import FastVideoArgs
-from fastvideo.pipelines.pipeline_batch_info import NOISE_ROWS_KEY, ForwardBatch
+from fastvideo.forward_batch import NOISE_ROWS_KEY, ForwardBatch
 from fastvideo.pipelines.stages.geometry import LatentGeometry
 from fastvideo.pipelines.stages.latent_preparation import LatentPreparationStage
 from fastvideo.worker.data_parallel import item_ranges, merge_batches, split_batch

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from fastvideo.fastvideo_args import FastVideoArgs, SamplingParam
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.forward_batch import ForwardBatch
 from fastvideo.pipelines.stages import InputValidationStage, LatentGeometry
 
 # Factors of a real Wan2.1 checkpoint: VAE 8x spatial, 4x temporal; DiT patch (1, 2, 2).

@@ -10,7 +10,7 @@ import torch
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.pipelines.builder import build_pipeline, build_pipeline_for_stages
 from fastvideo.pipelines.composed_pipeline_base import ModuleNotLoadedError, UnloadedModule
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.forward_batch import ForwardBatch
 
 
 @pytest.fixture(scope="module")

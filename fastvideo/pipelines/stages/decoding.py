@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from fastvideo.fastvideo_args import FastVideoArgs
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.forward_batch import ForwardBatch
 from fastvideo.pipelines.stages.base import PipelineStage
 
 

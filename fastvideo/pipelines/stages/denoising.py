@@ -12,7 +12,7 @@ from fastvideo.attention.sta_config import STAConfig
 from fastvideo.attention.sta_context import sta_context
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.models.schedulers.state import get_scheduler_state, load_scheduler_state
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.forward_batch import ForwardBatch
 from fastvideo.pipelines.stages.base import PipelineStage
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastvideo.fastvideo_args import FastVideoArgs
-from fastvideo.pipelines.pipeline_batch_info import NOISE_ROWS_KEY, ForwardBatch
+from fastvideo.forward_batch import NOISE_ROWS_KEY, ForwardBatch
 from fastvideo.pipelines.stages.base import PipelineStage
 from fastvideo.pipelines.stages.geometry import LatentGeometry
 

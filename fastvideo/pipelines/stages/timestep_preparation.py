@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastvideo.fastvideo_args import FastVideoArgs
-from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.forward_batch import ForwardBatch
 from fastvideo.pipelines.stages.base import PipelineStage
 
 

@@ -12,7 +12,7 @@ instance (layer index = its position among them; for Wan, the block index) with 
 attention (SDPA) that records, and reads the latent grid and the step from a forward
 pre-hook on the DiT (a step is a distinct timestep).
 
-    python -m fastvideo.attention.sta_search --model-path CKPT --prompt "a cat walks" \
+    python -m fastvideo.entrypoints.sta_search --model-path CKPT --prompt "a cat walks" \
         --candidates 3,3,3 5,3,5 5,4,7 --threshold 0.05 --num-full-steps 10 --output sta.json
 """
 
@@ -179,7 +179,7 @@ def _tile_arg(text: str) -> Window | str:
 
 
 def main(argv: Sequence[str] | None = None) -> STAConfig:
-    parser = argparse.ArgumentParser(prog="python -m fastvideo.attention.sta_search",
+    parser = argparse.ArgumentParser(prog="python -m fastvideo.entrypoints.sta_search",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--prompt", required=True)

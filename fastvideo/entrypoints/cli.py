@@ -10,6 +10,9 @@ from collections.abc import Sequence
 
 from fastvideo.fastvideo_args import FastVideoArgs, SamplingParam
 
+# `make-tiny-model --kind` -> `TinyWanConfig.kind`
+_TINY_KINDS = {"wan-t2v": "t2v", "wan-i2v": "i2v"}
+
 
 def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
     """One `--option-name` per dataclass field, typed from its default; help from the field."""
@@ -32,7 +35,10 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="prompt text; repeat for several videos")
     gen.add_argument("--output-path", required=True, help="folder for the mp4 files")
     gen.add_argument("--fps", type=int, default=16)
-    add_dataclass_options(gen, SamplingParam, skip=set())
+    gen.add_argument("--image", default=None,
+                     help="image-to-video models: the first frame of every video, a local "
+                          "path or a store URI (s3://bucket/a.png)")
+    add_dataclass_options(gen, SamplingParam, skip={"image"})
     engine = gen.add_argument_group("engine options")
     engine.add_argument("--device", default=None)
     engine.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16")
@@ -55,8 +61,11 @@ def _build_parser() -> argparse.ArgumentParser:
                              "the other instead of as one batch of 2 (half the activations)")
 
     tiny = sub.add_parser("make-tiny-model",
-                          help="write a tiny random-weight Wan2.1 T2V checkpoint (Diffusers format)")
+                          help="write a tiny random-weight Wan2.1 checkpoint (Diffusers format)")
     tiny.add_argument("--output", required=True, help="folder to write")
+    tiny.add_argument("--kind", choices=sorted(_TINY_KINDS), default="wan-t2v",
+                      help="wan-t2v: text-to-video (WanPipeline); wan-i2v: image-to-video "
+                           "(WanImageToVideoPipeline, with a CLIP image encoder)")
     tiny.add_argument("--scheduler", choices=["unipc", "euler"], default="unipc")
     tiny.add_argument("--seed", type=int, default=0)
     return parser
@@ -82,8 +91,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from fastvideo.testing.tiny_wan import TinyWanConfig, make_tiny_wan
 
-    path = make_tiny_wan(args.output, TinyWanConfig(scheduler=args.scheduler, seed=args.seed))
-    print(f"wrote a tiny Wan2.1 T2V checkpoint to {path}")
+    kind = _TINY_KINDS[args.kind]
+    path = make_tiny_wan(args.output,
+                         TinyWanConfig(kind=kind, scheduler=args.scheduler, seed=args.seed))
+    print(f"wrote a tiny Wan2.1 {kind.upper()} checkpoint to {path}")
     return 0
 
 

@@ -24,7 +24,8 @@ _LIBRARY_CLASSES: dict[str, frozenset[str]] = {
     "transformers": frozenset({
         "UMT5EncoderModel", "T5EncoderModel", "T5TokenizerFast", "T5Tokenizer",
         "AutoTokenizer", "CLIPTextModel", "CLIPTokenizer", "CLIPVisionModelWithProjection",
-        "CLIPImageProcessor",
+        # transformers without torchvision saves its CLIP processor under the Pil name.
+        "CLIPImageProcessor", "CLIPImageProcessorPil",
     }),
     "diffusers": frozenset({
         "AutoencoderKLWan", "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler",

@@ -96,7 +96,7 @@ def _load_fastvideo_model(entry: ModelEntry, folder: Path, device: str,
 def _load_library_component(entry: ModelEntry, folder: Path, device: str,
                             dtype: torch.dtype) -> Any:
     cls = entry.load_class()
-    if entry.class_name.endswith(("Tokenizer", "TokenizerFast", "Processor", "Scheduler")):
+    if not issubclass(cls, nn.Module):  # tokenizers, processors, schedulers: no weights
         return cls.from_pretrained(folder)
     # Fail on bad weight files with our message (naming the file) before the library tries.
     for path in find_weight_files(folder):

@@ -207,8 +207,14 @@ def run_flow(args: argparse.Namespace, name: str, prompts: list[str], options: l
     # compute is orchestration and checkpoints (store I/O, waiting for the next shard).
     starts = [e["start"] for e in gpu]
     cycles = [b - a for a, b in zip(starts[1:], starts[2:])] + [gpu[-1]["end"] - starts[-1]]
-    engine = [by_id[e["item_id"]]["text_seconds"] + by_id[e["item_id"]]["latents_seconds"]
-              + by_id[e["item_id"]]["denoised_seconds"] for e in gpu[1:]]
+    # The GPU lane's phases: those up to denoising, included (the worker reports them).
+    lane, denoise_column = [], None
+    for phase in info["phases"]:
+        lane.append(f"{phase['name'].replace('-', '_')}_seconds")
+        if phase["denoise"]:
+            denoise_column = lane[-1]
+            break
+    engine = [sum(by_id[e["item_id"]][c] for c in lane) for e in gpu[1:]]
     result = summarise(t0, post, cycles if len(gpu) > 1 else [], sampler,
                        starts[1] if len(gpu) > 1 else t0)
     if len(gpu) > 1:
@@ -221,7 +227,7 @@ def run_flow(args: argparse.Namespace, name: str, prompts: list[str], options: l
                   attention_backends=info["attention_backends"],
                   post_lane_s_per_video=round(statistics.mean(
                       e["end"] - e["start"] for e in info["timeline"] if e["lane"] == "post"), 2),
-                  denoise_s_per_video=[round(by_id[e["item_id"]]["denoised_seconds"], 2)
+                  denoise_s_per_video=[round(by_id[e["item_id"]][denoise_column], 2)
                                        for e in gpu],
                   gpu_lane_idle_s=_gpu_lane_idle(gpu),
                   timeline=[{**e, "start": round(e["start"] - t0, 3),

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fastvideo.fastvideo_args import FastVideoArgs
+from fastvideo.forward_batch import ForwardBatch
 from fastvideo.jobs.denoise import (
     DenoiseItem,
     DenoiseJob,
@@ -33,7 +34,6 @@ from fastvideo.jobs.denoise import (
     run_denoise_job,
 )
 from fastvideo.pipelines.builder import build_pipeline_for_stages
-from fastvideo.forward_batch import ForwardBatch
 from fastvideo.storage import CheckpointRef, open_store, read_checkpoint, write_checkpoint
 from fastvideo.testing.tiny_wan import make_tiny_wan
 

@@ -118,8 +118,12 @@ class SamplingParam:
     guidance_scale: float = 5.0
     seed: int = 0
     max_sequence_length: int = 512
+    image: str | None = None
+    """Image-to-video: the first frame, a local path or a store URI (s3://...)."""
 
     def __post_init__(self) -> None:
+        if self.image is not None and (not isinstance(self.image, str) or not self.image):
+            raise ValueError(f"image must be a path or URI string, got {self.image!r}")
         for name in ("height", "width", "num_frames", "max_sequence_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -137,3 +141,10 @@ class SamplingParam:
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def option_types(cls, kind: type) -> tuple[str, ...]:
+        """The options whose type is `kind` (`int`, `float`, `str`), optional or not."""
+        name = kind.__name__
+        return tuple(f.name for f in dataclasses.fields(cls)
+                     if str(f.type).split(" | ")[0] == name)

@@ -39,11 +39,24 @@ class ForwardBatch:
     guidance_scale: float = 5.0
     seed: int = 0
     max_sequence_length: int = 512
+    image: str | None = None
+    """Image-to-video: where the first frame comes from (a path or store URI)."""
     request_id: str | None = None
 
     # -- text encoding --
     prompt_embeds: torch.Tensor | None = None
     negative_prompt_embeds: torch.Tensor | None = None
+
+    # -- image-to-video conditioning (Wan2.1 I2V) --
+    image_pixels: torch.Tensor | None = None
+    """The first frame as loaded, `[H, W, 3]` uint8 RGB, one image for every item: read
+    from `image`, or set by a caller that was given a PIL image."""
+    image_embeds: torch.Tensor | None = None
+    """CLIP vision tokens of the image (the penultimate layer), `[B, tokens, image_dim]`."""
+    condition_latents: torch.Tensor | None = None
+    """The DiT's extra input channels, `[B, temporal_factor + C, T, H, W]` float32: a mask
+    (1 on the first latent frame) and the normalised latents of the image followed by
+    black frames; concatenated after the noisy latents on channels at every step."""
 
     # -- timesteps and latents --
     timesteps: torch.Tensor | None = None
@@ -75,8 +88,19 @@ class ForwardBatch:
 
     @classmethod
     def request_field_names(cls) -> tuple[str, ...]:
-        """The request's own fields: cheap scalars that every checkpoint keeps, so each
-        checkpoint says what it was made for."""
-        return ("prompt", "negative_prompt", "height", "width", "num_frames",
-                "num_inference_steps", "guidance_scale", "seed", "max_sequence_length",
-                "request_id")
+        """The request's own fields (`SamplingParam`'s, the prompt and the request id):
+        cheap values that every checkpoint keeps, so each checkpoint says what it was
+        made for."""
+        from fastvideo.fastvideo_args import SamplingParam
+
+        names = ("prompt", *SamplingParam.option_names(), "request_id")
+        missing = [n for n in names if n not in cls.field_names()]
+        if missing:  # the request schema is SamplingParam; the batch must carry all of it
+            raise TypeError(f"ForwardBatch has no field for request options {missing}")
+        return names
+
+    @classmethod
+    def list_field_names(cls) -> frozenset[str]:
+        """Fields that hold one value per item of the batch as a list (prompts)."""
+        return frozenset(f.name for f in dataclasses.fields(cls)
+                         if str(f.type).startswith("list["))

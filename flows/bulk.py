@@ -24,7 +24,6 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
 from fastvideo.fastvideo_args import SamplingParam
-from fastvideo.jobs.item_stages import DENOISE, ENCODE_TEXT
 from flows.cli import (
     add_options,
     given_options,
@@ -37,8 +36,8 @@ from flows.cli import (
 )
 from flows.pipeline import run_shards
 from tasks.dataset import make_shards, plan_items
-from tasks.manifest import FAILED, failed_row, shard_rows, write_manifest, write_training_data
-from tasks.prepare import prepare_run
+from tasks.manifest import FAILED, failed_row, shard_rows, write_manifest
+from tasks.prepare import check_requests, prepare_run
 from tasks.reporting import DatasetProgress, publish_results
 
 
@@ -55,6 +54,7 @@ def bulk(
     guidance_scale: float = 5.0,
     seed: int = 0,
     max_sequence_length: int = 512,
+    image: str | None = None,
     shard_size: int = 1,
     concurrency: int = 1,
     checkpoint_every: int = 5,
@@ -96,6 +96,8 @@ def bulk(
         guidance_scale: default classifier-free guidance scale (<= 1 turns it off).
         seed: base of the per-item seeds of rows without one.
         max_sequence_length: text tokens per prompt.
+        image: image-to-video: the first frame (path or URI) for rows without an
+            `image` column value.
         shard_size: items per task run (and per denoise job / GPU model load).
         concurrency: shards in flight together (GPU jobs side by side); a warm worker also
             gets the next shard queued, so its GPU never waits between shards.
@@ -144,7 +146,8 @@ def bulk(
     defaults = SamplingParam(negative_prompt=negative_prompt, height=height, width=width,
                              num_frames=num_frames, num_inference_steps=num_inference_steps,
                              guidance_scale=guidance_scale, seed=seed,
-                             max_sequence_length=max_sequence_length)
+                             max_sequence_length=max_sequence_length,
+                             image=local_path(image) if image else None)
     run, options = run_settings(dispatch, placement, nproc_per_node, sp_size, deployment,
                                 remote_launcher, worker_idle_timeout_s, attention_backend,
                                 sta_config, enable_torch_compile, batch_cfg, vae_dtype,
@@ -153,7 +156,8 @@ def bulk(
     ctx = prepare_run(model_path, local_path(checkpoint_store or output), output, defaults,
                       checkpoint_every=checkpoint_every, device=device, dtype=dtype, fps=fps,
                       denoise_device=denoise_device, denoise_dtype=denoise_dtype,
-                      dispatch=run, options=options)
+                      dispatch=run, options=options, training_data=training_data)
+    check_requests(ctx, plan.items)
     rows: list[dict[str, Any]] = list(plan.carried) + [
         failed_row(i.item_id, i.prompt, i.error, flow_run.id) for i in plan.invalid]
     progress = DatasetProgress(total=plan.num_rows, done=len(rows),
@@ -161,8 +165,6 @@ def bulk(
     last_manifest = time.monotonic()
     for shard, results in run_shards(make_shards(plan.items, shard_size), ctx, run, concurrency):
         rows += shard_rows(shard, results, flow_run.id)
-        if training_data:
-            write_training_data(shard, ctx, results[ENCODE_TEXT], results[DENOISE])
         progress.update(len(rows))
         if time.monotonic() - last_manifest > manifest_interval_s:
             write_manifest(rows, output)

@@ -28,7 +28,7 @@ from flows.cli import (
 from flows.pipeline import run_shards
 from tasks.dataset import parse_rows
 from tasks.manifest import SUCCEEDED, shard_rows
-from tasks.prepare import prepare_run
+from tasks.prepare import check_requests, prepare_run
 
 
 @flow(name="generate", log_prints=True)
@@ -44,6 +44,7 @@ def generate(
     guidance_scale: float = 5.0,
     seed: int = 0,
     max_sequence_length: int = 512,
+    image: str | None = None,
     checkpoint_every: int = 5,
     checkpoint_store: str | None = None,
     dispatch: str = "inprocess",
@@ -73,7 +74,8 @@ def generate(
     defaults = SamplingParam(negative_prompt=negative_prompt, height=height, width=width,
                              num_frames=num_frames, num_inference_steps=num_inference_steps,
                              guidance_scale=guidance_scale, seed=seed,
-                             max_sequence_length=max_sequence_length)
+                             max_sequence_length=max_sequence_length,
+                             image=local_path(image) if image else None)
     run, options = run_settings(dispatch, placement, nproc_per_node, sp_size, deployment,
                                 remote_launcher, worker_idle_timeout_s, attention_backend,
                                 sta_config, enable_torch_compile, batch_cfg, vae_dtype,
@@ -85,6 +87,7 @@ def generate(
                       checkpoint_every=checkpoint_every, device=device, dtype=dtype, fps=fps,
                       denoise_device=denoise_device, denoise_dtype=denoise_dtype,
                       dispatch=run, options=options)
+    check_requests(ctx, items)
     shard = Shard(index=0, items=tuple(items))
     ((_, by_stage),) = run_shards([shard], ctx, run, concurrency=1)
     row = shard_rows(shard, by_stage, flow_run.id)[0]
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                          **options, return_state=True)
     row = state.result(raise_on_failure=False)
     if isinstance(row, dict) and row.get("video_uri"):
-        print(f"\nvideo: {row['video_uri']}\ncheckpoints: {row['denoised_checkpoint_uri']} ...")
+        print(f"\nvideo: {row['video_uri']}\ncheckpoints: {row['denoise_checkpoint_uri']} ...")
     else:
         print(f"\nthe run ended {state.name}: {state.message}", file=sys.stderr)
     print(ui_hint(state.state_details.flow_run_id))

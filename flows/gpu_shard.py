@@ -16,7 +16,6 @@ import sys
 from prefect import flow
 from prefect.states import Completed, Failed, State
 
-from fastvideo.jobs.item_stages import STAGES
 from fastvideo.jobs.items import to_jsonable
 from fastvideo.storage import retry_io
 from flows.cli import prepared_environment
@@ -37,7 +36,7 @@ def gpu_shard(store_uri: str, job_key: str, nproc_per_node: int = 1,
     store = get_store(store_uri)
     retry_io(lambda: store.put_bytes(result_key(job_key),
                                      json.dumps(to_jsonable(results)).encode()))
-    failed = [r for r in results[STAGES[-1]] if not r.ok]
+    failed = [r for r in list(results.values())[-1] if not r.ok]
     counts = {"items": len(shard.items), "failed": len(failed)}
     if failed:
         return Failed(message=f"{len(failed)} of {len(shard.items)} items failed", data=counts)

@@ -1,4 +1,5 @@
-"""The stage sequence both flows run over their shards.
+"""The phases of the model's pipeline (`fastvideo.pipelines.phases`), then the video,
+run over shards: the sequence both flows share. Nothing here knows a pipeline's stages.
 
 Placement `all` (`process_remote`): one `generate-shard` task per shard hands it whole to
 a warm worker; shards are kept in flight one more than `concurrency`, so a worker always
@@ -15,30 +16,22 @@ the bad checkpoint), then the stage itself, once.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from prefect import Task
 from prefect.futures import PrefectFuture
 from prefect.states import State
 
-from fastvideo.jobs.item_stages import STAGES
+from fastvideo.jobs.item_phases import ENCODE_NEGATIVE, WRITE_VIDEO
 from fastvideo.jobs.items import ItemResult, RunContext, Shard, failure
-from tasks.denoise import DENOISE, denoise
+from fastvideo.pipelines.builder import model_phases
+from fastvideo.pipelines.phases import Phase
+from tasks.denoise import denoise_task
 from tasks.dispatch import Dispatch
-from tasks.shard import generate_shard
-from tasks.stages import (
-    DECODE,
-    ENCODE_NEGATIVE,
-    ENCODE_TEXT,
-    PREPARE_LATENTS,
-    WRITE_VIDEO,
-    decode,
-    encode_negative_prompt,
-    encode_text,
-    prepare_latents,
-    write_videos,
-)
+from tasks.manifest import write_training_data
+from tasks.shard import SHARD_TASK, generate_shard
+from tasks.stages import encode_negative_prompt, phase_task, write_videos
 
 WindowResults = dict[str, list[list[ItemResult]]]
 
@@ -58,64 +51,69 @@ def negative_result(state: State) -> ItemResult:
         "negative", ENCODE_NEGATIVE, f"{ENCODE_NEGATIVE} task ended {state.name}: {data}")
 
 
-def encode_negative(ctx: RunContext, refresh: bool = False) -> ItemResult:
-    """The run's shared negative-prompt embedding, computed once per run."""
+def encode_negative(ctx: RunContext, phases: tuple[Phase, ...], refresh: bool = False
+                    ) -> ItemResult | None:
+    """The run's shared negative-prompt embedding, computed once per run (None when no
+    phase of the pipeline shares one)."""
+    if not any(p.shared_negative for p in phases):
+        return None
     task = encode_negative_prompt.with_options(refresh_cache=True) if refresh \
         else encode_negative_prompt
-    return negative_result(task(ctx, return_state=True))
+    return negative_result(task(ctx, phases, return_state=True))
 
 
-def process_window(shards: list[Shard], ctx: RunContext, negative: ItemResult,
-                   dispatch: Dispatch) -> WindowResults:
-    """Run every stage over `shards`; returns each stage's results, per shard, per item."""
+def process_window(shards: list[Shard], ctx: RunContext, phases: tuple[Phase, ...],
+                   negative: ItemResult | None, dispatch: Dispatch) -> WindowResults:
+    """Run every phase, then the video, over `shards`; returns each step's results, per
+    shard, per item."""
     results: WindowResults = {}
     shared = {"negative": negative}
-    calls: dict[str, tuple[Task[..., Any], Callable[[int], dict[str, Any]]]] = {
-        ENCODE_TEXT: (encode_text, lambda i: dict(
-            shard=shards[i], ctx=ctx, negative=shared["negative"])),
-        PREPARE_LATENTS: (prepare_latents, lambda i: dict(
-            shard=shards[i], ctx=ctx, text=results[ENCODE_TEXT][i])),
-        DENOISE: (denoise, lambda i: dict(
-            shard=shards[i], ctx=ctx, negative=shared["negative"],
-            text=results[ENCODE_TEXT][i], latents=results[PREPARE_LATENTS][i],
-            dispatch=dispatch)),
-        DECODE: (decode, lambda i: dict(shard=shards[i], ctx=ctx, denoised=results[DENOISE][i])),
-        WRITE_VIDEO: (write_videos, lambda i: dict(
-            shard=shards[i], ctx=ctx, decoded=results[DECODE][i])),
-    }
+    steps = [p.name for p in phases] + [WRITE_VIDEO]
 
-    def run_now(stage: str, i: int, refresh: bool = False) -> list[ItemResult]:
-        task, kwargs = calls[stage]
+    def call(step: str, i: int) -> tuple[Task[..., Any], dict[str, Any]]:
+        if step == WRITE_VIDEO:
+            return write_videos, dict(shard=shards[i], ctx=ctx, last=phases[-1],
+                                      decoded=results[phases[-1].name][i])
+        index = steps.index(step)
+        kwargs = dict(shard=shards[i], ctx=ctx, phases=phases, index=index,
+                      upstream={s: results[s][i] for s in steps[:index]},
+                      negative=shared["negative"])
+        if phases[index].denoise:
+            return denoise_task(step), {**kwargs, "dispatch": dispatch}
+        return phase_task(step), kwargs
+
+    def run_now(step: str, i: int, refresh: bool = False) -> list[ItemResult]:
+        task, kwargs = call(step, i)
         if refresh:
             task = task.with_options(refresh_cache=True)
-        return shard_results(task(**kwargs(i), return_state=True), shards[i], stage)
+        return shard_results(task(**kwargs, return_state=True), shards[i], step)
 
-    for position, stage in enumerate(STAGES):
-        task, kwargs = calls[stage]
-        previous = results[STAGES[position - 1]] if position else None
+    for position, step in enumerate(steps):
+        previous = results[steps[position - 1]] if position else None
         futures: dict[int, PrefectFuture] = {}
-        stage_results: list[list[ItemResult]] = []
+        step_results: list[list[ItemResult]] = []
         for i in range(len(shards)):
             if previous is not None and not any(r.ok for r in previous[i]):
-                stage_results.append(previous[i])  # nothing left to do in this shard
+                step_results.append(previous[i])  # nothing left to do in this shard
             else:
-                futures[i] = task.submit(**kwargs(i))
-                stage_results.append([])
+                task, kwargs = call(step, i)
+                futures[i] = task.submit(**kwargs)
+                step_results.append([])
         for i, future in futures.items():
             future.wait()
-            stage_results[i] = shard_results(future.state, shards[i], stage)
-        results[stage] = stage_results
+            step_results[i] = shard_results(future.state, shards[i], step)
+        results[step] = step_results
         for i in futures:
-            producers = {r.corrupt_input.split("/")[1] for r in results[stage][i]
-                         if r.corrupt_input}
+            # A missing or corrupt input names the phase that wrote it: redo that, then this.
+            producers = {r.corrupt_input for r in results[step][i] if r.corrupt_input}
             if not producers:
                 continue
             for producer in producers:
                 if producer == ENCODE_NEGATIVE:
-                    shared["negative"] = encode_negative(ctx, refresh=True)
+                    shared["negative"] = encode_negative(ctx, phases, refresh=True)
                 else:
                     results[producer][i] = run_now(producer, i, refresh=True)
-            results[stage][i] = run_now(stage, i)
+            results[step][i] = run_now(step, i)
     return results
 
 
@@ -133,9 +131,8 @@ def process_remote(shards: list[Shard], ctx: RunContext, dispatch: Dispatch, con
         future.wait()
         results = future.state.result(raise_on_failure=False)
         if not isinstance(results, dict):
-            error = f"generate-shard task ended {future.state.name}: {results}"
-            results = {stage: [failure(i.item_id, STAGES[0], error) for i in shard.items]
-                       for stage in STAGES}
+            error = f"{SHARD_TASK} task ended {future.state.name}: {results}"
+            results = {SHARD_TASK: [failure(i.item_id, SHARD_TASK, error) for i in shard.items]}
         following = next(pending, None)
         if following is not None:
             in_flight.append((following, generate_shard.submit(following, ctx, dispatch)))
@@ -149,9 +146,13 @@ def run_shards(shards: list[Shard], ctx: RunContext, dispatch: Dispatch, concurr
     if dispatch.remote_stages:
         yield from process_remote(shards, ctx, dispatch, concurrency)
         return
-    negative = encode_negative(ctx)
+    phases = model_phases(ctx.model_path)
+    negative = encode_negative(ctx, phases)
     for first in range(0, len(shards), max(concurrency, 1)):
         window = shards[first:first + max(concurrency, 1)]
-        results = process_window(window, ctx, negative, dispatch)
+        results = process_window(window, ctx, phases, negative, dispatch)
         for i, shard in enumerate(window):
-            yield shard, {stage: r[i] for stage, r in results.items()}
+            by_step = {stage: r[i] for stage, r in results.items()}
+            if ctx.training_data:  # on a warm worker, the worker writes it
+                write_training_data(shard, ctx, phases, by_step)
+            yield shard, by_step

@@ -31,14 +31,9 @@ from prefect.runtime import flow_run, task_run
 from prefect.states import Failed, State
 from prefect.tasks import exponential_backoff
 
-from fastvideo.jobs.items import ItemResult, ItemSpec, Shard, failure, to_jsonable
-from fastvideo.storage import (
-    ArtifactStore,
-    CorruptInputError,
-    StoreUnavailableError,
-    open_store,
-    retry_io,
-)
+from fastvideo.jobs.item_phases import guarded
+from fastvideo.jobs.items import ItemResult, ItemSpec, Shard, to_jsonable
+from fastvideo.storage import ArtifactStore, StoreUnavailableError, open_store, retry_io
 from tasks.dispatch import Dispatch
 
 # Bump when a task's output format changes, so old cache entries stop matching.
@@ -100,8 +95,9 @@ def run_shard(stage: str, shard: Shard, upstream: Sequence[Sequence[ItemResult]]
               work: ItemWork) -> list[ItemResult] | State:
     """Apply `work(item, upstream results)` to every item whose upstream stages succeeded.
 
-    An item that failed upstream is passed on as it is; an exception fails only its item,
-    except `StoreUnavailableError`, which fails the task so Prefect retries it. Returns
+    An item that failed upstream is passed on as it is; an exception fails only its item
+    (`item_phases.guarded`), except `StoreUnavailableError`, which fails the task so
+    Prefect retries it. Returns
     the results, or a `Failed` state carrying them when an item failed in this stage.
     """
     logger = run_logger()
@@ -113,18 +109,8 @@ def run_shard(stage: str, shard: Shard, upstream: Sequence[Sequence[ItemResult]]
         if failed_before is not None:
             results.append(failed_before)
             continue
-        try:
-            result = work(item, inputs)
-        except StoreUnavailableError:
-            raise
-        except CorruptInputError as exc:
-            logger.warning("%s item %s: %s", stage, item.item_id, exc)
-            result = failure(item.item_id, stage, str(exc), corrupt_input=exc.key)
-        except Exception as exc:  # one item's failure must not stop the shard
-            # Bad input is the request's fault and needs no traceback; anything else does.
-            logger.error("%s item %s failed: %s", stage, item.item_id, exc,
-                         exc_info=not isinstance(exc, ValueError))
-            result = failure(item.item_id, stage, f"{type(exc).__name__}: {exc}")
+        result = guarded(stage, item.item_id, lambda item=item, inputs=inputs: work(item, inputs),
+                         logger, raise_unavailable=True)
         if result.ok:
             how = "reused" if result.info.get("reused") else f"{result.seconds:.3f} s"
             logger.info("%s item %s: %s -> %s", stage, item.item_id, how,

@@ -29,14 +29,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fastvideo.fastvideo_args import SamplingParam
-from fastvideo.jobs.items import SAMPLING_FIELDS, ItemSpec, Shard
+from fastvideo.jobs.items import ItemSpec, Shard
 from fastvideo.storage import ObjectNotFoundError, retry_io
 from tasks.common import get_store, retry_on_store_unavailable, run_logger
 from tasks.manifest import MANIFEST_KEY, SUCCEEDED, read_manifest
 
-ROW_FIELDS = ("prompt", "negative_prompt", "seed", "item_id", *SAMPLING_FIELDS)
-_INT_FIELDS = frozenset({"seed", "height", "width", "num_frames", "num_inference_steps",
-                         "max_sequence_length"})
+# The request schema is SamplingParam's: a row may set any of its options.
+ROW_FIELDS = ("prompt", "item_id", *SamplingParam.option_names())
+_INT_FIELDS = frozenset(SamplingParam.option_types(int))
+_FLOAT_FIELDS = frozenset(SamplingParam.option_types(float))
 _READERS = {".parquet": pd.read_parquet, ".jsonl": lambda f: pd.read_json(f, lines=True),
             ".csv": pd.read_csv}
 
@@ -92,12 +93,26 @@ def _coerce(name: str, value: Any) -> Any:
     """Row values as SamplingParam wants them; integral floats (CSV/NaN columns) become ints."""
     if name in _INT_FIELDS and isinstance(value, float) and value.is_integer():
         return int(value)
-    if name == "guidance_scale" and isinstance(value, int) and not isinstance(value, bool):
+    if name in _FLOAT_FIELDS and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
 
 
-def make_item(given: dict[str, Any], item_id: str, defaults: SamplingParam) -> ItemSpec:
+def resolve_image(image: Any, dataset: str | None) -> str:
+    """A row's `image`: a URI or absolute path as given; a relative path is relative to
+    the dataset file's folder (or URI prefix)."""
+    if not isinstance(image, str) or not image.strip():
+        raise ValueError(f"image must be a path or URI string, got {image!r}")
+    if "://" in image or Path(image).is_absolute() or dataset is None:
+        return image
+    root, _ = split_uri(dataset)
+    if "://" in root:
+        return f"{root.rstrip('/')}/{image}"
+    return str((Path(root) / image).resolve())
+
+
+def make_item(given: dict[str, Any], item_id: str, defaults: SamplingParam,
+              dataset: str | None = None) -> ItemSpec:
     """Resolve one row against the run's options; ValueError names a bad value."""
     prompt = given.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
@@ -109,18 +124,21 @@ def make_item(given: dict[str, Any], item_id: str, defaults: SamplingParam) -> I
     if seed is None:
         digest = hashlib.sha256(f"{defaults.seed}:{item_id}".encode()).digest()
         seed = int.from_bytes(digest[:4], "big")
-    sampling = {name: given.get(name, getattr(defaults, name)) for name in SAMPLING_FIELDS}
+    if "image" in given:
+        given = {**given, "image": resolve_image(given["image"], dataset)}
+    resolved = {name: given.get(name, getattr(defaults, name))
+                for name in SamplingParam.option_names()}
+    resolved.update(seed=seed, negative_prompt=negative if negative is not None
+                    else defaults.negative_prompt or "")
     # SamplingParam checks types and ranges and raises ValueError naming the field.
-    params = SamplingParam(negative_prompt=negative, seed=seed, **sampling)
+    params = SamplingParam(**resolved)
     # The run's negative prompt is embedded once, at the run's sequence length.
     shared = negative is None and params.max_sequence_length == defaults.max_sequence_length
-    return ItemSpec(item_id=item_id, prompt=prompt,
-                    negative_prompt=negative if negative is not None else defaults.negative_prompt or "",
-                    shared_negative=shared, seed=params.seed, **sampling)
+    return ItemSpec(item_id=item_id, prompt=prompt, shared_negative=shared, params=params)
 
 
-def parse_rows(records: list[dict[str, Any]], defaults: SamplingParam
-               ) -> tuple[list[ItemSpec], list[InvalidItem]]:
+def parse_rows(records: list[dict[str, Any]], defaults: SamplingParam,
+               dataset: str | None = None) -> tuple[list[ItemSpec], list[InvalidItem]]:
     """Items from dataset rows, in order; bad rows become `InvalidItem`s."""
     items: list[ItemSpec] = []
     invalid: list[InvalidItem] = []
@@ -143,15 +161,14 @@ def parse_rows(records: list[dict[str, Any]], defaults: SamplingParam
                 item_id = f"{base}-{repeat}"
         seen[item_id] = row
         try:
-            items.append(make_item(given, item_id, defaults))
+            items.append(make_item(given, item_id, defaults, dataset))
         except ValueError as exc:
             invalid.append(InvalidItem(item_id, row, given.get("prompt"), f"row {row}: {exc}"))
     return items, invalid
 
 
 def _same_request(row: dict[str, Any], item: ItemSpec) -> bool:
-    return all(row.get(k) == getattr(item, k)
-               for k in ("prompt", "negative_prompt", "seed", *SAMPLING_FIELDS))
+    return all(row.get(k) == v for k, v in item.request().items())
 
 
 def make_shards(items: list[ItemSpec], shard_size: int) -> list[Shard]:
@@ -174,7 +191,7 @@ def plan_items(dataset: str, output_uri: str, defaults: SamplingParam) -> Plan:
     if ignored:
         logger.warning("dataset %s: ignoring columns %s (known: %s)", dataset, ignored,
                        list(ROW_FIELDS))
-    items, invalid = parse_rows(table.to_dict(orient="records"), defaults)
+    items, invalid = parse_rows(table.to_dict(orient="records"), defaults, dataset)
     done = {row["item_id"]: row for row in read_manifest(get_store(output_uri))
             if row.get("status") == SUCCEEDED}
     plan = Plan(num_rows=len(table), invalid=invalid)

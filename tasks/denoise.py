@@ -17,29 +17,32 @@ one of the stages the warm worker runs (`tasks.shard`), not this task.
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
 from collections import deque
 from pathlib import Path
+from typing import Any
 
-from prefect import task
+from prefect import Task, task
 from prefect.runtime import task_run
 from prefect.states import State
 
 from fastvideo.entrypoints.denoise_worker import parse_progress
 from fastvideo.jobs.denoise import (
-    DENOISING_STAGE,
     DenoiseJob,
     DenoiseOutcome,
     ProgressCallback,
+    job_phase,
     result_key,
     run_denoise_job,
 )
-from fastvideo.jobs.engine import pipeline_for, stage_lock
-from fastvideo.jobs.item_stages import DENOISE, denoise_inputs, denoise_item, denoise_result
-from fastvideo.jobs.items import ItemResult, RunContext, Shard
+from fastvideo.jobs.engine import ENGINE
+from fastvideo.jobs.item_phases import denoise_item, denoise_result, phase_inputs
+from fastvideo.jobs.items import ItemResult, RunContext, Shard, failure
 from fastvideo.jobs.worker_client import WorkerSpec, call_worker
+from fastvideo.pipelines.phases import Phase
 from fastvideo.storage import ArtifactStore, ObjectNotFoundError, model_fingerprint, retry_io
 from tasks.common import (
     finish_shard,
@@ -94,9 +97,10 @@ def execute_job(job: DenoiseJob, launcher: Launcher, nproc_per_node: int,
         run_torchrun(store, key, nproc_per_node, on_progress, sp_size)
         return DenoiseOutcome.list_from_json(retry_io(lambda: store.get_bytes(result_key(key))))
     device = job.engine_args().device
-    pipeline = pipeline_for(job.model_path, job.options, device, job.engine_args().dtype,
-                            [DENOISING_STAGE])
-    with stage_lock(pipeline, [DENOISING_STAGE]):
+    stages = job_phase(job.model_path).stages
+    pipeline = ENGINE.pipeline(job.model_path, job.options, device, job.engine_args().dtype,
+                            stages)
+    with ENGINE.stage_lock(pipeline, stages):
         outcomes = run_denoise_job(job, pipeline, on_progress)
     retry_io(lambda: store.put_bytes(result_key(key), DenoiseOutcome.list_to_json(outcomes)))
     return outcomes
@@ -136,18 +140,23 @@ def run_remote(job: DenoiseJob, dispatch: Dispatch) -> list[DenoiseOutcome]:
         return [DenoiseOutcome(item.item_id, error=error) for item in job.items]
 
 
-@stage_task(DENOISE, tags=["denoise"])
-def denoise(shard: Shard, ctx: RunContext, negative: ItemResult | None, text: list[ItemResult],
-            latents: list[ItemResult], dispatch: Dispatch) -> list[ItemResult] | State:
-    """Denoise every item of the shard whose text and latents are ready, as one job."""
+def _denoise(shard: Shard, ctx: RunContext, phases: tuple[Phase, ...], index: int,
+             upstream: dict[str, list[ItemResult]], negative: ItemResult | None,
+             dispatch: Dispatch) -> list[ItemResult] | State:
+    """Denoise every item of the shard whose earlier phases succeeded, as one job."""
+    phase = phases[index]
     results: list[ItemResult | None] = []
     job_items = []
-    for item, text_result, latents_result in zip(shard.items, text, latents, strict=True):
-        upstream_failure = next((r for r in (text_result, latents_result) if not r.ok), None)
-        results.append(upstream_failure)
+    for i, item in enumerate(shard.items):
+        earlier = {name: per_item[i] for name, per_item in upstream.items()}
+        upstream_failure = next((r for r in earlier.values() if not r.ok), None)
         if upstream_failure is None:
-            inputs = denoise_inputs(item, text_result, latents_result, negative)
-            job_items.append(denoise_item(ctx, item.item_id, inputs))
+            try:
+                inputs = phase_inputs(phases, index, earlier, item, negative)
+                job_items.append(denoise_item(ctx, phase, item.item_id, inputs))
+            except ValueError as exc:
+                upstream_failure = failure(item.item_id, phase.name, str(exc))
+        results.append(upstream_failure)
     job = DenoiseJob(model_path=ctx.model_path, store_uri=ctx.store_uri, items=tuple(job_items),
                      checkpoint_every=ctx.checkpoint_every, device=ctx.denoise_device,
                      dtype=ctx.denoise_dtype, options=ctx.options)
@@ -155,21 +164,28 @@ def denoise(shard: Shard, ctx: RunContext, negative: ItemResult | None, text: li
         if dispatch.mode == "deployment":
             outcomes = run_remote(job, dispatch)
         else:
-            progress = StepProgress(len(job_items), f"Denoising steps of {shard.label(DENOISE)}")
+            progress = StepProgress(len(job_items),
+                                    f"Denoising steps of {shard.label(phase.name)}")
             if dispatch.mode == "worker":
                 outcomes = execute_on_worker(job, dispatch, progress, shard.index)
             else:
                 outcomes = execute_job(job, dispatch.mode, dispatch.nproc_per_node, progress,
                                        dispatch.sp_size)
-        by_id = {o.item_id: denoise_result(o) for o in outcomes}
+        by_id = {o.item_id: denoise_result(phase, o) for o in outcomes}
         results = [r if r is not None else by_id[item.item_id]
                    for r, item in zip(results, shard.items)]
     for result in results:
         if result.ok and not result.info.get("reused"):
-            run_logger().info("denoise item %s: %.3f s (resumed from step %d) -> %s",
+            run_logger().info("%s item %s: %.3f s (resumed from step %d) -> %s", phase.name,
                               result.item_id, result.seconds,
                               result.info["resumed_from_step"], result.ref.uri)
-    return finish_shard(DENOISE, results)
+    return finish_shard(phase.name, results)
+
+
+@functools.cache
+def denoise_task(name: str) -> Task[..., Any]:
+    """The task that runs the denoise phase `name` over a shard, as one denoise job."""
+    return stage_task(name, tags=["denoise"])(_denoise)
 
 
 def _job_run_name() -> str:

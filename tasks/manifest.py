@@ -6,55 +6,68 @@ prompts makes thousands of task runs, and a million manifest rows.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from prefect import task
 
+from fastvideo.fastvideo_args import SamplingParam
 from fastvideo.jobs.items import ItemResult, ItemSpec, RunContext, Shard
-from fastvideo.storage import ArtifactStore, ObjectNotFoundError, read_inputs, retry_io
+from fastvideo.jobs.training_data import write_training_part
+from fastvideo.pipelines.phases import Phase
+from fastvideo.storage import ArtifactStore, ObjectNotFoundError, retry_io
 from tasks.common import get_store, retry_on_store_unavailable, shard_cache_key
 
 MANIFEST_KEY = "manifest.parquet"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
-# Stage -> manifest column stem; the stages' own names live in tasks.stages / tasks.denoise.
-STAGE_COLUMNS = {"encode-text": "text", "prepare-latents": "latents", "denoise": "denoised",
-                 "decode": "decoded", "write-video": "video"}
+VIDEO_STEP = "write-video"
+_ARROW_TYPES = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "bool": pa.bool_()}
 
-MANIFEST_SCHEMA = pa.schema([
-    ("item_id", pa.string()),
-    ("prompt", pa.string()),
-    ("negative_prompt", pa.string()),
-    ("seed", pa.int64()),
-    ("height", pa.int64()),
-    ("width", pa.int64()),
-    ("num_frames", pa.int64()),
-    ("num_inference_steps", pa.int64()),
-    ("guidance_scale", pa.float64()),
-    ("max_sequence_length", pa.int64()),
+
+def _request_columns() -> list[tuple[str, pa.DataType]]:
+    """The request schema's columns: the prompt and SamplingParam's options, typed."""
+    columns = [("item_id", pa.string()), ("prompt", pa.string())]
+    for f in dataclasses.fields(SamplingParam):
+        columns.append((f.name, _ARROW_TYPES[str(f.type).split(" | ")[0]]))
+    return columns
+
+
+BASE_SCHEMA = pa.schema([
+    *_request_columns(),
     ("status", pa.string()),
     ("video_uri", pa.string()),
     ("video_sha256", pa.string()),
     ("failed_stage", pa.string()),
     ("error", pa.string()),
-    ("text_checkpoint_uri", pa.string()),
-    ("latents_checkpoint_uri", pa.string()),
-    ("denoised_checkpoint_uri", pa.string()),
-    ("decoded_checkpoint_uri", pa.string()),
-    ("text_seconds", pa.float64()),
-    ("latents_seconds", pa.float64()),
-    ("denoised_seconds", pa.float64()),
-    ("decoded_seconds", pa.float64()),
     ("video_seconds", pa.float64()),
-    ("denoise_resumed_from_step", pa.int64()),
+    ("resumed_from_step", pa.int64()),
     ("flow_run_id", pa.string()),
     ("finished_at", pa.string()),
 ])
+"""Every manifest's columns; each phase of the pipeline adds `<phase>_checkpoint_uri`
+and `<phase>_seconds` (`encode_text_checkpoint_uri`, ...)."""
+
+
+def manifest_schema(rows: list[dict[str, Any]]) -> pa.Schema:
+    """The base columns, then the phases' columns found in `rows`, in order."""
+    names = set(BASE_SCHEMA.names)
+    extra: list[tuple[str, pa.DataType]] = []
+    for row in rows:
+        for key in row:
+            if key in names:
+                continue
+            if key.endswith("_checkpoint_uri"):
+                extra.append((key, pa.string()))
+            elif key.endswith("_seconds"):
+                extra.append((key, pa.float64()))
+            else:  # a column of an earlier version's rows: kept, typed by its values
+                extra.append((key, pa.array([r.get(key) for r in rows]).type))
+            names.add(key)
+    return pa.schema([*BASE_SCHEMA, *extra])
 
 
 def read_manifest(store: ArtifactStore) -> list[dict[str, Any]]:
@@ -68,27 +81,28 @@ def read_manifest(store: ArtifactStore) -> list[dict[str, Any]]:
 
 def item_row(item: ItemSpec, by_stage: dict[str, ItemResult], flow_run_id: str | None
              ) -> dict[str, Any]:
-    """The manifest row of an item from its results, stage by stage (last stage last)."""
+    """The manifest row of an item from its results, step by step (its pipeline's phases,
+    then the video), in order."""
     final = list(by_stage.values())[-1]
     row: dict[str, Any] = {
-        "item_id": item.item_id, "prompt": item.prompt, "negative_prompt": item.negative_prompt,
-        "seed": item.seed, **item.sampling,
+        "item_id": item.item_id, **item.request(),
         "status": SUCCEEDED if final.ok else FAILED,
         "failed_stage": final.failed_stage, "error": final.error,
         "flow_run_id": flow_run_id,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    for stage, stem in STAGE_COLUMNS.items():
-        result = by_stage.get(stage)
-        done = result is not None and result.ok
-        uri_column = "video_uri" if stem == "video" else f"{stem}_checkpoint_uri"
-        row[uri_column] = result.ref.uri if done else None
-        row[f"{stem}_seconds"] = result.seconds if done else None
-    video = by_stage.get("write-video")
-    row["video_sha256"] = video.ref.digest if video is not None and video.ok else None
-    denoised = by_stage.get("denoise")
-    row["denoise_resumed_from_step"] = (denoised.info.get("resumed_from_step")
-                                        if denoised is not None and denoised.ok else None)
+    for stage, result in by_stage.items():
+        done = result.ok and result.ref is not None
+        if stage == VIDEO_STEP:
+            row["video_uri"] = result.ref.uri if done else None
+            row["video_sha256"] = result.ref.digest if done else None
+            row["video_seconds"] = result.seconds if done else None
+            continue
+        column = stage.replace("-", "_")
+        row[f"{column}_checkpoint_uri"] = result.ref.uri if done else None
+        row[f"{column}_seconds"] = result.seconds if done else None
+        if done and "resumed_from_step" in result.info:
+            row["resumed_from_step"] = result.info["resumed_from_step"]
     return row
 
 
@@ -108,7 +122,7 @@ def failed_row(item_id: str, prompt: str | None, error: str, flow_run_id: str | 
 
 def manifest_bytes(rows: list[dict[str, Any]]) -> bytes:
     sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), sink)
+    pq.write_table(pa.Table.from_pylist(rows, schema=manifest_schema(rows)), sink)
     return sink.getvalue().to_pybytes()
 
 
@@ -122,33 +136,11 @@ def write_manifest(rows: list[dict[str, Any]], output_uri: str) -> str:
     return store.uri(MANIFEST_KEY)
 
 
-def _flat(tensor: torch.Tensor) -> tuple[list[float], list[int]]:
-    return tensor.float().flatten().tolist(), list(tensor.shape)
-
-
 @task(name="write-training-data", task_run_name="write-training-data-shard-{shard.index:05d}",
       cache_key_fn=shard_cache_key, persist_result=True, result_serializer="json", retries=3,
       retry_delay_seconds=2, retry_condition_fn=retry_on_store_unavailable)
-def write_training_data(shard: Shard, ctx: RunContext, text: list[ItemResult],
-                        denoised: list[ItemResult]) -> str | None:
-    """A parquet of prompt embeddings and final latents (float32, flattened, with shapes) for
-    the shard's finished items, under `<output>/training/`; None if none finished."""
-    store = get_store(ctx.store_uri)
-    rows = []
-    for item, t, d in zip(shard.items, text, denoised, strict=True):
-        if not (t.ok and d.ok):
-            continue
-        embeds, embeds_shape = _flat(read_inputs(store, [t.ref]).prompt_embeds[0])
-        latents, latents_shape = _flat(read_inputs(store, [d.ref]).latents[0])
-        rows.append({"item_id": item.item_id, "prompt": item.prompt, "seed": item.seed,
-                     "prompt_embeds": embeds, "prompt_embeds_shape": embeds_shape,
-                     "latents": latents, "latents_shape": latents_shape})
-    if not rows:
-        return None
-    names = hashlib.sha256("|".join(r["item_id"] for r in rows).encode()).hexdigest()[:16]
-    key = f"training/part-{names}.parquet"
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows), sink)
-    output = get_store(ctx.output_uri)
-    retry_io(lambda: output.put_bytes(key, sink.getvalue().to_pybytes()))
-    return output.uri(key)
+def write_training_data(shard: Shard, ctx: RunContext, phases: tuple[Phase, ...],
+                        results: dict[str, list[ItemResult]]) -> str | None:
+    """The shard's part of the training parquet (see `fastvideo.jobs.training_data`)."""
+    return write_training_part(get_store(ctx.store_uri), get_store(ctx.output_uri), shard,
+                               phases, results)

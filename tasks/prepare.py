@@ -8,9 +8,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fastvideo.fastvideo_args import FastVideoArgs, SamplingParam
-from fastvideo.jobs.items import RunContext
+from fastvideo.jobs.items import ItemSpec, RunContext
 from fastvideo.jobs.options import EngineOptions
-from fastvideo.pipelines.builder import check_device_available
+from fastvideo.pipelines.builder import check_device_available, pipeline_class
 from fastvideo.storage import model_fingerprint
 from tasks.dispatch import Dispatch
 
@@ -20,7 +20,8 @@ def prepare_run(model_path: str, store_uri: str, output_uri: str, defaults: Samp
                 checkpoint_every: int = 5, device: str | None = None, dtype: str | None = None,
                 fps: int = 16, denoise_device: str | None = None,
                 denoise_dtype: str | None = None, dispatch: Dispatch | None = None,
-                options: EngineOptions | None = None) -> RunContext:
+                options: EngineOptions | None = None, training_data: bool = False
+                ) -> RunContext:
     """Fix the engine settings every task of the run shares, and fingerprint the model
     where this machine can see it.
 
@@ -69,4 +70,22 @@ def prepare_run(model_path: str, store_uri: str, output_uri: str, defaults: Samp
                       denoise_dtype=denoise_args.dtype,
                       negative_prompt=defaults.negative_prompt or "",
                       max_sequence_length=defaults.max_sequence_length,
-                      checkpoint_every=checkpoint_every, fps=fps, options=options)
+                      checkpoint_every=checkpoint_every, fps=fps, options=options,
+                      training_data=training_data)
+
+
+def check_requests(ctx: RunContext, items: list[ItemSpec]) -> None:
+    """Fail the run at its start when its items do not fit the model: images for a
+    text-to-video model, or none for an image-to-video one (where this machine sees the
+    model; else the GPU node fails each such item with the same message)."""
+    if ctx.model_fingerprint is None:
+        return
+    cls = pipeline_class(ctx.model_path)
+    with_image = [i.item_id for i in items if i.image is not None]
+    if cls.requires_image and len(with_image) < len(items):
+        missing = [i.item_id for i in items if i.image is None]
+        cls.check_image_given(None, f"{len(missing)} item(s) (first: {missing[0]!r})")
+    if not cls.requires_image and with_image:
+        first = next(i for i in items if i.image is not None)
+        cls.check_image_given(first.image, f"{len(with_image)} item(s) (first: "
+                                           f"{first.item_id!r})")

@@ -16,7 +16,7 @@ from tasks.manifest import FAILED, SUCCEEDED
 # A table artifact is for eyes, not a copy of the manifest: failures first, then the latest.
 MAX_TABLE_ROWS = 200
 _TABLE_COLUMNS = ("item_id", "status", "prompt", "seed", "video_uri", "failed_stage", "error",
-                  "denoised_seconds", "denoise_resumed_from_step")
+                  "seconds", "resumed_from_step")
 
 
 class DatasetProgress:
@@ -37,7 +37,14 @@ def results_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     failed = [r for r in rows if r["status"] == FAILED]
     ok = [r for r in rows if r["status"] == SUCCEEDED]
     shown = (failed + ok[::-1])[:MAX_TABLE_ROWS]
-    return [{c: r.get(c) for c in _TABLE_COLUMNS} for r in shown]
+    return [{c: (_seconds(r) if c == "seconds" else r.get(c)) for c in _TABLE_COLUMNS}
+            for r in shown]
+
+
+def _seconds(row: dict[str, Any]) -> float | None:
+    """Engine seconds of the item in its run, over every phase and the video."""
+    values = [v for k, v in row.items() if k.endswith("_seconds") and v is not None]
+    return round(sum(values), 3) if values else None
 
 
 def summary_markdown(rows: list[dict[str, Any]], made: int, seconds: float,

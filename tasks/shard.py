@@ -21,8 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
 from prefect.states import Failed, State
 
-from fastvideo.jobs.engine import with_fingerprint
-from fastvideo.jobs.item_stages import STAGES
+from fastvideo.jobs.engine import ENGINE
 from fastvideo.jobs.items import (
     RunContext,
     Shard,
@@ -65,7 +64,8 @@ def worker_spec_for(model_path: str, device: str, dtype: str, options: EngineOpt
 
 
 def results_from_json(doc: dict[str, list[dict[str, Any]]]) -> ShardResults:
-    return {stage: [item_result_from_dict(r) for r in doc[stage]] for stage in STAGES}
+    """Per step of the pipeline (its phases, then the video), in order."""
+    return {stage: [item_result_from_dict(r) for r in results] for stage, results in doc.items()}
 
 
 def run_on_worker(ctx: RunContext, shard: Shard, dispatch: Dispatch) -> ShardResults:
@@ -87,7 +87,7 @@ def run_on_worker(ctx: RunContext, shard: Shard, dispatch: Dispatch) -> ShardRes
             logger.info("%s item %s: %.3f s -> %s", event["stage"], result.item_id,
                         result.seconds, result.ref.uri)
 
-    ctx = with_fingerprint(ctx)  # here: this node runs the stages and sees the model
+    ctx = ENGINE.with_fingerprint(ctx)  # here: this node runs the stages and sees the model
     spec = worker_spec(ctx, dispatch, shard.index)
     payload = call_worker(spec, {"kind": "shard", "ctx": to_jsonable(ctx),
                                  "shard": to_jsonable(shard)}, on_event,
@@ -116,8 +116,7 @@ def run_on_deployment(ctx: RunContext, shard: Shard, dispatch: Dispatch) -> Shar
         return results_from_json(json.loads(retry_io(lambda: store.get_bytes(result_key(key)))))
     except ObjectNotFoundError:
         error = f"GPU shard run {child.name} ended {child.state.name} without results"
-        return {stage: [failure(i.item_id, stage, error) for i in shard.items]
-                for stage in STAGES}
+        return {SHARD_TASK: [failure(i.item_id, SHARD_TASK, error) for i in shard.items]}
 
 
 def result_key(job_key: str) -> str:
@@ -144,7 +143,7 @@ def generate_shard(shard: Shard, ctx: RunContext, dispatch: Dispatch) -> ShardRe
         results = run_on_deployment(ctx, shard, dispatch)
     else:
         results = run_on_worker(ctx, shard, dispatch)
-    failed = [r for r in results[STAGES[-1]] if not r.ok]
+    failed = [r for r in list(results.values())[-1] if not r.ok]
     if failed:
         return Failed(message=f"{len(failed)} of {len(shard.items)} item(s) failed; first: "
                               f"{failed[0].item_id} in {failed[0].failed_stage}: "

@@ -1,71 +1,64 @@
-"""One task per pipeline stage (denoising is in `tasks.denoise`).
+"""One task per pipeline phase (the denoise phase is `tasks.denoise`), for any pipeline.
 
 Each is thin: the per-item work (checkpoint key, engine call, reuse of a finished output)
-is `fastvideo.jobs.item_stages`, the same the warm worker runs; the task loops it over
-its shard and returns small references.
+is `fastvideo.jobs.item_phases`, the same the warm worker runs; the task loops it over
+its shard and returns small references. A phase's task is named after the phase, so
+the UI shows `encode-text-shard-00003`, `decode-shard-00003`, ...
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
+from prefect import Task
 from prefect.states import State
 
-from fastvideo.jobs import item_stages
-from fastvideo.jobs.item_stages import (
-    DECODE,
-    ENCODE_NEGATIVE,
-    ENCODE_TEXT,
-    PREPARE_LATENTS,
-    WRITE_VIDEO,
-)
+from fastvideo.jobs import item_phases
+from fastvideo.jobs.item_phases import ENCODE_NEGATIVE, WRITE_VIDEO, phase_inputs
 from fastvideo.jobs.items import ItemResult, ItemSpec, RunContext, Shard
+from fastvideo.pipelines.phases import Phase
 from tasks.common import get_store, run_shard, stage_task
-
-__all__ = ["DECODE", "ENCODE_NEGATIVE", "ENCODE_TEXT", "PREPARE_LATENTS", "WRITE_VIDEO"]
 
 
 @stage_task(ENCODE_NEGATIVE)
-def encode_negative_prompt(ctx: RunContext) -> ItemResult:
+def encode_negative_prompt(ctx: RunContext, phases: tuple[Phase, ...]) -> ItemResult:
     """Embed the run's negative prompt once; items that use it share this checkpoint."""
-    return item_stages.encode_negative(ctx, get_store(ctx.store_uri))
+    return item_phases.encode_negative(ctx, get_store(ctx.store_uri), phases)
 
 
-@stage_task(ENCODE_TEXT)
-def encode_text(shard: Shard, ctx: RunContext, negative: ItemResult | None
-                ) -> list[ItemResult] | State:
-    """Validate each request and embed its prompt (and its own negative prompt, if any)."""
+def _run_phase(shard: Shard, ctx: RunContext, phases: tuple[Phase, ...], index: int,
+               upstream: dict[str, list[ItemResult]], negative: ItemResult | None
+               ) -> list[ItemResult] | State:
+    """Phase `index` for every item whose earlier phases succeeded."""
     store = get_store(ctx.store_uri)
-    shared = item_stages.NegativeEmbedding(store, negative)
-    return run_shard(ENCODE_TEXT, shard, [], lambda item, _: item_stages.encode_text(
-        ctx, store, item, shared))
-
-
-@stage_task(PREPARE_LATENTS)
-def prepare_latents(shard: Shard, ctx: RunContext, text: list[ItemResult]
-                    ) -> list[ItemResult] | State:
-    """Timesteps and the initial noise (seeded per item) for every item encoded so far."""
-    store = get_store(ctx.store_uri)
-    return run_shard(PREPARE_LATENTS, shard, [text],
-                     lambda item, _: item_stages.prepare_latents(ctx, store, item))
-
-
-@stage_task(DECODE)
-def decode(shard: Shard, ctx: RunContext, denoised: list[ItemResult]) -> list[ItemResult] | State:
-    """Decode the final latents to frames, stored as uint8 (what the video holds)."""
-    store = get_store(ctx.store_uri)
+    shared = item_phases.NegativeEmbedding(store, negative)
+    phase = phases[index]
+    names = list(upstream)
 
     def work(item: ItemSpec, inputs: list[ItemResult]) -> ItemResult:
-        return item_stages.decode(ctx, store, item, inputs[0].ref)
+        results = dict(zip(names, inputs))
+        return item_phases.run_phase(ctx, store, phase, item,
+                                     phase_inputs(phases, index, results, item, negative), shared)
 
-    return run_shard(DECODE, shard, [denoised], work)
+    return run_shard(phase.name, shard, list(upstream.values()), work)
 
 
-@stage_task(WRITE_VIDEO)
-def write_videos(shard: Shard, ctx: RunContext, decoded: list[ItemResult]
-                 ) -> list[ItemResult] | State:
+@functools.cache
+def phase_task(name: str) -> Task[..., Any]:
+    """The task that runs the phase `name` over a shard (one task object per name)."""
+    return stage_task(name)(_run_phase)
+
+
+def _write_videos(shard: Shard, ctx: RunContext, last: Phase, decoded: list[ItemResult]
+                  ) -> list[ItemResult] | State:
     """Encode each item's frames as mp4 under `<output>/videos/`; the ref holds its sha256."""
     store, output = get_store(ctx.store_uri), get_store(ctx.output_uri)
 
     def work(item: ItemSpec, inputs: list[ItemResult]) -> ItemResult:
-        return item_stages.write_video(ctx, store, output, item, inputs[0].ref)
+        return item_phases.write_video(ctx, store, output, item, last, inputs[0].ref)
 
     return run_shard(WRITE_VIDEO, shard, [decoded], work)
+
+
+write_videos = stage_task(WRITE_VIDEO)(_write_videos)

@@ -36,13 +36,13 @@ from typing import Any
 
 import torch
 
-from fastvideo.jobs import engine
 from fastvideo.jobs.denoise import (
-    DENOISING_STAGE,
     DenoiseJob,
     DenoiseOutcome,
+    denoise_stage,
     run_denoise_job,
 )
+from fastvideo.jobs.engine import ENGINE
 from fastvideo.jobs.items import (
     RunContext,
     run_context_from_dict,
@@ -52,6 +52,7 @@ from fastvideo.jobs.items import (
 from fastvideo.jobs.shard_runner import ShardRunner
 from fastvideo.jobs.worker_client import WorkerSpec
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
+from fastvideo.pipelines.phases import denoise_phase
 
 logger = logging.getLogger("fastvideo.warm_worker")
 
@@ -94,7 +95,7 @@ class WarmWorker:
 
         args = self.spec.options.to_args(self.spec.model_path, self.spec.device, self.spec.dtype)
         stages = list(build_pipeline(args, required_modules=()).stages)
-        pipeline = engine.pipeline_for(self.spec.model_path, self.spec.options,
+        pipeline = ENGINE.pipeline(self.spec.model_path, self.spec.options,
                                        self.spec.device, self.spec.dtype, stages)
         if self.spec.device.startswith("cuda"):
             torch.cuda.synchronize()  # the lanes' own streams read these weights
@@ -108,18 +109,22 @@ class WarmWorker:
         cuda = self.spec.device.startswith("cuda")
         return {
             "pid": os.getpid(), "spec": json.loads(self.spec.to_json()),
-            "load_s": self.load_s, "builds": engine.BUILDS,
+            "load_s": self.load_s, "builds": ENGINE.builds,
             "fastvideo_args": to_jsonable(self.pipeline.fastvideo_args),
             "attention_backends": attention_backends_in_use(transformer),
             "compiled_blocks": sum(hasattr(m, "_compiled_call_impl") and
                                    m._compiled_call_impl is not None
                                    for m in transformer.modules()),
-            "batch_cfg": self.pipeline.get_stage(DENOISING_STAGE).batch_cfg,
-            "sta": self.pipeline.get_stage(DENOISING_STAGE).sta_config is not None,
+            "batch_cfg": getattr(self._denoise_stage(), "batch_cfg", None),
+            "sta": getattr(self._denoise_stage(), "sta_config", None) is not None,
+            "phases": [p.to_dict() for p in self.pipeline.phases],
             "compile_cache": compile_cache_stats(),
             "timeline": self.runner.timeline.as_list(),
             "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30) if cuda else None,
         }
+
+    def _denoise_stage(self) -> Any:
+        return denoise_stage(self.pipeline, denoise_phase(self.pipeline.phases))
 
     def _context(self, doc: dict[str, Any]) -> RunContext:
         """The request's run context, on this worker's device (its model and options)."""
@@ -155,11 +160,12 @@ class WarmWorker:
         def on_progress(item_id: str, step: int, total: int) -> None:
             conn.send({"event": "step", "item_id": item_id, "step": step, "total": total})
 
-        pipeline = engine.pipeline_for(self.spec.model_path, self.spec.options,
-                                       self.spec.device, self.spec.dtype, [DENOISING_STAGE])
+        stages = denoise_phase(self.pipeline.phases).stages
+        pipeline = ENGINE.pipeline(self.spec.model_path, self.spec.options,
+                                       self.spec.device, self.spec.dtype, stages)
 
         def work() -> list[DenoiseOutcome]:
-            with engine.stage_lock(pipeline, [DENOISING_STAGE]):
+            with ENGINE.stage_lock(pipeline, stages):
                 return run_denoise_job(replace(job, device=self.spec.device,
                                                dtype=self.spec.dtype), pipeline, on_progress)
 

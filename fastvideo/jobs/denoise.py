@@ -56,9 +56,11 @@ from fastvideo.distributed import (
     get_sp_world_size,
 )
 from fastvideo.fastvideo_args import FastVideoArgs
-from fastvideo.jobs.options import EngineOptions
-from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
 from fastvideo.forward_batch import ForwardBatch
+from fastvideo.jobs.options import EngineOptions
+from fastvideo.pipelines.builder import model_phases
+from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
+from fastvideo.pipelines.phases import Phase, denoise_phase
 from fastvideo.storage import (
     ArtifactStore,
     CheckpointRef,
@@ -75,10 +77,10 @@ from fastvideo.storage.batch_codec import EncodedBatch, decode_batch, encode_bat
 
 logger = logging.getLogger(__name__)
 
-DENOISING_STAGE = "denoising_stage"
 REPLICA_WAIT = timedelta(days=2)
 """How long replicas that finished their items wait for the others (a shard's worth)."""
-_PROGRESS_FIELDS = ("latents", "step_index", "extra")
+_PROGRESS_STATE = ("step_index", "extra")
+"""Saved with the denoise phase's fields: where the loop is and the scheduler's state."""
 
 ProgressCallback = Callable[[str, int, int], None]
 """Called as `(item_id, step, total)` after every denoising step."""
@@ -91,6 +93,14 @@ class DenoiseItem:
     """Read in this order into one batch (later checkpoints overwrite the fields they hold)."""
     output_key: str
     progress_key: str
+    input_producers: tuple[str, ...] = ()
+    """The phase that wrote each input: a missing or corrupt input names it."""
+
+    def producer_of(self, key: str) -> str:
+        for ref, producer in zip(self.inputs, self.input_producers):
+            if ref.key == key:
+                return producer
+        return key
 
 
 @dataclass(frozen=True)
@@ -121,7 +131,8 @@ class DenoiseJob:
         doc = json.loads(data)
         items = tuple(
             DenoiseItem(item["item_id"], tuple(CheckpointRef(**ref) for ref in item["inputs"]),
-                        item["output_key"], item["progress_key"])
+                        item["output_key"], item["progress_key"],
+                        tuple(item.get("input_producers", ())))
             for item in doc.pop("items"))
         return cls(items=items, **doc)
 
@@ -146,7 +157,8 @@ class DenoiseOutcome:
     ref: CheckpointRef | None = None
     error: str | None = None
     corrupt_input: str | None = None
-    """Key of the input checkpoint that was missing or corrupt, when that was the error."""
+    """The phase whose output (an input here) was missing or corrupt, when that was the
+    error."""
     seconds: float = 0.0
     """Denoising compute in this run (0 for a skipped item)."""
     resumed_from_step: int = 0
@@ -183,12 +195,13 @@ def run_denoise_job(job: DenoiseJob, pipeline: ComposedPipelineBase | None = Non
     num_replicas = world_size // sp_size
     leader = get_sp_rank() == 0 if group is not None else True
     args = job.engine_args(world_size, int(os.environ.get("LOCAL_RANK", rank)), sp_size)
+    phase = job_phase(job.model_path)
     if pipeline is None:
         from fastvideo.pipelines.builder import build_pipeline_for_stages
 
-        pipeline = build_pipeline_for_stages(args, [DENOISING_STAGE])
+        pipeline = build_pipeline_for_stages(args, phase.stages)
     runner = ItemRunner(store=open_store(job.store_uri) if leader else None,
-                         stage=pipeline.get_stage(DENOISING_STAGE), args=args,
+                         stage=denoise_stage(pipeline, phase), phase=phase, args=args,
                          checkpoint_every=job.checkpoint_every, on_progress=on_progress,
                          group=get_sp_group() if sp_size > 1 else None)
     replica = rank // sp_size
@@ -224,6 +237,7 @@ class ItemRunner:
 
     store: ArtifactStore | None
     stage: Any
+    phase: Phase
     args: FastVideoArgs
     checkpoint_every: int
     on_progress: ProgressCallback | None
@@ -231,6 +245,10 @@ class ItemRunner:
     uploads: Executor | None = None
     """Where progress checkpoints are uploaded (None: in the loop, before the next step)."""
     _pending: dict[str, list[Future]] = field(default_factory=dict)
+
+    @property
+    def progress_fields(self) -> tuple[str, ...]:
+        return (*self.phase.writes, *_PROGRESS_STATE)
 
     @property
     def leads(self) -> bool:
@@ -278,11 +296,13 @@ class ItemRunner:
             batch = read_inputs(self.store, item.inputs)
             progress = load_valid_checkpoint(self.store, item.progress_key)
             if progress is not None:
-                for name in _PROGRESS_FIELDS:
+                for name in self.progress_fields:
                     setattr(batch, name, getattr(progress[1], name))
             return batch
         except CorruptInputError as exc:
-            return DenoiseOutcome(item.item_id, error=str(exc), corrupt_input=exc.key)
+            producer = item.producer_of(exc.key)
+            return DenoiseOutcome(item.item_id, error=f"input from {producer} unreadable: {exc}",
+                                  corrupt_input=producer)
         except Exception as exc:  # one item's failure must not stop the shard
             logger.exception("item %s: reading its checkpoints failed", item.item_id)
             return DenoiseOutcome(item.item_id, error=f"{type(exc).__name__}: {exc}")
@@ -290,7 +310,7 @@ class ItemRunner:
     def _step_callback(self, item: DenoiseItem) -> Callable[[ForwardBatch, int, int], None]:
         def on_step_end(batch: ForwardBatch, step: int, total: int) -> None:
             if step % self.checkpoint_every == 0 and step < total:
-                self._save_progress(item, encode_batch(batch, _PROGRESS_FIELDS), step)
+                self._save_progress(item, encode_batch(batch, self.progress_fields), step)
             if self.on_progress is not None:
                 self.on_progress(item.item_id, step, total)
         return on_step_end
@@ -313,7 +333,7 @@ class ItemRunner:
         try:
             ref = retry_io(lambda: write_checkpoint(
                 self.store, item.output_key, denoised.batch,
-                (*ForwardBatch.request_field_names(), "latents")))
+                (*ForwardBatch.request_field_names(), *self.phase.writes)))
             for upload in self._pending.pop(item.item_id, []):
                 upload.result()  # a late progress write must not outlive the delete
             delete_checkpoint(self.store, item.progress_key)
@@ -322,6 +342,19 @@ class ItemRunner:
             return DenoiseOutcome(item.item_id, error=f"{type(exc).__name__}: {exc}")
         return DenoiseOutcome(item.item_id, ref=ref, seconds=denoised.seconds,
                               resumed_from_step=denoised.resumed_from)
+
+
+def job_phase(model_path: str) -> Phase:
+    """The denoise phase of the model's pipeline."""
+    return denoise_phase(model_phases(model_path))
+
+
+def denoise_stage(pipeline: ComposedPipelineBase, phase: Phase) -> Any:
+    """The stage that runs the denoise phase's loop (its one stage)."""
+    if len(phase.stages) != 1:
+        raise ValueError(f"the denoise phase {phase.name!r} must be one stage (the loop), "
+                         f"got {list(phase.stages)}")
+    return pipeline.get_stage(phase.stages[0])
 
 
 def broadcast_bytes(group: GroupCoordinator, data: bytes | None) -> bytes | None:

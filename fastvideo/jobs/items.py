@@ -10,39 +10,44 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fastvideo.jobs.options import EngineOptions
+from fastvideo.fastvideo_args import SamplingParam
 from fastvideo.forward_batch import ForwardBatch
+from fastvideo.jobs.options import EngineOptions
 from fastvideo.storage import CheckpointRef
-
-# The per-item sampling options a dataset row may override (named as SamplingParam's).
-SAMPLING_FIELDS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale",
-                   "max_sequence_length")
 
 
 @dataclass(frozen=True)
 class ItemSpec:
-    """One video to make: the prompt and every option resolved (row value or run default)."""
+    """One video to make: the prompt and every request option resolved (row value or run
+    default). The options are the request schema, `SamplingParam`; read them as
+    attributes (`item.seed`)."""
 
     item_id: str
     prompt: str
-    negative_prompt: str
     shared_negative: bool
     """True when this item uses the run's negative prompt, whose embedding is computed once."""
-    seed: int
-    height: int
-    width: int
-    num_frames: int
-    num_inference_steps: int
-    guidance_scale: float
-    max_sequence_length: int
+    params: SamplingParam
+    """Its negative prompt is the text used ('' for none)."""
 
-    @property
-    def sampling(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in SAMPLING_FIELDS}
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "params":
+            raise AttributeError(name)
+        try:
+            return getattr(self.params, name)
+        except AttributeError:
+            raise AttributeError(f"ItemSpec has no attribute {name!r}") from None
 
-    def to_batch(self) -> ForwardBatch:
-        return ForwardBatch(prompt=[self.prompt], negative_prompt=[self.negative_prompt],
-                            seed=self.seed, request_id=self.item_id, **self.sampling)
+    def request(self) -> dict[str, Any]:
+        """The request fields (`ForwardBatch.request_field_names` minus the request id)."""
+        return {"prompt": self.prompt, **asdict(self.params)}
+
+    def to_batch(self, batch: ForwardBatch | None = None) -> ForwardBatch:
+        """`batch` (default a new one) with this item's request set."""
+        batch = batch if batch is not None else ForwardBatch()
+        for name, value in self.request().items():
+            setattr(batch, name, [value] if name in ForwardBatch.list_field_names() else value)
+        batch.request_id = self.item_id
+        return batch
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ class RunContext:
     model_path: str
     model_fingerprint: str | None
     """None when the run's own machine cannot see the model: the process that runs the
-    stages fingerprints it (`fastvideo.jobs.engine.with_fingerprint`)."""
+    stages fingerprints it (`fastvideo.jobs.engine.Engine.with_fingerprint`)."""
     store_uri: str
     """Checkpoints go here (`checkpoints/<stage>/<key>`)."""
     output_uri: str
@@ -84,6 +89,8 @@ class RunContext:
     fps: int = 16
     options: EngineOptions = EngineOptions()
     """Attention, STA, compile, guidance batching, VAE dtype: the same in every process."""
+    training_data: bool = False
+    """Also write each shard's training parquet part (`fastvideo.jobs.training_data`)."""
 
 
 @dataclass(frozen=True)
@@ -126,8 +133,12 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def item_from_dict(doc: dict[str, Any]) -> ItemSpec:
+    return ItemSpec(**{**doc, "params": SamplingParam(**doc["params"])})
+
+
 def shard_from_dict(doc: dict[str, Any]) -> Shard:
-    return Shard(index=doc["index"], items=tuple(ItemSpec(**item) for item in doc["items"]))
+    return Shard(index=doc["index"], items=tuple(item_from_dict(item) for item in doc["items"]))
 
 
 def run_context_from_dict(doc: dict[str, Any]) -> RunContext:

@@ -5,7 +5,7 @@ path, which GPU). A run validates them once, at its start, and ships them with i
 so a bad value fails before any model loads, naming the option.
 
 The sliding tile attention windows travel as the config's JSON text, not a path: the
-process running the stages may be on another machine. `stage_params` says which options
+process running the stages may be on another machine. `phase_params` says which options
 enter which stage's checkpoint key: only those that change results.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fastvideo.fastvideo_args import FastVideoArgs, parse_dtype
+from fastvideo.pipelines.phases import Phase
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,18 +87,22 @@ class EngineOptions:
         canonical = json.dumps(json.loads(self.sta_config), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def stage_params(self, stage: str) -> dict[str, Any]:
-        """What of these options changes the output of `stage`, for its checkpoint key.
+    def phase_params(self, phase: Phase | None) -> dict[str, Any]:
+        """What of these options changes the output of `phase`, for its checkpoint key.
 
-        Sparse attention changes the denoised latents and the VAE's dtype the frames; the
-        backend of dense attention, compiling and batching guidance compute the same
-        thing (to rounding), so they stay out and a run may switch them and reuse work.
+        Sparse attention changes the denoise phase's output, and the VAE's dtype that of
+        every phase using the VAE; the backend of dense attention, compiling and batching
+        guidance compute the same thing (to rounding), so they stay out and a run may
+        switch them and reuse work.
         """
-        if stage == "denoise" and self.sta_config is not None:
-            return {"sta": self.sta_digest}
-        if stage == "decode" and parse_dtype(self.vae_dtype) != parse_dtype("float32"):
-            return {"vae_dtype": str(parse_dtype(self.vae_dtype))}
-        return {}
+        params: dict[str, Any] = {}
+        if phase is None:
+            return params
+        if phase.denoise and self.sta_config is not None:
+            params["sta"] = self.sta_digest
+        if "vae" in phase.modules and parse_dtype(self.vae_dtype) != parse_dtype("float32"):
+            params["vae_dtype"] = str(parse_dtype(self.vae_dtype))
+        return params
 
     def to_args(self, model_path: str, device: str, dtype: str | None,
                 **parallel: Any) -> FastVideoArgs:

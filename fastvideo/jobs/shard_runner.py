@@ -27,26 +27,21 @@ from typing import Any, TypeVar
 
 import torch
 
-from fastvideo.jobs import item_stages
+from fastvideo.jobs import item_phases
 from fastvideo.jobs.denoise import (
-    DENOISING_STAGE,
     Denoised,
     DenoiseItem,
     DenoiseOutcome,
     ItemRunner,
+    denoise_stage,
 )
-from fastvideo.jobs.engine import get_pipeline, stage_lock, with_fingerprint
-from fastvideo.jobs.item_stages import (
-    DECODE,
-    DENOISE,
-    ENCODE_NEGATIVE,
-    ENCODE_TEXT,
-    PREPARE_LATENTS,
-    STAGES,
-    WRITE_VIDEO,
-)
+from fastvideo.jobs.engine import ENGINE
+from fastvideo.jobs.item_phases import ENCODE_NEGATIVE, WRITE_VIDEO, guarded, phase_inputs
 from fastvideo.jobs.items import ItemResult, ItemSpec, RunContext, Shard, failure, to_jsonable
-from fastvideo.storage import ArtifactStore, CorruptInputError, StoreUnavailableError, open_store
+from fastvideo.jobs.training_data import write_training_part
+from fastvideo.pipelines.builder import model_phases
+from fastvideo.pipelines.phases import Phase
+from fastvideo.storage import ArtifactStore, open_store
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -105,100 +100,118 @@ class ShardRunner:
 
     def run(self, ctx: RunContext, shard: Shard, emit: Emit,
             cancelled: Callable[[], bool] = lambda: False) -> ShardResults:
-        """Every stage for every item of `shard`; returns when all are done or failed."""
-        ctx = with_fingerprint(ctx)
+        """Every phase for every item of `shard`; returns when all are done or failed."""
+        ctx = ENGINE.with_fingerprint(ctx)
+        phases = model_phases(ctx.model_path)
         negative = None
-        if any(i.guidance_scale > 1.0 and i.shared_negative for i in shard.items):
-            negative = self._gpu.submit(self._negative, ctx).result()
-        fronts = [self._gpu.submit(self._front, ctx, item, negative, emit, cancelled)
+        if any(p.shared_negative for p in phases) and any(
+                item_phases.uses_shared_negative(i) for i in shard.items):
+            negative = self._gpu.submit(self._negative, ctx, phases).result()
+        fronts = [self._gpu.submit(self._front, ctx, phases, item, negative, emit, cancelled)
                   for item in shard.items]
         per_item = [front.result().result() for front in fronts]
-        return {stage: [_carry(results, stage) for results in per_item] for stage in STAGES}
+        results = {stage: [_carry(results, stage) for results in per_item]
+                   for stage in item_phases.stage_names(phases)}
+        if ctx.training_data:
+            try:
+                write_training_part(self.store(ctx.store_uri), self.store(ctx.output_uri),
+                                    shard, phases, results)
+            except Exception:  # the videos are made; the rerun writes the part again
+                logger.exception("shard %d: writing its training data failed", shard.index)
+        return results
 
-    def _negative(self, ctx: RunContext) -> ItemResult:
+    def _negative(self, ctx: RunContext, phases: tuple[Phase, ...]) -> ItemResult:
         """The run's negative embedding, once per shard: computed the first time, then a
         verified read (never remembered across shards: its checkpoint may be gone since)."""
-        return _guarded(ENCODE_NEGATIVE, "negative", lambda: item_stages.encode_negative(
-            ctx, self.store(ctx.store_uri)))
+        return guarded(ENCODE_NEGATIVE, "negative", lambda: item_phases.encode_negative(
+            ctx, self.store(ctx.store_uri), phases), logger)
 
-    def _front(self, ctx: RunContext, item: ItemSpec, negative: ItemResult | None, emit: Emit,
-               cancelled: Callable[[], bool]) -> Future[dict[str, ItemResult]]:
-        """The GPU lane's share of an item; returns the future of its post-lane share."""
+    def _front(self, ctx: RunContext, phases: tuple[Phase, ...], item: ItemSpec,
+               negative: ItemResult | None, emit: Emit, cancelled: Callable[[], bool]
+               ) -> Future[dict[str, ItemResult]]:
+        """The GPU lane's share of an item (the phases up to denoising, included); returns
+        the future of its post-lane share."""
         start = time.time()
         results: dict[str, ItemResult] = {}
         store = self.store(ctx.store_uri)
 
         def stage(name: str, work: Callable[[], ItemResult]) -> bool:
-            results[name] = _guarded(name, item.item_id, work)
+            results[name] = guarded(name, item.item_id, work, logger)
             emit({"event": "stage", "stage": name, "item_id": item.item_id,
                   "result": to_jsonable(results[name])})
             return results[name].ok
 
         if cancelled():
-            results[ENCODE_TEXT] = failure(item.item_id, ENCODE_TEXT, "the request was cancelled")
+            results[phases[0].name] = failure(item.item_id, phases[0].name,
+                                              "the request was cancelled")
             return _done(results)
-        shared = item_stages.NegativeEmbedding(store, negative)
-        if not (stage(ENCODE_TEXT, lambda: item_stages.encode_text(ctx, store, item, shared))
-                and stage(PREPARE_LATENTS,
-                          lambda: item_stages.prepare_latents(ctx, store, item))):
+        shared = item_phases.NegativeEmbedding(store, negative)
+        index = next(i for i, p in enumerate(phases) if p.denoise)
+        for i, phase in enumerate(phases[:index]):
+            if not stage(phase.name, lambda i=i, phase=phase: item_phases.run_phase(
+                    ctx, store, phase, item, phase_inputs(phases, i, results, item, negative),
+                    shared)):
+                return _done(results)
+        try:
+            inputs = phase_inputs(phases, index, results, item, negative)
+        except ValueError as exc:
+            error = failure(item.item_id, phases[index].name, str(exc))
+            stage(phases[index].name, lambda: error)
             return _done(results)
-        job_item = item_stages.denoise_item(ctx, item.item_id, item_stages.denoise_inputs(
-            item, results[ENCODE_TEXT], results[PREPARE_LATENTS], negative))
-        runner = self._denoiser(ctx, store, emit)
-        pipeline = get_pipeline(ctx, [DENOISING_STAGE])
-        with stage_lock(pipeline, [DENOISING_STAGE]):
+        job_item = item_phases.denoise_item(ctx, phases[index], item.item_id, inputs)
+        runner = self._denoiser(ctx, phases[index], store, emit)
+        pipeline = ENGINE.run_pipeline(ctx, phases[index].stages)
+        with ENGINE.stage_lock(pipeline, phases[index].stages):
             computed = runner.compute(job_item)
         if isinstance(computed, Denoised):
             # Off the device on this lane's stream, so the post lane's stream sees it whole.
-            computed.batch.latents = computed.batch.latents.cpu()
+            for name in phases[index].writes:
+                value = getattr(computed.batch, name)
+                if isinstance(value, torch.Tensor):
+                    setattr(computed.batch, name, value.cpu())
         self.timeline.add(item.item_id, "gpu", start, time.time())
-        post = lambda: self._post_work(ctx, item, runner, job_item, computed, results, stage)  # noqa: E731
+        post = lambda: self._post_work(ctx, phases, index, item, runner, job_item, computed,  # noqa: E731
+                                       results, stage)
         if self._post is None:
             return _done(post())
         return self._post.submit(post)
 
-    def _post_work(self, ctx: RunContext, item: ItemSpec, runner: ItemRunner,
-                   job_item: DenoiseItem, computed: DenoiseOutcome | Denoised,
-                   results: dict[str, ItemResult],
+    def _post_work(self, ctx: RunContext, phases: tuple[Phase, ...], index: int,
+                   item: ItemSpec, runner: ItemRunner, job_item: DenoiseItem,
+                   computed: DenoiseOutcome | Denoised, results: dict[str, ItemResult],
                    stage: Callable[[str, Callable[[], ItemResult]], bool]
                    ) -> dict[str, ItemResult]:
+        """The phases after denoising, then the video."""
         start = time.time()
         store, output = self.store(ctx.store_uri), self.store(ctx.output_uri)
         batch = computed.batch if isinstance(computed, Denoised) else None
         outcome = runner.finish(job_item, computed) if batch is not None else computed
-        denoised_ok = stage(DENOISE, lambda: item_stages.denoise_result(outcome))
-        if denoised_ok and stage(DECODE, lambda: item_stages.decode(
-                ctx, store, item, results[DENOISE].ref, batch)):
-            stage(WRITE_VIDEO, lambda: item_stages.write_video(
-                ctx, store, output, item, results[DECODE].ref))
+        ok = stage(phases[index].name,
+                   lambda: item_phases.denoise_result(phases[index], outcome))
+        for i in range(index + 1, len(phases)):
+            if not ok:
+                break
+            phase = phases[i]
+            given = batch if i == index + 1 else None  # the denoised batch, already here
+            ok = stage(phase.name, lambda i=i, phase=phase, given=given: item_phases.run_phase(
+                ctx, store, phase, item, phase_inputs(phases, i, results, item, None),
+                batch=given))
+        if ok:
+            stage(WRITE_VIDEO, lambda: item_phases.write_video(
+                ctx, store, output, item, phases[-1], results[phases[-1].name].ref))
         self.timeline.add(item.item_id, "post", start, time.time())
         return results
 
-    def _denoiser(self, ctx: RunContext, store: ArtifactStore, emit: Emit) -> ItemRunner:
-        pipeline = get_pipeline(ctx, [DENOISING_STAGE])
+    def _denoiser(self, ctx: RunContext, phase: Phase, store: ArtifactStore, emit: Emit
+                  ) -> ItemRunner:
+        pipeline = ENGINE.run_pipeline(ctx, phase.stages)
 
         def on_progress(item_id: str, step: int, total: int) -> None:
             emit({"event": "step", "item_id": item_id, "step": step, "total": total})
 
-        return ItemRunner(store=store, stage=pipeline.get_stage(DENOISING_STAGE),
+        return ItemRunner(store=store, stage=denoise_stage(pipeline, phase), phase=phase,
                           args=pipeline.fastvideo_args, checkpoint_every=ctx.checkpoint_every,
                           on_progress=on_progress, group=None, uploads=self._uploads)
-
-
-def _guarded(stage: str, item_id: str, work: Callable[[], ItemResult]) -> ItemResult:
-    """`work()`, or the item's failure in `stage` (one item's failure stops no other)."""
-    try:
-        return work()
-    except StoreUnavailableError as exc:
-        logger.error("%s item %s: store unavailable: %s", stage, item_id, exc)
-        return failure(item_id, stage, f"StoreUnavailableError: {exc}")
-    except CorruptInputError as exc:
-        logger.warning("%s item %s: %s", stage, item_id, exc)
-        return failure(item_id, stage, str(exc), corrupt_input=exc.key)
-    except Exception as exc:
-        logger.error("%s item %s failed: %s", stage, item_id, exc,
-                     exc_info=not isinstance(exc, ValueError))
-        return failure(item_id, stage, f"{type(exc).__name__}: {exc}")
 
 
 def _carry(results: dict[str, ItemResult], stage: str) -> ItemResult:

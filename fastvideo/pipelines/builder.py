@@ -3,6 +3,7 @@ engine's `pipeline_name`) names, with all its modules or only those some stages 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.models.loader.component_loader import read_model_index
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
+from fastvideo.pipelines.phases import Phase
 from fastvideo.pipelines.pipeline_registry import get_pipeline_class
 
 
@@ -21,6 +23,27 @@ def check_device_available(device: str) -> None:
                          "GPU (torch.cuda.is_available() is False); use device='cpu'")
 
 
+def pipeline_class(model_path: str, pipeline_name: str | None = None
+                   ) -> type[ComposedPipelineBase]:
+    """The pipeline class for a model folder: `pipeline_name`, else the `_class_name` of its
+    `model_index.json` (read once per process, nothing loaded)."""
+    return get_pipeline_class(pipeline_name or _pipeline_name(model_path))
+
+
+@functools.lru_cache(maxsize=64)
+def _pipeline_name(model_path: str) -> str:
+    return read_model_index(model_path)["_class_name"]
+
+
+def model_phases(model_path: str, pipeline_name: str | None = None) -> tuple[Phase, ...]:
+    """The phases of the model's pipeline (see `fastvideo.pipelines.phases`)."""
+    cls = pipeline_class(model_path, pipeline_name)
+    if not cls.phases:
+        raise ValueError(f"pipeline {cls.__name__} declares no phases, so it cannot run as "
+                         "batch work; declare `phases` on the class")
+    return cls.phases
+
+
 def build_pipeline(fastvideo_args: FastVideoArgs, modules: dict[str, Any] | None = None,
                    required_modules: Iterable[str] | None = None) -> ComposedPipelineBase:
     """Instantiate the pipeline named by the args or by `model_index.json`.
@@ -28,9 +51,9 @@ def build_pipeline(fastvideo_args: FastVideoArgs, modules: dict[str, Any] | None
     `required_modules` (default: all) are the modules to load; see `ComposedPipelineBase`.
     """
     check_device_available(fastvideo_args.device)
-    name = fastvideo_args.pipeline_name or read_model_index(fastvideo_args.model_path)["_class_name"]
-    return get_pipeline_class(name)(fastvideo_args.model_path, fastvideo_args, modules=modules,
-                                    required_modules=required_modules)
+    cls = pipeline_class(fastvideo_args.model_path, fastvideo_args.pipeline_name)
+    return cls(fastvideo_args.model_path, fastvideo_args, modules=modules,
+               required_modules=required_modules)
 
 
 def build_pipeline_for_stages(fastvideo_args: FastVideoArgs, stage_names: Iterable[str],

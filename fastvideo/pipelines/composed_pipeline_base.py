@@ -12,9 +12,10 @@ from typing import Any
 import torch
 
 from fastvideo.fastvideo_args import FastVideoArgs
+from fastvideo.forward_batch import ForwardBatch
 from fastvideo.models.loader.component_loader import load_component, read_json, read_model_index
 from fastvideo.models.registry import resolve_model
-from fastvideo.forward_batch import ForwardBatch
+from fastvideo.pipelines.phases import Phase, check_phases
 from fastvideo.pipelines.stages.base import PipelineStage
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,11 @@ class ComposedPipelineBase(ABC):
     """
 
     _required_config_modules: list[str] = []
+    phases: tuple[Phase, ...] = ()
+    """The stages grouped into phases, the units of batch work (see `pipelines.phases`);
+    checked against the stages when the pipeline is built."""
+    requires_image: bool = False
+    """Each request must carry an `image` (image-to-video); False: an image is refused."""
 
     def __init__(self, model_path: str, fastvideo_args: FastVideoArgs,
                  modules: dict[str, Any] | None = None,
@@ -103,6 +109,25 @@ class ComposedPipelineBase(ABC):
         self.load_modules(required_modules)
         self.initialize_pipeline(fastvideo_args)
         self.create_pipeline_stages(fastvideo_args)
+        if self.phases:
+            check_phases(self.phases, list(self._stages), type(self).__name__)
+            for phase in self.phases:
+                used = self.stage_modules(phase.stages)
+                if used != sorted(phase.modules):
+                    raise ValueError(f"{type(self).__name__}: phase {phase.name!r} declares "
+                                     f"modules {sorted(phase.modules)}, but its stages use "
+                                     f"{used}")
+
+    @classmethod
+    def check_image_given(cls, image: Any, what: str = "the request") -> None:
+        """ValueError unless `what` carries an image exactly when this pipeline takes one."""
+        if cls.requires_image and image is None:
+            raise ValueError(f"{cls.__name__} makes a video from an image, but {what} has no "
+                             "image; give one (--image, generate_video(image=...), or a "
+                             "dataset column 'image')")
+        if not cls.requires_image and image is not None:
+            raise ValueError(f"{cls.__name__} takes no image, but {what} has one ({image!r}); "
+                             "use an image-to-video model or drop the image")
 
     @property
     def required_config_modules(self) -> list[str]:

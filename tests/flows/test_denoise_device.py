@@ -9,7 +9,8 @@ import torch
 
 from fastvideo.entrypoints.video_generator import VideoGenerator
 from fastvideo.fastvideo_args import SamplingParam
-from fastvideo.jobs.item_stages import denoise_item
+from fastvideo.jobs.item_phases import denoise_item
+from fastvideo.pipelines.wan.wan_pipeline import DENOISE
 from tasks.dispatch import Dispatch
 from tasks.prepare import prepare_run
 
@@ -34,7 +35,8 @@ def test_remote_denoise_defaults_to_cuda_bf16(tiny_wan_path: Path, tmp_path: Pat
     assert (remote.device, remote.dtype) == ("cpu", "float32")
     assert (remote.denoise_device, remote.denoise_dtype) == ("cuda", "bfloat16")
     # A bf16 GPU result never answers for a fp32 CPU one: different checkpoint keys.
-    assert denoise_item(local, "a", []).output_key != denoise_item(remote, "a", []).output_key
+    assert (denoise_item(local, DENOISE, "a", []).output_key
+            != denoise_item(remote, DENOISE, "a", []).output_key)
 
 
 @pytest.mark.usefixtures("no_gpu")

@@ -13,15 +13,9 @@ import pytest
 
 from fastvideo.fastvideo_args import SamplingParam
 from fastvideo.jobs.denoise import DenoiseJob
-from fastvideo.jobs.item_stages import (
-    DECODE,
-    DENOISE,
-    ENCODE_TEXT,
-    PREPARE_LATENTS,
-    denoise_item,
-    stage_key,
-)
+from fastvideo.jobs.item_phases import denoise_item, stage_key
 from fastvideo.jobs.options import EngineOptions
+from fastvideo.pipelines.wan.wan_pipeline import WanPipeline
 from flows.bulk import bulk
 from tasks.dispatch import Dispatch
 from tasks.prepare import prepare_run
@@ -31,8 +25,8 @@ STA = {"tile_size": "auto", "num_full_steps": 1, "default_window": [1, 2, 2]}
 
 
 def _keys(ctx) -> dict[str, str]:
-    return {stage: stage_key(ctx, stage, {"x": 1}, "digest")
-            for stage in (ENCODE_TEXT, PREPARE_LATENTS, DENOISE, DECODE)}
+    return {phase.name: stage_key(ctx, phase, {"x": 1}, "digest")
+            for phase in WanPipeline.phases}
 
 
 def test_only_options_that_change_results_enter_checkpoint_keys(tiny_wan_path: Path,
@@ -48,9 +42,9 @@ def test_only_options_that_change_results_enter_checkpoint_keys(tiny_wan_path: P
         assert _keys(ctx(**options)) == plain, options
     # Sparse attention changes the denoised latents only; the VAE's dtype the frames only.
     sta = _keys(ctx(sta_config=json.dumps(STA)))
-    assert [s for s in plain if sta[s] != plain[s]] == [DENOISE]
+    assert [s for s in plain if sta[s] != plain[s]] == ["denoise"]
     vae = _keys(ctx(vae_dtype="bfloat16"))
-    assert [s for s in plain if vae[s] != plain[s]] == [DECODE]
+    assert [s for s in plain if vae[s] != plain[s]] == ["decode"]
     # Formatting of the STA file is not a different config.
     spaced = _keys(ctx(sta_config=json.dumps(STA, indent=4)))
     assert spaced == sta
@@ -62,7 +56,7 @@ def test_denoise_jobs_carry_the_options(tiny_wan_path: Path, tmp_path: Path) -> 
     ctx = prepare_run.fn(str(tiny_wan_path), str(tmp_path), str(tmp_path), SamplingParam(),
                          options=options)
     job = DenoiseJob(model_path=ctx.model_path, store_uri=ctx.store_uri,
-                     items=(denoise_item(ctx, "a", []),), options=options)
+                     items=(denoise_item(ctx, WanPipeline.phases[2], "a", []),), options=options)
     # A torchrun worker reads the job from JSON and builds its engine args from it.
     args = DenoiseJob.from_json(job.to_json()).engine_args(world_size=2, sp_size=2)
     assert (args.attention_backend, args.batch_cfg, args.enable_torch_compile, args.sp_size) == \

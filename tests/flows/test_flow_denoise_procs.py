@@ -53,7 +53,7 @@ def _bulk(dataset: Path, output: str, model_path: Path, **options: Any) -> dict[
 
 
 def _latents(rows: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return {item_id: checkpoint_latents(row["denoised_checkpoint_uri"])
+    return {item_id: checkpoint_latents(row["denoise_checkpoint_uri"])
             for item_id, row in rows.items()}
 
 
@@ -82,7 +82,7 @@ def torchrun_latents(prefect_server, dataset: Path, tiny_wan_path: Path,
     output = str(tmp_path_factory.mktemp("procs-torchrun"))
     rows = _bulk(dataset, output, tiny_wan_path, dispatch="torchrun",
                  nproc_per_node=PROCS)
-    assert [r["denoise_resumed_from_step"] for r in rows.values()] == [0, 0]
+    assert [r["resumed_from_step"] for r in rows.values()] == [0, 0]
     return _latents(rows)
 
 
@@ -167,7 +167,7 @@ def test_killed_rank_fails_the_task_then_a_rerun_resumes(
     assert state.is_completed(), state.message
     rows = read_manifest(str(output))
     # The item killed mid-denoise went on from a saved step, not from the start.
-    assert max(r["denoise_resumed_from_step"] for r in rows.values()) >= CHECKPOINT_EVERY
+    assert max(r["resumed_from_step"] for r in rows.values()) >= CHECKPOINT_EVERY
     states = task_states(state.state_details.flow_run_id)
     assert [s for name, s in states.items() if name.startswith("denoise-")] == [["Completed"]]
     # Resumed with the saved scheduler state on the same 2 processes: bit-exact.

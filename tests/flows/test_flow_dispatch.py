@@ -31,7 +31,7 @@ def test_generate_inprocess_torchrun_and_worker_match_the_engine(
     direct = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu").generate_video(**request)
     # Same model, seed and ops on CPU fp32, checkpoints in between: bit-identical.
     for dispatch, row in rows.items():
-        latents = checkpoint_latents(row["denoised_checkpoint_uri"])[0]
+        latents = checkpoint_latents(row["denoise_checkpoint_uri"])[0]
         assert torch.equal(latents, direct.latents), dispatch
     assert rows["inprocess"]["video_sha256"] == rows["torchrun"]["video_sha256"] == \
         rows["worker"]["video_sha256"]

@@ -10,7 +10,7 @@ import torch
 import flows.pipeline
 from fastvideo.pipelines.stages.decoding import DecodingStage
 from flows.bulk import bulk
-from tasks.stages import decode
+from tasks.stages import phase_task
 from tests.flows.fault_proxy import FaultProxy
 from tests.flows.helpers import (
     PROMPTS,
@@ -49,8 +49,8 @@ def test_decode_failure_then_corrupt_checkpoint_recovers(
     assert "injected decode failure" in bad["error"]
 
     # Flip one byte of the failed item's denoised latents on disk.
-    denoised = Path(bad["denoised_checkpoint_uri"].removeprefix("file://"))
-    latents_before = checkpoint_latents(bad["denoised_checkpoint_uri"])
+    denoised = Path(bad["denoise_checkpoint_uri"].removeprefix("file://"))
+    latents_before = checkpoint_latents(bad["denoise_checkpoint_uri"])
     tensors = next(denoised.glob("tensors-*.safetensors"))
     data = bytearray(tensors.read_bytes())
     data[-3] ^= 0x01
@@ -70,7 +70,7 @@ def test_decode_failure_then_corrupt_checkpoint_recovers(
     assert states[f"prepare-latents-{shard_of_bad}"] == ["Cached"]
     assert states[f"denoise-{shard_of_bad}"] == ["Cached", "Completed"]
     assert states[f"decode-{shard_of_bad}"] == ["Failed", "Completed"]
-    latents_after = checkpoint_latents(rows[bad["item_id"]]["denoised_checkpoint_uri"])
+    latents_after = checkpoint_latents(rows[bad["item_id"]]["denoise_checkpoint_uri"])
     assert torch.equal(latents_after, latents_before)
 
 
@@ -104,8 +104,9 @@ def test_s3_unreachable_mid_run_fails_the_item_cleanly_then_a_rerun_resumes(
     run = dict(dataset=f"s3://{bucket}/data/prompts.jsonl", output=f"s3://{bucket}/down",
                model_path=str(tiny_wan_path), **TINY)
     # One Prefect retry without delay keeps the test short; the production default is 3.
-    monkeypatch.setattr(flows.pipeline, "decode", decode.with_options(retries=1,
-                                                                      retry_delay_seconds=0))
+    quick = phase_task("decode").with_options(retries=1, retry_delay_seconds=0)
+    monkeypatch.setattr(flows.pipeline, "phase_task",
+                        lambda name: quick if name == "decode" else phase_task(name))
     with FaultProxy(s3_env.endpoint_url) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
         rule = proxy.refuse("PUT", "/checkpoints/decode/", times=10**6)

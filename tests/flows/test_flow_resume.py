@@ -75,7 +75,7 @@ def test_sigkill_during_denoise_then_rerun(s3_env, flow_env, tiny_wan_path: Path
     assert [r["status"] for r in rows.values()] == ["succeeded"] * 2
     first, second = rows.values()
     # The killed item continued from a saved step, not from the start.
-    assert second["denoise_resumed_from_step"] >= CHECKPOINT_EVERY
+    assert second["resumed_from_step"] >= CHECKPOINT_EVERY
 
     # Nothing finished before the kill ran again: Prefect shows it Cached.
     states = task_states(state.state_details.flow_run_id)
@@ -92,7 +92,7 @@ def test_sigkill_during_denoise_then_rerun(s3_env, flow_env, tiny_wan_path: Path
     assert state.is_completed(), state.message
     expected = read_manifest(reference)
     for item_id, row in rows.items():
-        resumed = checkpoint_latents(row["denoised_checkpoint_uri"])
-        uninterrupted = checkpoint_latents(expected[item_id]["denoised_checkpoint_uri"])
+        resumed = checkpoint_latents(row["denoise_checkpoint_uri"])
+        uninterrupted = checkpoint_latents(expected[item_id]["denoise_checkpoint_uri"])
         assert torch.equal(resumed, uninterrupted), item_id
         assert row["video_sha256"] == expected[item_id]["video_sha256"]

@@ -104,9 +104,9 @@ def test_manifest_round_trip_and_labels(tmp_path: Path) -> None:
                             str(tmp_path))
     (row,) = read_manifest(open_store(tmp_path))
     assert uri.endswith("/manifest.parquet")
-    assert (row["status"], row["failed_stage"], row["denoise_resumed_from_step"]) == \
+    assert (row["status"], row["failed_stage"], row["resumed_from_step"]) == \
         ("failed", "decode", 4)
-    assert row["denoised_checkpoint_uri"] == "file:///o/checkpoints/denoise/1"
-    assert row["denoised_seconds"] == 1.5 and row["video_uri"] is None
+    assert row["denoise_checkpoint_uri"] == "file:///o/checkpoints/denoise/1"
+    assert row["denoise_seconds"] == 1.5 and row["video_uri"] is None
     with pytest.raises(ValueError, match=r"dispatch must be one of \[.inprocess., .worker., .torchrun., .deployment.\], got .slurm."):
         Dispatch(mode="slurm")

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from fastvideo.jobs import engine, worker_client
+from fastvideo.jobs import worker_client
+from fastvideo.jobs.engine import ENGINE
 from fastvideo.jobs.options import EngineOptions
 from fastvideo.jobs.worker_client import (
     WorkerSpec,
@@ -78,12 +79,12 @@ def test_options_reach_the_worker(worker_dir: Path, tiny_wan_path: Path) -> None
 def test_windows_share_one_model_load_and_equal_inprocess(
         prefect_server, worker_dir: Path, tiny_wan_path: Path, tmp_path: Path) -> None:
     dataset = write_dataset(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
-    builds_here = len(engine.BUILDS)
+    builds_here = len(ENGINE.builds)
     state = _bulk(dataset, tmp_path / "worker", tiny_wan_path, dispatch="worker",
                   shard_size=1, concurrency=1)
     assert state.is_completed(), state.message
     # The flow's process loaded nothing: every stage ran on the worker.
-    assert len(engine.BUILDS) == builds_here
+    assert len(ENGINE.builds) == builds_here
     (pid,) = running_workers()
     info = describe_worker(_spec(tiny_wan_path))
     assert info["pid"] == pid
@@ -100,8 +101,8 @@ def test_windows_share_one_model_load_and_equal_inprocess(
     for item_id, row in read_manifest(str(tmp_path / "inprocess")).items():
         # Overlapped lanes on the worker, stage tasks here: the same video, bit for bit.
         assert worker_rows[item_id]["video_sha256"] == row["video_sha256"], item_id
-        assert torch.equal(checkpoint_latents(worker_rows[item_id]["denoised_checkpoint_uri"]),
-                           checkpoint_latents(row["denoised_checkpoint_uri"]))
+        assert torch.equal(checkpoint_latents(worker_rows[item_id]["denoise_checkpoint_uri"]),
+                           checkpoint_latents(row["denoise_checkpoint_uri"]))
 
 
 def test_killed_worker_fails_its_shard_fast_and_rerun_resumes(
@@ -135,7 +136,7 @@ def test_killed_worker_fails_its_shard_fast_and_rerun_resumes(
     rerun = _bulk(dataset, output, tiny_wan_path, dispatch="worker")
     assert rerun.is_completed(), rerun.message
     (row,) = read_manifest(str(output)).values()
-    assert row["denoise_resumed_from_step"] >= CHECKPOINT_EVERY
+    assert row["resumed_from_step"] >= CHECKPOINT_EVERY
     assert _bulk(dataset, tmp_path / "reference", tiny_wan_path).is_completed()
     (expected,) = read_manifest(str(tmp_path / "reference")).values()
     # Resumed from the saved latents and scheduler state: bit-exact.

@@ -12,11 +12,15 @@ from pathlib import Path
 import pytest
 
 from fastvideo.fastvideo_args import SamplingParam
-from fastvideo.jobs.item_stages import DECODE, DENOISE, STAGES, WRITE_VIDEO
+from fastvideo.jobs.item_phases import WRITE_VIDEO, stage_names
 from fastvideo.jobs.items import RunContext
 from fastvideo.jobs.shard_runner import ShardRunner
+from fastvideo.pipelines.wan.wan_pipeline import WanPipeline
 from tasks.dataset import make_shards, parse_rows
 from tests.flows.helpers import PROMPTS, TINY
+
+STAGES = stage_names(WanPipeline.phases)
+DENOISE, DECODE = "denoise", "decode"
 
 
 def _ctx(model: Path, store: Path) -> RunContext:

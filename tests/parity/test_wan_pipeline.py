@@ -75,8 +75,8 @@ def test_guidance_texts_of_different_lengths_run_as_two_forwards(tiny_wan_path) 
     """Embeddings that cannot be stacked (here the negative cut to 8 tokens) fall back to
     two forwards per step, with the result of `batch_cfg=False`."""
     from fastvideo.fastvideo_args import FastVideoArgs
-    from fastvideo.pipelines.builder import build_pipeline
     from fastvideo.forward_batch import ForwardBatch
+    from fastvideo.pipelines.builder import build_pipeline
 
     pipeline = build_pipeline(FastVideoArgs(model_path=str(tiny_wan_path), device="cpu"))
     args = pipeline.fastvideo_args

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fastvideo.fastvideo_args import FastVideoArgs
+from fastvideo.forward_batch import ForwardBatch
 from fastvideo.pipelines.builder import build_pipeline, build_pipeline_for_stages
 from fastvideo.pipelines.composed_pipeline_base import ModuleNotLoadedError, UnloadedModule
-from fastvideo.forward_batch import ForwardBatch
 
 
 @pytest.fixture(scope="module")

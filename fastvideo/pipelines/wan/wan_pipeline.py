@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastvideo.attention.sta_config import STAConfig
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
+from fastvideo.pipelines.phases import Phase, SharedNegative
 from fastvideo.pipelines.stages import (
     DecodingStage,
     DenoisingStage,
@@ -15,9 +16,29 @@ from fastvideo.pipelines.stages import (
     TimestepPreparationStage,
 )
 
+ENCODE_TEXT = Phase(
+    name="encode-text", stages=("input_validation_stage", "text_encoding_stage"),
+    writes=("prompt_embeds",), modules=("text_encoder", "tokenizer"),
+    optional_writes=("negative_prompt_embeds",),
+    request=("prompt", "negative_prompt", "max_sequence_length"),
+    training=("prompt_embeds",), shared_negative=SharedNegative())
+PREPARE_LATENTS = Phase(
+    name="prepare-latents", stages=("timestep_preparation_stage", "latent_preparation_stage"),
+    writes=("timesteps", "latents", "step_index"), modules=("scheduler",),
+    request=("seed", "height", "width", "num_frames", "num_inference_steps", "guidance_scale",
+             "max_sequence_length"))
+DENOISE = Phase(
+    name="denoise", stages=("denoising_stage",),
+    reads=("prompt_embeds", "negative_prompt_embeds", "timesteps", "latents"),
+    writes=("latents",), modules=("transformer", "scheduler"), request=(),
+    training=("latents",), denoise=True)
+DECODE = Phase(name="decode", stages=("decoding_stage",), reads=("latents",),
+               writes=("output",), modules=("vae",), request=(), frames="output")
+
 
 class WanPipeline(ComposedPipelineBase):
     _required_config_modules = ["text_encoder", "tokenizer", "vae", "transformer", "scheduler"]
+    phases = (ENCODE_TEXT, PREPARE_LATENTS, DENOISE, DECODE)
 
     def initialize_pipeline(self, fastvideo_args: FastVideoArgs) -> None:
         self.geometry = LatentGeometry.from_configs(

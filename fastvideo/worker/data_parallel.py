@@ -17,7 +17,8 @@ from fastvideo.forward_batch import NOISE_ROWS_KEY, ForwardBatch
 
 PER_ITEM_LISTS = ("prompt", "negative_prompt")
 """List fields with one entry per item (when their length is the batch size)."""
-PER_ITEM_TENSORS = ("prompt_embeds", "negative_prompt_embeds", "latents", "output")
+PER_ITEM_TENSORS = ("prompt_embeds", "negative_prompt_embeds", "image_embeds",
+                    "condition_latents", "latents", "output")
 """Tensor fields with one row per item."""
 
 

@@ -11,14 +11,16 @@ import torch
 from fastvideo.attention.sta_config import STAConfig
 from fastvideo.attention.sta_context import sta_context
 from fastvideo.fastvideo_args import FastVideoArgs
-from fastvideo.models.schedulers.state import get_scheduler_state, load_scheduler_state
 from fastvideo.forward_batch import ForwardBatch
+from fastvideo.models.schedulers.state import get_scheduler_state, load_scheduler_state
 from fastvideo.pipelines.stages.base import PipelineStage
 
 logger = logging.getLogger(__name__)
 
 SCHEDULER_STATE_KEY = "scheduler_state"
 StepCallback = Callable[[ForwardBatch, int, int], None]
+DiTContext = dict[str, torch.Tensor]
+"""The DiT's keyword arguments besides the latents and timestep (text, image context)."""
 
 
 class DenoisingStage(PipelineStage):
@@ -34,6 +36,10 @@ class DenoisingStage(PipelineStage):
     With `batch_cfg` the conditional and unconditional inputs of classifier-free guidance
     go through the DiT as one batch (conditional first), when their text embeddings have
     the same shape; otherwise, or without it, as two forwards.
+
+    Image-to-video batches carry more DiT inputs, used by both guidance branches:
+    `condition_latents` follow the noisy latents on channels, and `image_embeds` are the
+    DiT's `encoder_hidden_states_image`.
     """
 
     reads = ("prompt_embeds", "latents", "timesteps")
@@ -65,25 +71,22 @@ class DenoisingStage(PipelineStage):
                     f"extra[{SCHEDULER_STATE_KEY!r}] to restore the scheduler from")
             load_scheduler_state(self.scheduler, state, device)
 
-    def _predict_noise(self, latents: torch.Tensor, t: torch.Tensor,
-                       prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None,
-                       paired_embeds: torch.Tensor | None,
+    def _predict_noise(self, latents: torch.Tensor, t: torch.Tensor, cond: DiTContext,
+                       uncond: DiTContext | None, paired: DiTContext | None,
                        guidance_scale: float) -> torch.Tensor:
-        """The DiT's prediction at `t`, guided when `negative_embeds` is given."""
+        """The DiT's prediction at `t` given the context keyword arguments of each branch,
+        guided when `uncond` is given; `paired` runs both branches as one batch."""
         size = latents.shape[0]
-        if paired_embeds is not None:
+        if paired is not None:
             noise = self.transformer(hidden_states=torch.cat([latents, latents]),
-                                     timestep=t.expand(2 * size),
-                                     encoder_hidden_states=paired_embeds)
+                                     timestep=t.expand(2 * size), **paired)
             noise_cond, noise_uncond = noise[:size], noise[size:]
         else:
             timestep = t.expand(size)
-            noise_cond = self.transformer(hidden_states=latents, timestep=timestep,
-                                          encoder_hidden_states=prompt_embeds)
-            if negative_embeds is None:
+            noise_cond = self.transformer(hidden_states=latents, timestep=timestep, **cond)
+            if uncond is None:
                 return noise_cond
-            noise_uncond = self.transformer(hidden_states=latents, timestep=timestep,
-                                            encoder_hidden_states=negative_embeds)
+            noise_uncond = self.transformer(hidden_states=latents, timestep=timestep, **uncond)
         return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
 
     def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
@@ -96,19 +99,27 @@ class DenoisingStage(PipelineStage):
         timesteps = batch.timesteps.to(device)
         latents = batch.latents.to(device)
         prompt_embeds = batch.prompt_embeds.to(device, dtype)
-        negative_embeds = (batch.negative_prompt_embeds.to(device, dtype)
-                           if batch.do_classifier_free_guidance else None)
-        # Conditional and unconditional text as one batch, built once for the whole loop.
-        paired_embeds = (torch.cat([prompt_embeds, negative_embeds])
-                         if self.batch_cfg and negative_embeds is not None
-                         and negative_embeds.shape == prompt_embeds.shape else None)
+        cond: DiTContext = {"encoder_hidden_states": prompt_embeds}
+        if batch.image_embeds is not None:
+            cond["encoder_hidden_states_image"] = batch.image_embeds.to(device, dtype)
+        uncond: DiTContext | None = None
+        if batch.do_classifier_free_guidance:
+            uncond = {**cond, "encoder_hidden_states": batch.negative_prompt_embeds.to(device, dtype)}
+        # Both branches' context as one batch, built once for the whole loop.
+        paired = ({key: torch.cat([cond[key], uncond[key]]) for key in cond}
+                  if self.batch_cfg and uncond is not None
+                  and all(cond[key].shape == uncond[key].shape for key in cond) else None)
+        condition = (batch.condition_latents.to(device, dtype)
+                     if batch.condition_latents is not None else None)
         total = len(timesteps)
         for i in range(batch.step_index, total):
             t = timesteps[i]
             model_input = latents.to(dtype)
+            if condition is not None:
+                model_input = torch.cat([model_input, condition], dim=1)
             with sta_context(config=self.sta_config, step=i):
-                noise_pred = self._predict_noise(model_input, t, prompt_embeds, negative_embeds,
-                                                 paired_embeds, batch.guidance_scale)
+                noise_pred = self._predict_noise(model_input, t, cond, uncond, paired,
+                                                 batch.guidance_scale)
             latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             batch.latents = latents
             batch.step_index = i + 1

@@ -32,6 +32,14 @@ def tiny_wan_euler_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _tiny(tmp_path_factory, "euler")
 
 
+@pytest.fixture(scope="session")
+def tiny_wan_i2v_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Wan2.1 I2V checkpoint (CLIP image encoder, conditioned DiT), UniPC scheduler."""
+    from fastvideo.testing.tiny_wan import TinyWanConfig, make_tiny_wan
+
+    return make_tiny_wan(tmp_path_factory.mktemp("tiny-wan-i2v"), TinyWanConfig(kind="i2v"))
+
+
 @pytest.fixture
 def s3_env(s3_server: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> S3Endpoint:  # noqa: F811
     """boto3's standard chain (here and in subprocesses) points at the session's test S3."""

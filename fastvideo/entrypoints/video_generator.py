@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 from fastvideo.fastvideo_args import FastVideoArgs, SamplingParam
-from fastvideo.pipelines.builder import build_pipeline
-from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
 from fastvideo.forward_batch import ForwardBatch
+from fastvideo.pipelines.builder import build_pipeline, pipeline_class
+from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
+from fastvideo.utils.image_io import ImageSource, image_to_pixels, load_image
 from fastvideo.utils.video_io import video_file_name, write_mp4
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ class VideoGenerator:
         self.fastvideo_args = fastvideo_args
         self.pipeline = pipeline
         self.executor = None
+        self.pipeline_class = (type(pipeline) if pipeline is not None else
+                               pipeline_class(fastvideo_args.model_path,
+                                              fastvideo_args.pipeline_name))
         if pipeline is None:
             start = time.perf_counter()
             if fastvideo_args.num_gpus > 1:
@@ -81,25 +85,34 @@ class VideoGenerator:
 
     def generate_video(self, prompt: str | list[str], negative_prompt: str | None = None,
                        output_path: str | Path | None = None, fps: int = 16,
+                       image: ImageSource | None = None,
                        **sampling: Any) -> GenerationResult | list[GenerationResult]:
         """Generate one video per prompt.
 
         `sampling` takes the `SamplingParam` fields (height, width, num_frames,
-        num_inference_steps, guidance_scale, seed, max_sequence_length). With
-        `output_path` (a folder, or a `.mp4` path for a single prompt) each video is
-        also written as mp4. A single prompt returns one result, a list returns a list.
+        num_inference_steps, guidance_scale, seed, max_sequence_length). An image-to-video
+        model needs `image`, the first frame of every video: a PIL image, a local path or a
+        store URI (`s3://bucket/a.png`); other models refuse one. With `output_path` (a
+        folder, or a `.mp4` path for a single prompt) each video is also written as mp4. A
+        single prompt returns one result, a list returns a list.
         """
         unknown = set(sampling) - set(SamplingParam.option_names())
         if unknown:
             raise ValueError(
                 f"unknown sampling options {sorted(unknown)}; known: {list(SamplingParam.option_names())}")
-        params = SamplingParam(negative_prompt=negative_prompt, **sampling)
+        self.pipeline_class.check_image_given(image)
+        image_ref = str(image) if isinstance(image, (str, Path)) else None
+        params = SamplingParam(negative_prompt=negative_prompt, image=image_ref, **sampling)
         batch = ForwardBatch(
             prompt=prompt, negative_prompt=params.negative_prompt, height=params.height,
             width=params.width, num_frames=params.num_frames,
             num_inference_steps=params.num_inference_steps,
             guidance_scale=float(params.guidance_scale), seed=params.seed,
-            max_sequence_length=params.max_sequence_length)
+            max_sequence_length=params.max_sequence_length, image=params.image)
+        if image is not None:
+            # Read here, once: a bad image fails before any model runs, and worker
+            # processes need no access to where it is stored.
+            batch.image_pixels = image_to_pixels(load_image(image))
         batch = self._forward(batch)
         results = [
             GenerationResult(prompt=p, seed=params.seed, frames=batch.output[i],

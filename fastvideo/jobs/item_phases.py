@@ -114,15 +114,9 @@ def read_phase_inputs(store: ArtifactStore, inputs: Sequence[PhaseInput]) -> For
     batch = ForwardBatch()
     for entry in inputs:
         try:
-            part = read_inputs(store, [entry.ref])
+            read_inputs(store, [entry.ref], batch)
         except CorruptInputError as exc:
             raise PhaseInputError(entry.producer, exc) from exc
-        for name in ForwardBatch.field_names():
-            value = getattr(part, name)
-            if name in ("timings", "extra"):
-                getattr(batch, name).update(value)
-            elif value is not None:
-                setattr(batch, name, value)
     return batch
 
 

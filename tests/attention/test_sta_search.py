@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastvideo.entrypoints import sta_search
 from fastvideo.attention.sta_config import STAConfig
+from fastvideo.entrypoints import sta_search
 from fastvideo.entrypoints.sta_search import main, search_windows
 from fastvideo.models.dits.wanvideo import WanTransformer3DModel
 

@@ -16,9 +16,19 @@ set -uo pipefail
 step=$1
 export PYTHONPATH=/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/site:$PWD
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
-install() {  # --upgrade: the compiler wheel writes into a folder an earlier wheel made
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site "$@"
+install() {
+    # The CUTLASS DSL's wheels share one top-level folder (nvidia_cutlass_dsl/), which
+    # `pip --target` replaces (--upgrade) or skips (without) per wheel, losing the Python
+    # package `cutlass`: unzip those into the folder instead; pip the rest.
+    local wheel others=()
+    for wheel in "$@"; do
+        case $(basename "$wheel") in
+        nvidia_cutlass_dsl*) python3 -m zipfile -e "$wheel" /tmp/site || return 1 ;;
+        *) others+=("$wheel") ;;
+        esac
+    done
+    [ ${#others[@]} -eq 0 ] || python3 -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --upgrade --target /tmp/site "${others[@]}"
 }
 bench() {
     python3 benchmarks/bench_bulk.py --model-path /tmp/wan --num-prompts 6 --workdir /tmp/bench \

@@ -23,7 +23,6 @@ from prefect import flow
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
-from fastvideo.fastvideo_args import SamplingParam
 from flows.cli import (
     add_options,
     given_options,
@@ -37,7 +36,7 @@ from flows.cli import (
 from flows.pipeline import run_shards
 from tasks.dataset import make_shards, plan_items
 from tasks.manifest import FAILED, failed_row, shard_rows, write_manifest
-from tasks.prepare import check_requests, prepare_run
+from tasks.prepare import check_requests, prepare_run, request_defaults
 from tasks.reporting import DatasetProgress, publish_results
 
 
@@ -47,13 +46,13 @@ def bulk(
     output: str,
     model_path: str,
     negative_prompt: str | None = None,
-    height: int = 480,
-    width: int = 832,
-    num_frames: int = 81,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 5.0,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     seed: int = 0,
-    max_sequence_length: int = 512,
+    max_sequence_length: int | None = None,
     image: str | None = None,
     shard_size: int = 1,
     concurrency: int = 1,
@@ -76,7 +75,7 @@ def bulk(
     batch_cfg: bool = True,
     vae_dtype: str = "float32",
     compile_cache_dir: str | None = None,
-    fps: int = 16,
+    fps: int | None = None,
     training_data: bool = False,
     manifest_interval_s: float = 60.0,
     artifact_key: str | None = None,
@@ -89,7 +88,8 @@ def bulk(
         output: folder or s3://bucket/prefix for videos/, manifest.parquet, checkpoints/.
         model_path: Diffusers-format model folder (on every worker that runs a stage).
         negative_prompt: default negative prompt, embedded once per run.
-        height: default video height in pixels.
+        height: default video height in pixels (unset: the model family's, 480 for Wan2.1;
+            so for every sampling option below).
         width: default video width in pixels.
         num_frames: default number of frames.
         num_inference_steps: default number of denoising steps.
@@ -133,7 +133,7 @@ def bulk(
         vae_dtype: dtype of the VAE decode.
         compile_cache_dir: where compiled kernels persist across processes, on the node
             running the stages (default PyTorch's folder under /tmp).
-        fps: frames per second of the videos.
+        fps: frames per second of the videos (default: the model family's, 16 for Wan2.1).
         training_data: also write prompt embeddings and final latents under training/.
         manifest_interval_s: rewrite the manifest at most this often during the run.
         artifact_key: lowercase-dashed key that versions the result artifacts across runs.
@@ -143,15 +143,16 @@ def bulk(
         raise ValueError(f"artifact_key {artifact_key!r} may hold lowercase letters, digits "
                          "and dashes only")
     output = local_path(output)
-    defaults = SamplingParam(negative_prompt=negative_prompt, height=height, width=width,
-                             num_frames=num_frames, num_inference_steps=num_inference_steps,
-                             guidance_scale=guidance_scale, seed=seed,
-                             max_sequence_length=max_sequence_length,
-                             image=local_path(image) if image else None)
     run, options = run_settings(dispatch, placement, nproc_per_node, sp_size, deployment,
                                 remote_launcher, worker_idle_timeout_s, attention_backend,
                                 sta_config, enable_torch_compile, batch_cfg, vae_dtype,
                                 compile_cache_dir)
+    # Options left unset take the model family's defaults (its pipeline's).
+    defaults, family_fps = request_defaults(model_path, run, dict(
+        negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+        max_sequence_length=max_sequence_length, image=local_path(image) if image else None))
+    fps = fps or family_fps
     plan = plan_items(local_path(dataset), output, defaults)
     ctx = prepare_run(model_path, local_path(checkpoint_store or output), output, defaults,
                       checkpoint_every=checkpoint_every, device=device, dtype=dtype, fps=fps,

@@ -13,7 +13,6 @@ from prefect import flow
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
-from fastvideo.fastvideo_args import SamplingParam
 from fastvideo.jobs.items import Shard
 from flows.cli import (
     add_options,
@@ -28,7 +27,7 @@ from flows.cli import (
 from flows.pipeline import run_shards
 from tasks.dataset import parse_rows
 from tasks.manifest import SUCCEEDED, shard_rows
-from tasks.prepare import check_requests, prepare_run
+from tasks.prepare import check_requests, prepare_run, request_defaults
 
 
 @flow(name="generate", log_prints=True)
@@ -37,13 +36,13 @@ def generate(
     output: str,
     model_path: str,
     negative_prompt: str | None = None,
-    height: int = 480,
-    width: int = 832,
-    num_frames: int = 81,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 5.0,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     seed: int = 0,
-    max_sequence_length: int = 512,
+    max_sequence_length: int | None = None,
     image: str | None = None,
     checkpoint_every: int = 5,
     checkpoint_store: str | None = None,
@@ -64,22 +63,23 @@ def generate(
     batch_cfg: bool = True,
     vae_dtype: str = "float32",
     compile_cache_dir: str | None = None,
-    fps: int = 16,
+    fps: int | None = None,
 ) -> State:
     """Generate one video for `prompt` into `<output>/videos/`; the result is its manifest row.
 
     The options are the bulk flow's (`python -m flows.bulk --help` or `flows.bulk.bulk`).
     """
     output = local_path(output)
-    defaults = SamplingParam(negative_prompt=negative_prompt, height=height, width=width,
-                             num_frames=num_frames, num_inference_steps=num_inference_steps,
-                             guidance_scale=guidance_scale, seed=seed,
-                             max_sequence_length=max_sequence_length,
-                             image=local_path(image) if image else None)
     run, options = run_settings(dispatch, placement, nproc_per_node, sp_size, deployment,
                                 remote_launcher, worker_idle_timeout_s, attention_backend,
                                 sta_config, enable_torch_compile, batch_cfg, vae_dtype,
                                 compile_cache_dir)
+    # Options left unset take the model family's defaults (its pipeline's).
+    defaults, family_fps = request_defaults(model_path, run, dict(
+        negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+        max_sequence_length=max_sequence_length, image=local_path(image) if image else None))
+    fps = fps or family_fps
     items, invalid = parse_rows([{"prompt": prompt, "seed": seed}], defaults)
     if invalid:
         return Failed(message=invalid[0].error)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -11,6 +13,7 @@ from fastvideo.fastvideo_args import FastVideoArgs, SamplingParam
 from fastvideo.jobs.items import ItemSpec, RunContext
 from fastvideo.jobs.options import EngineOptions
 from fastvideo.pipelines.builder import check_device_available, pipeline_class
+from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
 from fastvideo.storage import model_fingerprint
 from tasks.dispatch import Dispatch
 
@@ -89,3 +92,21 @@ def check_requests(ctx: RunContext, items: list[ItemSpec]) -> None:
         first = next(i for i in items if i.image is not None)
         cls.check_image_given(first.image, f"{len(with_image)} item(s) (first: "
                                            f"{first.item_id!r})")
+
+
+def request_defaults(model_path: str, dispatch: Dispatch, given: dict[str, Any]
+                     ) -> tuple[SamplingParam, int]:
+    """The run's request defaults, and its frame rate: the options given (None: unset) over
+    the model family's (`default_sampling` and `fps` of the model's pipeline). A run whose
+    model only the GPU node sees (placement `all` on a deployment) takes `SamplingParam`'s
+    own defaults for what it leaves unset."""
+    family, fps = ComposedPipelineBase.default_sampling, ComposedPipelineBase.fps
+    weightless = dispatch.mode == "deployment" and dispatch.remote_stages
+    if not weightless:
+        if not Path(model_path, "model_index.json").is_file():
+            raise ValueError(f"model_path {model_path!r} is not a Diffusers model folder "
+                             "(no model_index.json)")
+        cls = pipeline_class(str(Path(model_path).resolve()))
+        family, fps = cls.default_sampling, cls.fps
+    values = {k: v for k, v in given.items() if v is not None}
+    return dataclasses.replace(family, **values), fps

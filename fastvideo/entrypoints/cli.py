@@ -21,8 +21,9 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set[
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         arg_type = type(default) if default is not None else str
+        shown = "the model family's" if default is not None else "none"
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=arg_type, default=None,
-                            help=f"default: {default}")
+                            help=f"default: {shown}")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,8 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", required=True,
                      help="prompt text; repeat for several videos")
     gen.add_argument("--output-path", required=True, help="folder for the mp4 files")
-    gen.add_argument("--fps", type=int, default=16)
+    gen.add_argument("--fps", type=int, default=None,
+                     help="frames per second of the mp4 (default: the model family's)")
     gen.add_argument("--image", default=None,
                      help="image-to-video models: the first frame of every video, a local "
                           "path or a store URI (s3://bucket/a.png)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -84,13 +85,14 @@ class VideoGenerator:
         self.shutdown()
 
     def generate_video(self, prompt: str | list[str], negative_prompt: str | None = None,
-                       output_path: str | Path | None = None, fps: int = 16,
+                       output_path: str | Path | None = None, fps: int | None = None,
                        image: ImageSource | None = None,
                        **sampling: Any) -> GenerationResult | list[GenerationResult]:
         """Generate one video per prompt.
 
         `sampling` takes the `SamplingParam` fields (height, width, num_frames,
-        num_inference_steps, guidance_scale, seed, max_sequence_length). An image-to-video
+        num_inference_steps, guidance_scale, seed, max_sequence_length); those not given,
+        and `fps`, are the model family's defaults (`pipeline_class.default_sampling`). An image-to-video
         model needs `image`, the first frame of every video: a PIL image, a local path or a
         store URI (`s3://bucket/a.png`); other models refuse one. With `output_path` (a
         folder, or a `.mp4` path for a single prompt) each video is also written as mp4. A
@@ -102,7 +104,9 @@ class VideoGenerator:
                 f"unknown sampling options {sorted(unknown)}; known: {list(SamplingParam.option_names())}")
         self.pipeline_class.check_image_given(image)
         image_ref = str(image) if isinstance(image, (str, Path)) else None
-        params = SamplingParam(negative_prompt=negative_prompt, image=image_ref, **sampling)
+        # What the request leaves unset, the model family's defaults fill in.
+        params = dataclasses.replace(self.pipeline_class.default_sampling,
+                                     negative_prompt=negative_prompt, image=image_ref, **sampling)
         batch = ForwardBatch(
             prompt=prompt, negative_prompt=params.negative_prompt, height=params.height,
             width=params.width, num_frames=params.num_frames,
@@ -120,7 +124,7 @@ class VideoGenerator:
             for i, p in enumerate(batch.prompt)
         ]
         if output_path is not None:
-            self._write_videos(results, Path(output_path), fps)
+            self._write_videos(results, Path(output_path), fps or self.pipeline_class.fps)
         logger.info("generated %d video(s): %s", len(results),
                     ", ".join(f"{k} {v:.2f}s" for k, v in batch.timings.items()))
         return results[0] if isinstance(prompt, str) else results

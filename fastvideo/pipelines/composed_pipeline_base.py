@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from fastvideo.fastvideo_args import FastVideoArgs
+from fastvideo.fastvideo_args import FastVideoArgs, SamplingParam
 from fastvideo.forward_batch import ForwardBatch
 from fastvideo.models.loader.component_loader import load_component, read_json, read_model_index
 from fastvideo.models.registry import resolve_model
@@ -93,6 +93,10 @@ class ComposedPipelineBase(ABC):
     phases: tuple[Phase, ...] = ()
     """The stages grouped into phases, the units of batch work (see `pipelines.phases`);
     checked against the stages when the pipeline is built."""
+    default_sampling: SamplingParam = SamplingParam()
+    """The family's request defaults (sizes, steps, guidance): what a request leaves unset."""
+    fps: int = 16
+    """The family's frame rate, for the videos written."""
     requires_image: bool = False
     """Each request must carry an `image` (image-to-video); False: an image is refused."""
 

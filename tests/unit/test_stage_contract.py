@@ -34,7 +34,7 @@ def test_missing_input_field_is_named() -> None:
 
 def test_decoding_without_latents_names_the_field() -> None:
     with pytest.raises(StageContractError, match=r"DecodingStage needs ForwardBatch.latents"):
-        DecodingStage(vae=None)(ForwardBatch(prompt=["x"]), ARGS)
+        DecodingStage(vae=None, normalization=None)(ForwardBatch(prompt=["x"]), ARGS)
 
 
 def test_unwritten_output_field_is_named() -> None:

@@ -12,6 +12,7 @@ from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.forward_batch import ForwardBatch
 from fastvideo.pipelines.stages.base import PipelineStage
 from fastvideo.pipelines.stages.geometry import LatentGeometry
+from fastvideo.pipelines.stages.latent_normalization import LatentNormalization
 from fastvideo.utils.image_io import pixels_to_image
 
 
@@ -30,7 +31,7 @@ class ImageConditioningStage(PipelineStage):
     * a mask with one channel per video frame a latent frame covers: 1 on the first
       latent frame (given), 0 after (to generate);
     * the VAE's latents (the distribution's mode, no sampling) of the image followed by
-      `num_frames - 1` black frames, normalised with `latents_mean` / `latents_std`.
+      `num_frames - 1` black frames, normalised as the family's latents are.
 
     It draws no noise, so the initial noise (`LatentPreparationStage`) is the same as
     text-to-video's for the same seed.
@@ -39,9 +40,11 @@ class ImageConditioningStage(PipelineStage):
     reads = ("prompt", "image_pixels")
     writes = ("condition_latents",)
 
-    def __init__(self, vae: Any, geometry: LatentGeometry) -> None:
+    def __init__(self, vae: Any, geometry: LatentGeometry,
+                 normalization: LatentNormalization) -> None:
         self.vae = vae
         self.geometry = geometry
+        self.normalization = normalization
 
     @torch.no_grad()
     def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
@@ -57,13 +60,8 @@ class ImageConditioningStage(PipelineStage):
                 f"the VAE encoded {num_frames} frames into latents {tuple(latents.shape)}, but the "
                 f"video's latents are {expected}; the Wan VAE encodes frames in chunks of 4 after "
                 "the first, so use num_frames of the form 4k+1")
-        config = self.vae.config
-        shape = (1, config.z_dim, 1, 1, 1)
         device = fastvideo_args.device
-        latents = latents.to(device, torch.float32)
-        mean = torch.tensor(config.latents_mean).view(shape).to(device, torch.float32)
-        inv_std = 1.0 / torch.tensor(config.latents_std).view(shape).to(device, torch.float32)
-        latents = (latents - mean) * inv_std
+        latents = self.normalization.normalize(latents.to(device, torch.float32))
         # diffusers builds this by repeating the first frame's mask `temporal_factor` times and
         # folding frames into channels; every channel of latent frame 0 is 1, the rest 0.
         mask = torch.zeros(1, self.geometry.temporal_factor, *expected[2:], device=device)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import html
-import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,12 +10,6 @@ import torch
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.forward_batch import ForwardBatch
 from fastvideo.pipelines.stages.base import PipelineStage
-
-
-def clean_prompt(text: str) -> str:
-    """The prompt normalisation the Wan reference applies (HTML entities, whitespace)."""
-    text = html.unescape(html.unescape(text)).strip()
-    return re.sub(r"\s+", " ", text).strip()
 
 
 class T5EncodingStage(PipelineStage):
@@ -31,9 +24,12 @@ class T5EncodingStage(PipelineStage):
     reads = ("prompt",)
     writes = ("prompt_embeds",)
 
-    def __init__(self, text_encoder: Any, tokenizer: Any) -> None:
+    def __init__(self, text_encoder: Any, tokenizer: Any,
+                 clean: Callable[[str], str] = str.strip) -> None:
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.clean = clean
+        """The family's prompt cleaning, applied before tokenizing."""
 
     def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
         if batch.prompt_embeds is None:
@@ -48,7 +44,7 @@ class T5EncodingStage(PipelineStage):
     def encode(self, prompts: list[str], max_sequence_length: int,
                fastvideo_args: FastVideoArgs) -> torch.Tensor:
         tokens = self.tokenizer(
-            [clean_prompt(p) for p in prompts], padding="max_length",
+            [self.clean(p) for p in prompts], padding="max_length",
             max_length=max_sequence_length, truncation=True, add_special_tokens=True,
             return_attention_mask=True, return_tensors="pt")
         device = next(self.text_encoder.parameters()).device

@@ -24,6 +24,7 @@ from fastvideo.pipelines.stages import (
     T5EncodingStage,
     TimestepPreparationStage,
 )
+from fastvideo.pipelines.wan import family
 from fastvideo.pipelines.wan.wan_pipeline import DECODE, ENCODE_TEXT, PREPARE_LATENTS
 
 ENCODE_IMAGE = Phase(
@@ -46,9 +47,12 @@ class WanImageToVideoPipeline(ComposedPipelineBase):
                                 "vae", "transformer", "scheduler"]
     phases = (ENCODE_TEXT, ENCODE_IMAGE, PREPARE_LATENTS, DENOISE, DECODE)
     requires_image = True
+    default_sampling = family.SAMPLING
+    fps = family.FPS
 
     def initialize_pipeline(self, fastvideo_args: FastVideoArgs) -> None:
         transformer_config = self.get_module("transformer").config
+        self.normalization = family.latent_normalization(self.get_module("vae").config)
         self.geometry = LatentGeometry.from_configs(self.get_module("vae").config,
                                                     transformer_config)
         if getattr(transformer_config, "image_dim", None) is None:
@@ -58,7 +62,8 @@ class WanImageToVideoPipeline(ComposedPipelineBase):
     def create_pipeline_stages(self, fastvideo_args: FastVideoArgs) -> None:
         self.add_stage("input_validation_stage", InputValidationStage(self.geometry))
         self.add_stage("text_encoding_stage", T5EncodingStage(
-            text_encoder=self.get_module("text_encoder"), tokenizer=self.get_module("tokenizer")))
+            text_encoder=self.get_module("text_encoder"), tokenizer=self.get_module("tokenizer"),
+            clean=family.clean_prompt))
         # The image's stages run together (one phase), after the text's and before the
         # noise: none draws random numbers, so the order does not change the video.
         self.add_stage("image_loading_stage", ImageLoadingStage())
@@ -66,7 +71,8 @@ class WanImageToVideoPipeline(ComposedPipelineBase):
             image_encoder=self.get_module("image_encoder"),
             image_processor=self.get_module("image_processor")))
         self.add_stage("image_conditioning_stage",
-                       ImageConditioningStage(vae=self.get_module("vae"), geometry=self.geometry))
+                       ImageConditioningStage(vae=self.get_module("vae"), geometry=self.geometry,
+                                              normalization=self.normalization))
         self.add_stage("timestep_preparation_stage",
                        TimestepPreparationStage(scheduler=self.get_module("scheduler")))
         self.add_stage("latent_preparation_stage", LatentPreparationStage(self.geometry))
@@ -75,7 +81,8 @@ class WanImageToVideoPipeline(ComposedPipelineBase):
         self.add_stage("denoising_stage", DenoisingStage(
             transformer=self.get_module("transformer"), scheduler=self.get_module("scheduler"),
             sta_config=sta_config, batch_cfg=fastvideo_args.batch_cfg))
-        self.add_stage("decoding_stage", DecodingStage(vae=self.get_module("vae")))
+        self.add_stage("decoding_stage", DecodingStage(
+            vae=self.get_module("vae"), normalization=self.normalization))
 
 
 EntryClass = WanImageToVideoPipeline

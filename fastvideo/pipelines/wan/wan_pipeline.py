@@ -15,6 +15,7 @@ from fastvideo.pipelines.stages import (
     T5EncodingStage,
     TimestepPreparationStage,
 )
+from fastvideo.pipelines.wan import family
 
 ENCODE_TEXT = Phase(
     name="encode-text", stages=("input_validation_stage", "text_encoding_stage"),
@@ -39,15 +40,19 @@ DECODE = Phase(name="decode", stages=("decoding_stage",), reads=("latents",),
 class WanPipeline(ComposedPipelineBase):
     _required_config_modules = ["text_encoder", "tokenizer", "vae", "transformer", "scheduler"]
     phases = (ENCODE_TEXT, PREPARE_LATENTS, DENOISE, DECODE)
+    default_sampling = family.SAMPLING
+    fps = family.FPS
 
     def initialize_pipeline(self, fastvideo_args: FastVideoArgs) -> None:
         self.geometry = LatentGeometry.from_configs(
             self.get_module("vae").config, self.get_module("transformer").config)
+        self.normalization = family.latent_normalization(self.get_module("vae").config)
 
     def create_pipeline_stages(self, fastvideo_args: FastVideoArgs) -> None:
         self.add_stage("input_validation_stage", InputValidationStage(self.geometry))
         self.add_stage("text_encoding_stage", T5EncodingStage(
-            text_encoder=self.get_module("text_encoder"), tokenizer=self.get_module("tokenizer")))
+            text_encoder=self.get_module("text_encoder"), tokenizer=self.get_module("tokenizer"),
+            clean=family.clean_prompt))
         self.add_stage("timestep_preparation_stage",
                        TimestepPreparationStage(scheduler=self.get_module("scheduler")))
         self.add_stage("latent_preparation_stage", LatentPreparationStage(self.geometry))
@@ -56,7 +61,8 @@ class WanPipeline(ComposedPipelineBase):
         self.add_stage("denoising_stage", DenoisingStage(
             transformer=self.get_module("transformer"), scheduler=self.get_module("scheduler"),
             sta_config=sta_config, batch_cfg=fastvideo_args.batch_cfg))
-        self.add_stage("decoding_stage", DecodingStage(vae=self.get_module("vae")))
+        self.add_stage("decoding_stage", DecodingStage(
+            vae=self.get_module("vae"), normalization=self.normalization))
 
 
 EntryClass = WanPipeline

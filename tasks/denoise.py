@@ -98,7 +98,7 @@ def execute_job(job: DenoiseJob, launcher: Launcher, nproc_per_node: int,
         return DenoiseOutcome.list_from_json(retry_io(lambda: store.get_bytes(result_key(key))))
     device = job.engine_args().device
     stages = job_phase(job.model_path).stages
-    pipeline = ENGINE.pipeline(job.model_path, job.options, device, job.engine_args().dtype,
+    pipeline = ENGINE.options_pipeline(job.model_path, job.options, device, job.engine_args().dtype,
                             stages)
     with ENGINE.stage_lock(pipeline, stages):
         outcomes = run_denoise_job(job, pipeline, on_progress)

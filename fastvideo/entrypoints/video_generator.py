@@ -13,7 +13,7 @@ import torch
 
 from fastvideo.fastvideo_args import FastVideoArgs, SamplingParam
 from fastvideo.forward_batch import ForwardBatch
-from fastvideo.pipelines.builder import build_pipeline, pipeline_class
+from fastvideo.pipelines.builder import pipeline_class
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
 from fastvideo.utils.image_io import ImageSource, image_to_pixels, load_image
 from fastvideo.utils.video_io import video_file_name, write_mp4
@@ -58,8 +58,10 @@ class VideoGenerator:
                 from fastvideo.worker.multiproc_executor import MultiprocExecutor
 
                 self.executor = MultiprocExecutor(fastvideo_args)
-            else:
-                self.pipeline = build_pipeline(fastvideo_args)
+            else:  # the process's engine: a second generator of the same model shares it
+                from fastvideo.jobs.engine import ENGINE
+
+                self.pipeline = ENGINE.pipeline(fastvideo_args)
             logger.info("loaded %s on %d process(es) in %.1f s", fastvideo_args.model_path,
                         fastvideo_args.num_gpus, time.perf_counter() - start)
 

@@ -95,7 +95,7 @@ class WarmWorker:
 
         args = self.spec.options.to_args(self.spec.model_path, self.spec.device, self.spec.dtype)
         stages = list(build_pipeline(args, required_modules=()).stages)
-        pipeline = ENGINE.pipeline(self.spec.model_path, self.spec.options,
+        pipeline = ENGINE.options_pipeline(self.spec.model_path, self.spec.options,
                                        self.spec.device, self.spec.dtype, stages)
         if self.spec.device.startswith("cuda"):
             torch.cuda.synchronize()  # the lanes' own streams read these weights
@@ -161,7 +161,7 @@ class WarmWorker:
             conn.send({"event": "step", "item_id": item_id, "step": step, "total": total})
 
         stages = denoise_phase(self.pipeline.phases).stages
-        pipeline = ENGINE.pipeline(self.spec.model_path, self.spec.options,
+        pipeline = ENGINE.options_pipeline(self.spec.model_path, self.spec.options,
                                        self.spec.device, self.spec.dtype, stages)
 
         def work() -> list[DenoiseOutcome]:

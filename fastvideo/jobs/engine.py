@@ -15,6 +15,7 @@ at the same time; two that share one (the scheduler: timesteps and denoising) ta
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.forward_batch import ForwardBatch
 from fastvideo.jobs.items import RunContext
 from fastvideo.jobs.options import EngineOptions
@@ -35,7 +37,6 @@ from fastvideo.storage import model_fingerprint
 
 logger = logging.getLogger(__name__)
 
-_EngineKey = tuple[str, str, str, str]  # model path, device, dtype, options
 
 
 class Engine:
@@ -44,27 +45,26 @@ class Engine:
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._modules: dict[_EngineKey, dict[str, Any]] = {}
+        self._modules: dict[str, dict[str, Any]] = {}  # by repr() of the engine settings
         self._module_locks: dict[int, threading.RLock] = {}  # by id() of the module object
-        self._pipelines: dict[tuple[_EngineKey, tuple[str, ...] | None], ComposedPipelineBase] = {}
+        self._pipelines: dict[tuple[str, tuple[str, ...] | None], ComposedPipelineBase] = {}
         self._fingerprints: dict[str, str] = {}
         self.builds: list[dict[str, Any]] = []
         """Every pipeline this process built (stages, modules loaded, seconds): how a warm
         worker shows that it loaded its model once."""
 
-    def pipeline(self, model_path: str, options: EngineOptions, device: str, dtype: str,
-                 stage_names: Sequence[str] | None = None) -> ComposedPipelineBase:
-        """A pipeline that runs the named stages (None: all, as one call); the modules they
-        use are loaded on first use and shared with every other pipeline of the same model,
-        options, device and dtype."""
-        key = (model_path, device, dtype, repr(options))
+    def pipeline(self, args: FastVideoArgs, stage_names: Sequence[str] | None = None
+                 ) -> ComposedPipelineBase:
+        """A pipeline for `args` that runs the named stages (None: all, as one call); the
+        modules they use are loaded on first use and shared with every other pipeline of
+        the same engine settings."""
+        key = _settings_key(args)
         stages = tuple(stage_names) if stage_names is not None else None
         with self._lock:
             if (key, stages) not in self._pipelines:
                 start = time.perf_counter()
                 loaded = self._modules.setdefault(key, {})
                 before = set(loaded)
-                args = options.to_args(model_path, device, dtype)
                 if stages is None:
                     pipeline = build_pipeline(args, modules=dict(loaded))
                 else:
@@ -75,18 +75,25 @@ class Engine:
                 seconds = time.perf_counter() - start
                 new = sorted(set(loaded) - before)
                 self.builds.append({"stages": list(stages or pipeline.stages), "loaded": new,
-                                    "seconds": seconds, "device": device, "dtype": dtype})
+                                    "seconds": seconds, "device": args.device,
+                                    "dtype": args.dtype})
                 logger.info("stages %s: loaded %s of %s on %s in %.1f s",
-                            list(stages or pipeline.stages), new or "nothing new", model_path,
-                            device, seconds)
+                            list(stages or pipeline.stages), new or "nothing new",
+                            args.model_path, args.device, seconds)
             return self._pipelines[key, stages]
+
+    def options_pipeline(self, model_path: str, options: EngineOptions, device: str,
+                         dtype: str | None, stage_names: Sequence[str] | None = None
+                         ) -> ComposedPipelineBase:
+        """`pipeline` for a run's engine options on `device`/`dtype`."""
+        return self.pipeline(options.to_args(model_path, device, dtype), stage_names)
 
     def run_pipeline(self, ctx: RunContext, stage_names: Sequence[str],
                      device: str | None = None, dtype: str | None = None) -> ComposedPipelineBase:
         """The pipeline of the run's model and options on `device`/`dtype` (default the
         run's) that runs the named stages."""
-        return self.pipeline(ctx.model_path, ctx.options, device or ctx.device,
-                             dtype or ctx.dtype, stage_names)
+        return self.options_pipeline(ctx.model_path, ctx.options, device or ctx.device,
+                                     dtype or ctx.dtype, stage_names)
 
     def phases(self, model_path: str) -> tuple[Phase, ...]:
         """The phases of the model's pipeline (`fastvideo.pipelines.phases`)."""
@@ -122,6 +129,15 @@ class Engine:
             for name in stage_names:
                 batch = pipeline.get_stage(name)(batch, args)
         return batch
+
+
+def _settings_key(args: FastVideoArgs) -> str:
+    """The engine settings, with the STA window file's content (not only its name: a file
+    rewritten under the same name is other settings)."""
+    key = repr(args)
+    if args.sta_config is not None:
+        key += hashlib.sha256(Path(args.sta_config).read_bytes()).hexdigest()
+    return key
 
 
 ENGINE = Engine()

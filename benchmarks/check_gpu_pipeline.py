@@ -2,7 +2,9 @@
 tiny checkpoint and seed (bf16 DiT/text encoder, fp32 VAE, as the Wan reference runs), and
 `VideoGenerator(num_gpus=N)` (sequence parallel over N worker processes) against one process,
 `num_gpus=N, sp_size=1` (N replicas splitting a list of prompts) against one process, and
-guidance as one batch of 2 (`batch_cfg`, the default) against two forwards per step.
+guidance as one batch of 2 (`batch_cfg`, the default) against two forwards per step; and
+our WanImageToVideoPipeline against diffusers' on a tiny I2V checkpoint, in one process and
+sequence parallel over N.
 
     python benchmarks/check_gpu_pipeline.py --num-gpus 2 --json-out result.json
     python benchmarks/check_gpu_pipeline.py --device cpu --dtype fp32 --num-gpus 2   # CPU, gloo
@@ -46,18 +48,72 @@ def diffusers_run(path: Path, device: str, dtype: torch.dtype, seed: int):
     return captured["latents"][0].float().cpu(), torch.from_numpy(frames)
 
 
+def diffusers_i2v_run(path: Path, device: str, dtype: torch.dtype, seed: int, image):
+    import types
+
+    import diffusers.pipelines.wan.pipeline_wan_i2v as reference
+    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
+
+    if not hasattr(reference, "ftfy"):  # called unconditionally; identity for ASCII prompts
+        reference.ftfy = types.SimpleNamespace(fix_text=lambda text: text)
+    vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.float32)
+    pipe = WanImageToVideoPipeline.from_pretrained(path, vae=vae, dtype=dtype).to(device)
+    captured = {}
+
+    def keep(pipe, step, t, kwargs):
+        captured["latents"] = kwargs["latents"]
+        return kwargs
+
+    frames = pipe(image=image, **REQUEST, generator=torch.Generator().manual_seed(seed),
+                  output_type="np", callback_on_step_end=keep).frames[0]
+    return captured["latents"][0].float().cpu(), torch.from_numpy(frames)
+
+
+def check_i2v(tmp: Path, args: argparse.Namespace, dtype: torch.dtype) -> dict:
+    """Image-to-video: ours against diffusers, and sequence parallel against one process."""
+    import numpy as np
+    from PIL import Image
+
+    from fastvideo.testing.tiny_wan import TinyWanConfig
+
+    path = make_tiny_wan(tmp / "tiny-wan-i2v", TinyWanConfig(kind="i2v"))
+    rng = np.random.default_rng(args.seed)
+    image = Image.fromarray(rng.integers(0, 256, (72, 104, 3), dtype=np.uint8))
+    ref_latents, ref_frames = diffusers_i2v_run(path, args.device, dtype, args.seed, image)
+    one = VideoGenerator.from_pretrained(path, device=args.device, dtype=args.dtype)
+    start = time.perf_counter()
+    ours = one.generate_video(**REQUEST, seed=args.seed, image=image)
+    result = {"one_process_s": time.perf_counter() - start,
+              "vs_diffusers": {"latents_rel_l2": _rel_l2(ours.latents, ref_latents),
+                               "frames_max_abs": (ours.frames - ref_frames).abs().max().item()}}
+    with VideoGenerator.from_pretrained(path, device=args.device, dtype=args.dtype,
+                                        num_gpus=args.num_gpus) as many:
+        sharded = many.generate_video(**REQUEST, seed=args.seed, image=image)
+    result[f"sp{args.num_gpus}_vs_one_process"] = {
+        "latents_rel_l2": _rel_l2(sharded.latents, ours.latents),
+        "frames_max_abs": (sharded.frames - ours.frames).abs().max().item()}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--num-gpus", type=int, default=2)
     parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--kinds", default="t2v,i2v", help="t2v, i2v or both")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
+    kinds = set(args.kinds.split(","))
     dtype = parse_dtype(args.dtype)
     result: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                     "dtype": str(dtype), "request": REQUEST}
     with tempfile.TemporaryDirectory() as tmp:
+        if "i2v" in kinds:
+            result["i2v"] = check_i2v(Path(tmp), args, dtype)
+        if "t2v" not in kinds:
+            print(json.dumps(result, indent=2))
+            return
         path = make_tiny_wan(Path(tmp) / "tiny-wan")
         ref_latents, ref_frames = diffusers_run(path, args.device, dtype, args.seed)
         one = VideoGenerator.from_pretrained(path, device=args.device, dtype=args.dtype)

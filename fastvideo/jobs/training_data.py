@@ -30,8 +30,10 @@ def _flat(tensor: torch.Tensor) -> tuple[list[float], list[int]]:
 def training_rows(store: ArtifactStore, shard: Shard, phases: Sequence[Phase],
                   results: Mapping[str, list[ItemResult]]) -> list[dict[str, Any]]:
     """A row per item whose every phase succeeded: its request and its training fields."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     marked = [p for p in phases if p.training]
+    if not marked:  # the pipeline gives nothing to train on
+        return rows
     for i, item in enumerate(shard.items):
         if not all(results[p.name][i].ok for p in phases if p.name in results):
             continue

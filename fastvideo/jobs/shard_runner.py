@@ -1,18 +1,19 @@
-"""Every stage of a shard's items in one process, with the GPU kept busy between items.
+"""Every phase of a shard's items in one process, with the GPU kept busy between items.
 
 Two lanes, each one thread, each FIFO:
 
-* the **GPU lane** encodes an item's prompt, prepares its latents and denoises it;
-* the **post lane** writes the denoised checkpoint, decodes (on its own CUDA stream, of
-  lower priority than the GPU lane's), stores the frames and writes the mp4.
+* the **GPU lane** runs an item's phases up to denoising, included (Wan: text, latents,
+  denoise; I2V also the image);
+* the **post lane** writes the denoised checkpoint, runs the phases after it (decoding,
+  on its own CUDA stream of lower priority than the GPU lane's), and writes the mp4.
 
 So item k's decoding and video writing overlap item k+1's denoising, and the checkpoint
 uploads of denoising's progress go to a third thread: the loop never waits on the store.
-The two lanes use different modules (the DiT and scheduler; the VAE), so neither waits
-for the other's lock. Every stage still writes its checkpoint under the same key as the
-one-stage-per-task path (`item_stages`), so a killed worker's shard resumes from them,
-and the outputs are the same bit for bit (`overlap=False` runs the lanes in turn: tested
-equal).
+Modules shared by the lanes (the VAE, when an image phase encodes with it) take turns
+through the engine's module locks. Every phase writes its checkpoint under the same key
+as the one-task-per-phase path (`item_phases`), so a killed worker's shard resumes from
+them, and the outputs are the same bit for bit (`overlap=False` runs the lanes in turn:
+tested equal).
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ import sys
 from prefect import flow
 from prefect.states import Completed, Failed, State
 
+from fastvideo.jobs.gpu_slots import gpu_slots
 from flows.cli import prepared_environment
+from tasks.common import run_logger
 from tasks.denoise import run_denoise_job_task
 
 
@@ -24,9 +26,11 @@ def denoise_job(store_uri: str, job_key: str, launcher: str = "inprocess",
     """Denoise the items of the job stored at `job_key` in `store_uri` on this node.
 
     `launcher` is inprocess (this process) or torchrun (`nproc_per_node` processes, in
-    model replicas of `sp_size` of them; default one replica of all).
+    model replicas of `sp_size` of them; default one replica of all), on GPUs no other
+    run of the node holds (`gpu_slots`).
     """
-    counts = run_denoise_job_task(store_uri, job_key, launcher, nproc_per_node, sp_size)
+    with gpu_slots(nproc_per_node, log=run_logger().info):
+        counts = run_denoise_job_task(store_uri, job_key, launcher, nproc_per_node, sp_size)
     if counts["failed"]:
         return Failed(message=f"{counts['failed']} of {counts['items']} items failed",
                       data=counts)

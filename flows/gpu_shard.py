@@ -16,10 +16,11 @@ import sys
 from prefect import flow
 from prefect.states import Completed, Failed, State
 
+from fastvideo.jobs.gpu_slots import gpu_slots
 from fastvideo.jobs.items import to_jsonable
 from fastvideo.storage import retry_io
 from flows.cli import prepared_environment
-from tasks.common import get_store
+from tasks.common import get_store, run_logger
 from tasks.dispatch import Dispatch
 from tasks.shard import read_shard_job, result_key, run_on_worker
 
@@ -28,11 +29,13 @@ from tasks.shard import read_shard_job, result_key, run_on_worker
 def gpu_shard(store_uri: str, job_key: str, nproc_per_node: int = 1,
               worker_idle_timeout_s: float = 1800.0) -> State:
     """Every stage of the shard stored at `job_key` on this node's warm worker (with
-    `nproc_per_node` GPUs, replica `shard index % N`)."""
+    `nproc_per_node` GPUs, replica `shard index % N`), on GPUs no other run of the node
+    holds (`gpu_slots`)."""
     ctx, shard = read_shard_job(store_uri, job_key)
     dispatch = Dispatch(mode="worker", nproc_per_node=nproc_per_node, sp_size=1,
                         worker_idle_timeout_s=worker_idle_timeout_s)
-    results = run_on_worker(ctx, shard, dispatch)
+    with gpu_slots(nproc_per_node, log=run_logger().info):
+        results = run_on_worker(ctx, shard, dispatch)
     store = get_store(store_uri)
     retry_io(lambda: store.put_bytes(result_key(job_key),
                                      json.dumps(to_jsonable(results)).encode()))

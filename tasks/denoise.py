@@ -41,7 +41,7 @@ from fastvideo.jobs.denoise import (
 from fastvideo.jobs.engine import ENGINE
 from fastvideo.jobs.item_phases import denoise_item, denoise_result, phase_inputs
 from fastvideo.jobs.items import ItemResult, RunContext, Shard, failure
-from fastvideo.jobs.worker_client import WorkerSpec, call_worker
+from fastvideo.jobs.worker_client import WorkerSpec, call_worker, replica_gpus
 from fastvideo.pipelines.phases import Phase
 from fastvideo.storage import ArtifactStore, ObjectNotFoundError, model_fingerprint, retry_io
 from tasks.common import (
@@ -110,9 +110,9 @@ def execute_on_worker(job: DenoiseJob, dispatch: Dispatch, on_progress: Progress
                       index: int = 0) -> list[DenoiseOutcome]:
     """Run a job on this node's warm worker for the job's model, options and device."""
     args = job.engine_args()
-    gpu = index % dispatch.nproc_per_node if dispatch.nproc_per_node > 1 else None
     spec = WorkerSpec(model_path=job.model_path, device=args.device, dtype=args.dtype,
-                      options=job.options, gpu_index=gpu,
+                      options=job.options,
+                      cuda_visible_devices=replica_gpus(index, dispatch.nproc_per_node),
                       model_fingerprint=model_fingerprint(Path(job.model_path)))
 
     def on_event(event: dict) -> None:

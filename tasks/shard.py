@@ -33,7 +33,7 @@ from fastvideo.jobs.items import (
 )
 from fastvideo.jobs.options import EngineOptions
 from fastvideo.jobs.shard_runner import ShardResults
-from fastvideo.jobs.worker_client import WorkerSpec, call_worker
+from fastvideo.jobs.worker_client import WorkerSpec, call_worker, replica_gpus
 from fastvideo.storage import ObjectNotFoundError, model_fingerprint, retry_io
 from tasks.common import (
     get_store,
@@ -57,10 +57,9 @@ def worker_spec(ctx: RunContext, dispatch: Dispatch, shard_index: int = 0) -> Wo
 def worker_spec_for(model_path: str, device: str, dtype: str, options: EngineOptions,
                     dispatch: Dispatch, shard_index: int = 0,
                     fingerprint: str | None = None) -> WorkerSpec:
-    gpu = shard_index % dispatch.nproc_per_node if dispatch.nproc_per_node > 1 else None
     return WorkerSpec(model_path=model_path, device=device, dtype=dtype, options=options,
                       model_fingerprint=fingerprint or model_fingerprint(Path(model_path)),
-                      gpu_index=gpu)
+                      cuda_visible_devices=replica_gpus(shard_index, dispatch.nproc_per_node))
 
 
 def results_from_json(doc: dict[str, list[dict[str, Any]]]) -> ShardResults:

@@ -52,8 +52,9 @@ class WorkerSpec:
     model_fingerprint: str | None = None
     """The model's fingerprint when the worker was asked for: a model replaced at the same
     path gets a new worker, never the one holding the old weights."""
-    gpu_index: int | None = None
-    """The GPU this worker owns (CUDA_VISIBLE_DEVICES), for one replica per GPU."""
+    cuda_visible_devices: str | None = None
+    """The GPUs this worker sees (its CUDA_VISIBLE_DEVICES; None: the starter's), resolved
+    by the caller (`replica_gpus`): workers on different GPUs are different workers."""
 
     @property
     def digest(self) -> str:
@@ -66,6 +67,17 @@ class WorkerSpec:
     def from_json(cls, text: str) -> WorkerSpec:
         doc = json.loads(text)
         return cls(**{**doc, "options": EngineOptions(**doc["options"])})
+
+
+def replica_gpus(shard_index: int, num_replicas: int) -> str | None:
+    """CUDA_VISIBLE_DEVICES of the worker a shard goes to from this process: this process's
+    own GPUs, or with one replica per GPU (`num_replicas` > 1) GPU `shard_index % N` of
+    them."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if num_replicas == 1:
+        return visible
+    gpus = visible.split(",") if visible else [str(i) for i in range(num_replicas)]
+    return gpus[shard_index % num_replicas]
 
 
 def worker_dir() -> Path:
@@ -153,10 +165,8 @@ def ensure_worker(spec: WorkerSpec, idle_timeout_s: float = 1800.0,
 
 def _spawn(spec: WorkerSpec, sock_path: Path, log: Path, idle_timeout_s: float) -> int:
     env = dict(os.environ)
-    if spec.gpu_index is not None:
-        visible = env.get("CUDA_VISIBLE_DEVICES")
-        gpus = visible.split(",") if visible else [str(i) for i in range(spec.gpu_index + 1)]
-        env["CUDA_VISIBLE_DEVICES"] = gpus[spec.gpu_index]
+    if spec.cuda_visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "fastvideo.entrypoints.warm_worker", "--spec",
@@ -246,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"worker {pid}: {exc}")
             continue
         spec = info["spec"]
-        print(f"worker {pid} on {spec['device']}: {spec['model_path']} ({spec['dtype']}, "
+        gpus = spec.get("cuda_visible_devices")
+        where = spec["device"] + (f" (CUDA_VISIBLE_DEVICES={gpus})" if gpus is not None else "")
+        print(f"worker {pid} on {where}: {spec['model_path']} ({spec['dtype']}, "
               f"options {spec['options']}), {len(info['timeline']) // 2} items made; "
               f"log {sock.with_suffix('.log')}")
     return 0

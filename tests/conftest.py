@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from tests.s3_server import S3Endpoint, s3_server  # noqa: F401 - one S3 server 
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Weight digests the model fingerprint remembers: this session's own, not the user's.
+os.environ.setdefault("FASTVIDEO_CACHE_DIR", tempfile.mkdtemp(prefix="fastvideo-cache-"))
 
 
 def _tiny(tmp_path_factory: pytest.TempPathFactory, scheduler: str) -> Path:

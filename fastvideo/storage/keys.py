@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from fastvideo.storage.batch_codec import SCHEMA_VERSION
+from fastvideo.storage.file_digests import cached_sha256s, file_sha256
 
 _STAGE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
-# Weights are fingerprinted by name and size only: hashing gigabytes would take minutes.
+# Weights are gigabytes: their digests are remembered per file version (`file_digests`).
 _WEIGHT_SUFFIXES = frozenset(
     {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx"}
 )
@@ -50,8 +51,11 @@ def checkpoint_key(
 
 
 def model_fingerprint(model_path: str | Path) -> str:
-    """sha256 over a Diffusers folder: `model_index.json`, and for each component its
-    files' contents (configs, tokenizer files) except weights, counted by name and size."""
+    """sha256 over a Diffusers folder's contents: `model_index.json`, and each component's
+    files (configs, tokenizer files, weights) by relative path and sha256. It follows the
+    weights' content, not their names and sizes; their digests are computed once per
+    version of a file and remembered outside the folder (`fastvideo.storage.file_digests`),
+    so a run costs a stat per file."""
     root = Path(model_path)
     index_path = root / "model_index.json"
     if not index_path.is_file():
@@ -69,12 +73,13 @@ def model_fingerprint(model_path: str | Path) -> str:
             raise ValueError(
                 f"model_index.json lists component {component!r}, but {folder} is missing"
             )
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p, root)):
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p, root))
+        weights = [p for p in files if p.suffix in _WEIGHT_SUFFIXES]
+        contents = dict(zip(weights, cached_sha256s(weights)))
+        for path in files:
             rel = path.relative_to(root).as_posix()
-            if path.suffix in _WEIGHT_SUFFIXES:
-                digest.update(f"{rel}\0size={path.stat().st_size}\0".encode())
-            else:
-                digest.update(f"{rel}\0sha256={_file_sha256(path)}\0".encode())
+            content = contents[path] if path in contents else file_sha256(path)
+            digest.update(f"{rel}\0sha256={content}\0".encode())
     return digest.hexdigest()
 
 
@@ -82,10 +87,3 @@ def _hidden(path: Path, root: Path) -> bool:
     # Download caches (.cache/, .gitattributes) do not change the model.
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

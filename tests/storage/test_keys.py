@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fastvideo.storage import checkpoint_key, model_fingerprint
+from fastvideo.storage.file_digests import CACHE_DIR_ENV, cache_path
 
 BASE: dict[str, Any] = {
     "model_fingerprint": "f" * 64,
@@ -77,14 +81,41 @@ def test_model_fingerprint(tmp_path: Path) -> None:
     assert model_fingerprint(model) == fingerprint  # download caches do not count
 
     weights = model / "vae" / "diffusion_pytorch_model.safetensors"
-    weights.write_bytes(b"v" * 100)
-    assert model_fingerprint(model) == fingerprint  # by design: weights by name and size only
-    weights.write_bytes(b"v" * 101)
-    assert model_fingerprint(model) != fingerprint
+    stat = weights.stat()
+    weights.write_bytes(b"v" * 100)  # other weights of the same size, mtime kept (cp -p)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert model_fingerprint(model) != fingerprint  # the weights' content counts
     weights.write_bytes(b"w" * 100)
+    assert model_fingerprint(model) == fingerprint
 
     (model / "transformer" / "config.json").write_text(json.dumps({"num_layers": 3}))
     assert model_fingerprint(model) != fingerprint
+
+
+def test_weight_digests_are_remembered_outside_the_model(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    model = _tiny_model(tmp_path / "model")
+    files = sorted(model.rglob("*"))
+    fingerprint = model_fingerprint(model)
+    assert not cache_path().exists()  # files written in the last 2 s are not remembered
+    time.sleep(2.1)
+    assert model_fingerprint(model) == fingerprint
+    entries = json.loads(cache_path().read_text())
+    weights = [model / c / "diffusion_pytorch_model.safetensors" for c in ("transformer", "vae")]
+    assert sorted(entries) == sorted(str(w.resolve()) for w in weights)
+    assert {e["sha256"] for e in entries.values()} == {hashlib.sha256(b"w" * 100).hexdigest()}
+    # A remembered digest is used while the file is unchanged (size, mtime, ctime, inode),
+    # not after a write.
+    cache_path().write_text(json.dumps({k: {**e, "sha256": "0" * 64} for k, e in entries.items()}))
+    assert model_fingerprint(model) != fingerprint
+    for path in weights:
+        path.write_bytes(b"w" * 100)
+    assert model_fingerprint(model) == fingerprint
+    assert sorted(model.rglob("*")) == files  # the model folder (maybe read-only) is only read
+    # Without a writable cache folder, the weights are hashed every time, to the same end.
+    monkeypatch.setenv(CACHE_DIR_ENV, str(weights[0]))
+    assert model_fingerprint(model) == fingerprint
 
 
 def test_model_fingerprint_errors(tmp_path: Path) -> None:

@@ -95,6 +95,7 @@ def main() -> None:
     try:
         with S3Server() as s3:
             bucket = s3.create_bucket("soak")
+            os.environ.update(s3.env())  # this process reads the manifests too
             worker_dir = workdir / "workers"
             env = {**os.environ, **server.settings_env(), **s3.env(),
                    "FASTVIDEO_WORKER_DIR": str(worker_dir), "PYTHONPATH": str(ROOT)}

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from fastvideo.jobs.worker_client import worker_dir
+from fastvideo.jobs.node import worker_dir
 
 GPUS_ENV = "FASTVIDEO_GPUS"
 

@@ -24,16 +24,15 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fastvideo.jobs.node import WORKER_DIR_ENV, worker_dir
 from fastvideo.jobs.options import EngineOptions
 
-WORKER_DIR_ENV = "FASTVIDEO_WORKER_DIR"
 Event = dict[str, Any]
 
 
@@ -78,15 +77,6 @@ def replica_gpus(shard_index: int, num_replicas: int) -> str | None:
         return visible
     gpus = visible.split(",") if visible else [str(i) for i in range(num_replicas)]
     return gpus[shard_index % num_replicas]
-
-
-def worker_dir() -> Path:
-    """Where this node's workers keep their sockets and logs (short: a socket path is
-    limited to ~100 bytes)."""
-    default = Path(tempfile.gettempdir()) / f"fastvideo-workers-{os.getuid()}"
-    folder = Path(os.environ.get(WORKER_DIR_ENV) or default)
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return folder
 
 
 def _paths(spec: WorkerSpec) -> tuple[Path, Path, Path]:

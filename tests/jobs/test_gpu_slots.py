@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fastvideo.jobs.gpu_slots import GPUS_ENV, gpu_slots, slot_holders
-from fastvideo.jobs.worker_client import WORKER_DIR_ENV
+from fastvideo.jobs.node import WORKER_DIR_ENV
 
 FORK = multiprocessing.get_context("fork")
 

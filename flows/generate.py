@@ -28,9 +28,10 @@ from flows.pipeline import run_shards
 from tasks.dataset import parse_rows
 from tasks.manifest import SUCCEEDED, shard_rows
 from tasks.prepare import check_requests, prepare_run, request_defaults
+from tasks.runs import generate_run_name, take_over_output
 
 
-@flow(name="generate", log_prints=True)
+@flow(name="generate", flow_run_name=generate_run_name, log_prints=True)
 def generate(
     prompt: str,
     output: str,
@@ -70,6 +71,7 @@ def generate(
     The options are the bulk flow's (`python -m flows.bulk --help` or `flows.bulk.bulk`).
     """
     output = local_path(output)
+    take_over_output(output)
     run, options = run_settings(dispatch, placement, nproc_per_node, sp_size, deployment,
                                 remote_launcher, worker_idle_timeout_s, attention_backend,
                                 sta_config, enable_torch_compile, batch_cfg, vae_dtype,

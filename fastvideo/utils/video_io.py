@@ -29,7 +29,11 @@ def write_mp4(frames: torch.Tensor, path: str | Path, fps: int = 16) -> Path:
     return path
 
 
+def slug(text: str, max_len: int) -> str:
+    """Lowercase letters and digits of `text`, runs of anything else as one dash."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len].rstrip("-")
+
+
 def video_file_name(prompt: str, seed: int, max_len: int = 48) -> str:
     """A readable, filesystem-safe name such as `a-cat-walks_seed42.mp4`."""
-    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:max_len].rstrip("-")
-    return f"{slug or 'video'}_seed{seed}.mp4"
+    return f"{slug(prompt, max_len) or 'video'}_seed{seed}.mp4"

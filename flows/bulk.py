@@ -35,12 +35,13 @@ from flows.cli import (
 )
 from flows.pipeline import run_shards
 from tasks.dataset import make_shards, plan_items
-from tasks.manifest import FAILED, failed_row, shard_rows, write_manifest
+from tasks.manifest import failed_row, shard_rows, write_manifest
 from tasks.prepare import check_requests, prepare_run, request_defaults
-from tasks.reporting import DatasetProgress, publish_results
+from tasks.reporting import DatasetProgress, Tally, publish_results
+from tasks.runs import bulk_run_name, output_key, take_over_output
 
 
-@flow(name="bulk", log_prints=True)
+@flow(name="bulk", flow_run_name=bulk_run_name, log_prints=True)
 def bulk(
     dataset: str,
     output: str,
@@ -136,13 +137,15 @@ def bulk(
         fps: frames per second of the videos (default: the model family's, 16 for Wan2.1).
         training_data: also write prompt embeddings and final latents under training/.
         manifest_interval_s: rewrite the manifest at most this often during the run.
-        artifact_key: lowercase-dashed key that versions the result artifacts across runs.
+        artifact_key: lowercase-dashed key of the run's artifacts (default: one derived
+            from the output), versioned across runs.
     """
     start = time.perf_counter()
     if artifact_key is not None and not re.fullmatch(r"[a-z0-9-]+", artifact_key):
         raise ValueError(f"artifact_key {artifact_key!r} may hold lowercase letters, digits "
                          "and dashes only")
     output = local_path(output)
+    lineage = take_over_output(output)
     run, options = run_settings(dispatch, placement, nproc_per_node, sp_size, deployment,
                                 remote_launcher, worker_idle_timeout_s, attention_backend,
                                 sta_config, enable_torch_compile, batch_cfg, vae_dtype,
@@ -161,25 +164,28 @@ def bulk(
     check_requests(ctx, plan.items)
     rows: list[dict[str, Any]] = list(plan.carried) + [
         failed_row(i.item_id, i.prompt, i.error, flow_run.id) for i in plan.invalid]
-    progress = DatasetProgress(total=plan.num_rows, done=len(rows),
-                               description=f"Items of {dataset} done")
+    tally = Tally(total=len(rows) + len(plan.items), cached=len(plan.carried),
+                  failed=len(plan.invalid))
+    key = artifact_key or output_key(output)
+    progress = DatasetProgress(tally, dataset, key)
     last_manifest = time.monotonic()
     for shard, results in run_shards(make_shards(plan.items, shard_size), ctx, run, concurrency):
         rows += shard_rows(shard, results, flow_run.id)
-        progress.update(len(rows))
+        tally.count_shard(results)
+        progress.update()
         if time.monotonic() - last_manifest > manifest_interval_s:
             write_manifest(rows, output)
             last_manifest = time.monotonic()
     manifest_uri = write_manifest(rows, output)
     seconds = time.perf_counter() - start
-    publish_results(rows, len(plan.items), seconds, output, manifest_uri, artifact_key)
-    failed = sum(r["status"] == FAILED for r in rows)
-    summary = {"items": len(rows), "made": len(plan.items), "failed": failed,
-               "output": output, "manifest": manifest_uri, "seconds": round(seconds, 2)}
-    print(f"{len(rows) - failed}/{len(rows)} items succeeded; manifest: {manifest_uri}")
-    if failed:
-        return Failed(message=f"{failed} of {len(rows)} items failed; see {manifest_uri}",
-                      data=summary)
+    publish_results(rows, tally, seconds, output, manifest_uri, key, lineage)
+    summary = {"items": tally.total, "succeeded": tally.succeeded, "made": tally.made,
+               "cached": tally.cached, "failed": tally.failed, "output": output,
+               "manifest": manifest_uri, "seconds": round(seconds, 2)}
+    print(f"{tally.describe()}; manifest: {manifest_uri}")
+    if tally.failed:
+        return Failed(message=f"{tally.failed} of {tally.total} items failed; see "
+                              f"{manifest_uri}", data=summary)
     return Completed(message=f"{len(rows)} items succeeded", data=summary)
 
 
@@ -191,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-path", required=True, help="Diffusers-format model folder")
     parser.add_argument("--training-data", action="store_true",
                         help="also write prompt embeddings + final latents as parquet")
-    parser.add_argument("--artifact-key", help="key that versions the result artifacts")
+    parser.add_argument("--artifact-key",
+                        help="key of the run's artifacts (default: derived from --output)")
     add_options(parser)
     args = parser.parse_args(argv)
     start_worker_early(bulk.fn, args.model_path, given_options(args))
@@ -203,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(summary, dict):
         print(f"\nvideos:   {summary['output'].rstrip('/')}/videos/\n"
               f"manifest: {summary['manifest']}\n"
-              f"{summary['items'] - summary['failed']}/{summary['items']} items succeeded "
-              f"({summary['made']} made in this run, {summary['seconds']:.1f} s)")
+              f"{summary['succeeded']}/{summary['items']} items succeeded "
+              f"({summary['made']} made in this run, {summary['cached']} cached from "
+              f"earlier runs), {summary['failed']} failed ({summary['seconds']:.1f} s)")
     else:
         print(f"\nthe run ended {state.name}: {summary}", file=sys.stderr)
     print(ui_hint(state.state_details.flow_run_id))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from prefect import Task
@@ -37,9 +38,12 @@ WindowResults = dict[str, list[list[ItemResult]]]
 
 
 def shard_results(state: State, shard: Shard, stage: str) -> list[ItemResult]:
-    """A stage task's per-item results; when the task itself failed, every item fails."""
+    """A stage task's per-item results (marked `cached` when Prefect returned them from an
+    earlier run's); when the task itself failed, every item fails."""
     data = state.result(raise_on_failure=False)
     if isinstance(data, list):
+        if state.name == "Cached":
+            return [replace(r, info={**r.info, "cached": True}) for r in data]
         return data
     error = f"{stage} task ended {state.name}: {data}"
     return [failure(item.item_id, stage, error) for item in shard.items]

@@ -37,8 +37,14 @@ class PrefectServer:
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "PREFECT_LOGGING_LEVEL": "INFO"}
 
+    @property
+    def ui_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     def start(self, timeout_s: float = 90.0) -> None:
-        env = {**os.environ, **self.settings_env(), "PREFECT_UI_ENABLED": "false"}
+        # The UI is served too (tests/flows/test_run_record.py drives it in a browser); on a
+        # port other than 4200 it must be told where the API is.
+        env = {**os.environ, **self.settings_env(), "PREFECT_UI_API_URL": self.api_url}
         env.pop("PREFECT_API_URL")
         log = open(self.home / "server.log", "wb")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(

@@ -12,10 +12,14 @@ from prefect.cache_policies import NO_CACHE
 from fastvideo.fastvideo_args import FastVideoArgs, SamplingParam
 from fastvideo.jobs.items import ItemSpec, RunContext
 from fastvideo.jobs.options import EngineOptions
+from fastvideo.models.loader.component_loader import check_model_files
 from fastvideo.pipelines.builder import check_device_available, pipeline_class
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
-from fastvideo.storage import model_fingerprint
+from fastvideo.storage import StoreError, StoreUnavailableError, model_fingerprint, retry_io
+from tasks.common import get_store
 from tasks.dispatch import Dispatch
+
+_WRITE_CHECK_KEY = ".fastvideo-write-check"
 
 
 @task(name="prepare-run", cache_policy=NO_CACHE, persist_result=False)
@@ -58,11 +62,14 @@ def prepare_run(model_path: str, store_uri: str, output_uri: str, defaults: Samp
     if denoise_dtype is None and denoise_device == args.device:
         denoise_dtype = args.dtype
     denoise_args = FastVideoArgs(model_path=path, device=denoise_device, dtype=denoise_dtype)
+    for uri in dict.fromkeys((output_uri, store_uri)):
+        check_writable(uri)
     if not weightless:
         # Fail now, not in the first task: this node runs the stages.
         if not Path(path, "model_index.json").is_file():
             raise ValueError(f"model_path {model_path!r} is not a Diffusers model folder "
                              "(no model_index.json)")
+        check_model_files(path)
         check_device_available(args.device)
         if not remote_node:
             check_device_available(denoise_args.device)
@@ -75,6 +82,19 @@ def prepare_run(model_path: str, store_uri: str, output_uri: str, defaults: Samp
                       max_sequence_length=defaults.max_sequence_length,
                       checkpoint_every=checkpoint_every, fps=fps, options=options,
                       training_data=training_data)
+
+
+def check_writable(uri: str) -> None:
+    """Fail the run at its start when a store it writes to refuses a write (a read-only
+    folder, S3 credentials that may only read), not after the first item is computed."""
+    try:
+        store = get_store(uri)
+        retry_io(lambda: store.put_bytes(_WRITE_CHECK_KEY, b""))
+        retry_io(lambda: store.delete(_WRITE_CHECK_KEY))
+    except StoreUnavailableError:
+        raise  # transient: not the store's setup
+    except (OSError, StoreError) as exc:
+        raise ValueError(f"cannot write to {uri}: {exc}") from None
 
 
 def check_requests(ctx: RunContext, items: list[ItemSpec]) -> None:

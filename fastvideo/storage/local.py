@@ -11,7 +11,7 @@ from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 from fastvideo.storage.base import ArtifactStore, check_key
-from fastvideo.storage.errors import ObjectNotFoundError
+from fastvideo.storage.errors import ObjectNotFoundError, StoreError
 
 # In-progress writes carry this name prefix; `list` hides them.
 _TMP_PREFIX = ".tmp-"
@@ -22,7 +22,12 @@ class LocalStore(ArtifactStore):
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise StoreError(f"store folder {self.root} is a file") from None
+        except OSError as exc:
+            raise StoreError(f"cannot create store folder {self.root}: {exc.strerror}") from None
 
     @classmethod
     def from_uri(cls, uri: str) -> LocalStore:

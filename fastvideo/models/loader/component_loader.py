@@ -39,6 +39,32 @@ def read_model_index(model_path: str | Path) -> dict[str, Any]:
     return index
 
 
+def check_model_files(model_path: str | Path) -> None:
+    """Fail before any work on what would fail every item, naming the file or class: a
+    component class no registry knows, a missing component folder, a safetensors file
+    whose header does not parse or whose size does not match its header's offsets
+    (truncated), a shard an index lists but that is missing. Cheap: it reads
+    `model_index.json` and the safetensors headers, never the tensors."""
+    index_path = Path(model_path) / "model_index.json"
+    for name, spec in read_model_index(model_path).items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue  # `_class_name`, `_diffusers_version`, an absent component
+        if len(spec) != 2:
+            raise ValueError(f"{index_path}: entry {name!r} must be [library, class], "
+                             f"got {spec!r}")
+        try:
+            resolve_model(spec[1], spec[0])
+        except ValueError as e:
+            raise ValueError(f"{index_path}: component {name!r}: {e}") from None
+        folder = Path(model_path) / name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{index_path} lists component {name!r}, but {folder} "
+                                    "is missing")
+        if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+            for path in find_weight_files(folder):
+                _check_safetensors_header(path)
+
+
 def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")

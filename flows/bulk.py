@@ -80,6 +80,7 @@ def bulk(
     training_data: bool = False,
     manifest_interval_s: float = 60.0,
     artifact_key: str | None = None,
+    allow_unknown_columns: bool = False,
 ) -> State:
     """Generate a video for every row of a prompt dataset; one manifest row per item.
 
@@ -139,6 +140,9 @@ def bulk(
         manifest_interval_s: rewrite the manifest at most this often during the run.
         artifact_key: lowercase-dashed key of the run's artifacts (default: one derived
             from the output), versioned across runs.
+        allow_unknown_columns: ignore dataset columns that are no request option (else
+            they fail the run at its start: a typo such as `guidance` would silently
+            leave every row at the default).
     """
     start = time.perf_counter()
     if artifact_key is not None and not re.fullmatch(r"[a-z0-9-]+", artifact_key):
@@ -156,14 +160,14 @@ def bulk(
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
         max_sequence_length=max_sequence_length, image=local_path(image) if image else None))
     fps = fps or family_fps
-    plan = plan_items(local_path(dataset), output, defaults)
+    plan = plan_items(local_path(dataset), output, defaults, allow_unknown_columns)
     ctx = prepare_run(model_path, local_path(checkpoint_store or output), output, defaults,
                       checkpoint_every=checkpoint_every, device=device, dtype=dtype, fps=fps,
                       denoise_device=denoise_device, denoise_dtype=denoise_dtype,
                       dispatch=run, options=options, training_data=training_data)
     check_requests(ctx, plan.items)
     rows: list[dict[str, Any]] = list(plan.carried) + [
-        failed_row(i.item_id, i.prompt, i.error, flow_run.id) for i in plan.invalid]
+        failed_row(i.item_id, i.prompt, i.error, flow_run.id, i.row) for i in plan.invalid]
     tally = Tally(total=len(rows) + len(plan.items), cached=len(plan.carried),
                   failed=len(plan.invalid))
     key = artifact_key or output_key(output)
@@ -199,12 +203,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write prompt embeddings + final latents as parquet")
     parser.add_argument("--artifact-key",
                         help="key of the run's artifacts (default: derived from --output)")
+    parser.add_argument("--allow-unknown-columns", action="store_true",
+                        help="ignore dataset columns that are no request option")
     add_options(parser)
     args = parser.parse_args(argv)
     start_worker_early(bulk.fn, args.model_path, given_options(args))
     with prepared_environment():
         state = bulk(dataset=args.dataset, output=args.output, model_path=args.model_path,
                      training_data=args.training_data, artifact_key=args.artifact_key,
+                     allow_unknown_columns=args.allow_unknown_columns,
                      **given_options(args), return_state=True)
     summary = state.result(raise_on_failure=False)
     if isinstance(summary, dict):

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -54,13 +55,27 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
 
 def shard_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """sha256 of the task name and its parameters (references carry their digests)."""
-    # A shard counts by its items: its index is only a name, and shifts between runs.
-    keyed = {k: v.items if isinstance(v, Shard) else v for k, v in parameters.items()
-             if k not in _NOT_IN_CACHE_KEY}
+    keyed = {k: _what_counts(v) for k, v in parameters.items() if k not in _NOT_IN_CACHE_KEY}
     payload = {"task": context.task.name, "version": CACHE_VERSION,
                "parameters": to_jsonable(keyed)}
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return f"{context.task.name}-{hashlib.sha256(canonical.encode()).hexdigest()}"
+
+
+def _what_counts(value: Any) -> Any:
+    """A parameter as far as it decides the task's output. A shard counts by its items: its
+    index and their dataset rows are only names, and shift between runs. An upstream result
+    counts by its reference (with its digest) or its error: how long it took, or whether
+    it was reused or cached, changes nothing downstream."""
+    if isinstance(value, Shard):
+        return [replace(item, row=None) for item in value.items]
+    if isinstance(value, ItemResult):
+        return replace(value, seconds=0.0, info={})
+    if isinstance(value, dict):
+        return {k: _what_counts(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_what_counts(v) for v in value]
+    return value
 
 
 def retry_on_store_unavailable(task: Task[..., Any], task_run: TaskRun, state: State) -> bool:

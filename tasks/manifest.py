@@ -7,6 +7,8 @@ prompts makes thousands of task runs, and a million manifest rows.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -29,8 +31,9 @@ _ARROW_TYPES = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "b
 
 
 def _request_columns() -> list[tuple[str, pa.DataType]]:
-    """The request schema's columns: the prompt and SamplingParam's options, typed."""
-    columns = [("item_id", pa.string()), ("prompt", pa.string())]
+    """The item, its dataset row (0-based), and the request schema's columns: the prompt
+    and SamplingParam's options, typed."""
+    columns = [("item_id", pa.string()), ("row", pa.int64()), ("prompt", pa.string())]
     for f in dataclasses.fields(SamplingParam):
         columns.append((f.name, _ARROW_TYPES[str(f.type).split(" | ")[0]]))
     return columns
@@ -85,7 +88,7 @@ def item_row(item: ItemSpec, by_stage: dict[str, ItemResult], flow_run_id: str |
     then the video), in order."""
     final = list(by_stage.values())[-1]
     row: dict[str, Any] = {
-        "item_id": item.item_id, **item.request(),
+        "item_id": item.item_id, "row": item.row, **item.request(),
         "status": SUCCEEDED if final.ok else FAILED,
         "failed_stage": final.failed_stage, "error": final.error,
         "flow_run_id": flow_run_id,
@@ -112,10 +115,11 @@ def shard_rows(shard: Shard, results: dict[str, list[ItemResult]], flow_run_id: 
             for i, item in enumerate(shard.items)]
 
 
-def failed_row(item_id: str, prompt: str | None, error: str, flow_run_id: str | None
-               ) -> dict[str, Any]:
+def failed_row(item_id: str, prompt: str | None, error: str, flow_run_id: str | None,
+               row: int | None = None) -> dict[str, Any]:
     """The row of an item that never became a request (a bad dataset row)."""
-    return {"item_id": item_id, "prompt": prompt, "status": FAILED, "failed_stage": "dataset",
+    return {"item_id": item_id, "row": row, "prompt": prompt, "status": FAILED,
+            "failed_stage": "dataset",
             "error": error, "flow_run_id": flow_run_id,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
@@ -126,12 +130,44 @@ def manifest_bytes(rows: list[dict[str, Any]]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def lost_videos(output: ArtifactStore, rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Of succeeded manifest rows, those whose video is not in `output` with its sha256:
+    item id -> what is wrong. Reads every video (a few at a time). A video whose content
+    changed is deleted: the write-video task is cached only while its videos exist
+    (`tasks.stages`), so the rerun writes it again."""
+    prefix = output.root_uri.rstrip("/") + "/"
+
+    def problem(row: dict[str, Any]) -> str | None:
+        uri, digest = row.get("video_uri"), row.get("video_sha256")
+        if not uri or not digest:
+            return "the manifest names no video"
+        if not uri.startswith(prefix):
+            return f"video {uri} is not in this output ({output.root_uri})"
+        try:
+            data = retry_io(lambda: output.get_bytes(uri[len(prefix):]))
+        except ObjectNotFoundError:
+            return f"video {uri} is missing"
+        if hashlib.sha256(data).hexdigest() != digest:
+            retry_io(lambda: output.delete(uri[len(prefix):]))
+            return f"video {uri} does not match its sha256 {digest} (deleted)"
+        return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        problems = list(pool.map(problem, rows))
+    return {row["item_id"]: why for row, why in zip(rows, problems) if why is not None}
+
+
 @task(name="write-manifest", persist_result=False, retries=3, retry_delay_seconds=2,
       retry_condition_fn=retry_on_store_unavailable)
 def write_manifest(rows: list[dict[str, Any]], output_uri: str) -> str:
-    """Replace `<output>/manifest.parquet` (atomically) with `rows`; return its URI."""
+    """Write `<output>/manifest.parquet` (atomically): the existing manifest with the rows
+    of `rows`' items replaced in place and their new items after them; rows of items not
+    in `rows` (another dataset's, or rows since removed from this one) are kept as they
+    are. Return its URI."""
     store = get_store(output_uri)
-    data = manifest_bytes(rows)
+    updates = {row["item_id"]: row for row in rows}
+    merged = [updates.pop(row["item_id"], row) for row in read_manifest(store)]
+    data = manifest_bytes([*merged, *updates.values()])
     retry_io(lambda: store.put_bytes(MANIFEST_KEY, data))
     return store.uri(MANIFEST_KEY)
 

@@ -12,13 +12,14 @@ import functools
 from typing import Any
 
 from prefect import Task
+from prefect.context import TaskRunContext
 from prefect.states import State
 
 from fastvideo.jobs import item_phases
 from fastvideo.jobs.item_phases import ENCODE_NEGATIVE, WRITE_VIDEO, phase_inputs
 from fastvideo.jobs.items import ItemResult, ItemSpec, RunContext, Shard
 from fastvideo.pipelines.phases import Phase
-from tasks.common import get_store, run_shard, stage_task
+from tasks.common import get_store, run_shard, shard_cache_key, stage_task
 
 
 @stage_task(ENCODE_NEGATIVE)
@@ -61,4 +62,15 @@ def _write_videos(shard: Shard, ctx: RunContext, last: Phase, decoded: list[Item
     return run_shard(WRITE_VIDEO, shard, [decoded], work)
 
 
-write_videos = stage_task(WRITE_VIDEO)(_write_videos)
+def _video_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """The stage's cache key while the videos it would name exist; none (a run, not a
+    cached result) when one is gone from the output, so a rerun writes it again."""
+    shard, ctx, decoded = parameters["shard"], parameters["ctx"], parameters["decoded"]
+    output = get_store(ctx.output_uri)
+    if all(output.exists(item_phases.video_key(item))
+           for item, result in zip(shard.items, decoded) if result.ok):
+        return shard_cache_key(context, parameters)
+    return None
+
+
+write_videos = stage_task(WRITE_VIDEO, cache_key_fn=_video_cache_key)(_write_videos)

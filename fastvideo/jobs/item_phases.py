@@ -272,9 +272,25 @@ def denoise_result(phase: Phase, outcome: DenoiseOutcome) -> ItemResult:
                             "resumed_from_step": outcome.resumed_from_step})
 
 
+# An id used as it is in a file name: letters, digits, '.', '_', '-', not leading with
+# '.' or '-' (hidden files, command-line options), short enough for any file system.
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def safe_name(item_id: str) -> str:
+    """The item id as a file name part: the id itself when it is safe, else a readable
+    prefix, `~` and a digest of the whole id. `~` never occurs in a safe id, so two ids
+    never get one name (`a/b` -> `a-b~<digest>`, `a-b` -> `a-b`)."""
+    if _SAFE_ID.fullmatch(item_id):
+        return item_id
+    prefix = re.sub(r"[^A-Za-z0-9._-]+", "-", item_id).strip("-.")[:40].rstrip("-.")
+    return f"{prefix or 'item'}~{hashlib.sha256(item_id.encode()).hexdigest()[:16]}"
+
+
 def video_key(item: ItemSpec) -> str:
-    safe_id = re.sub(r"[^A-Za-z0-9._-]+", "-", item.item_id).strip("-.") or "item"
-    return f"videos/{safe_id}_{video_file_name(item.prompt, item.seed)}"
+    """`videos/<safe id>_<prompt slug>_seed<seed>.mp4`; the slug holds no `_`, so the name
+    tells the id back and two items never share a file."""
+    return f"videos/{safe_name(item.item_id)}_{video_file_name(item.prompt, item.seed)}"
 
 
 def write_video(ctx: RunContext, store: ArtifactStore, output: ArtifactStore, item: ItemSpec,

@@ -28,6 +28,8 @@ class ItemSpec:
     """True when this item uses the run's negative prompt, whose embedding is computed once."""
     params: SamplingParam
     """Its negative prompt is the text used ('' for none)."""
+    row: int | None = None
+    """Its row in the dataset (0-based), for the manifest; not part of what it makes."""
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name == "params":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,12 +35,15 @@ def test_item_ids_and_seeds_are_stable_when_rows_are_added() -> None:
 
 def test_row_values_are_checked_and_coerced() -> None:
     rows = [{"prompt": "ok", "height": 64.0, "guidance_scale": 3, "negative_prompt": "dark"},
-            {"prompt": "x", "seed": -1}, {"prompt": 3}, {"prompt": "y", "width": float("nan")}]
+            {"prompt": "x", "seed": -1}, {"prompt": 3}, {"prompt": "y", "width": float("nan")},
+            {"prompt": "z", "width": None}]
     items, invalid = parse_rows(rows, DEFAULTS)
-    assert [(i.prompt, i.height, i.guidance_scale, i.shared_negative) for i in items] == [
-        ("ok", 64, 3.0, False), ("y", 32, 5.0, True)]
-    assert [e.row for e in invalid] == [1, 2]
-    assert "seed" in invalid[0].error and "prompt must be a non-empty string" in invalid[1].error
+    assert [(i.prompt, i.height, i.width, i.guidance_scale, i.shared_negative, i.row)
+            for i in items] == [("ok", 64, 32, 3.0, False, 0), ("z", 32, 32, 5.0, True, 4)]
+    assert [e.row for e in invalid] == [1, 2, 3]
+    assert "seed must be an integer in [0, 2**63), got -1" in invalid[0].error
+    assert "column 'prompt': 3 is not a string" in invalid[1].error
+    assert "column 'width': nan is not an integer" in invalid[2].error
 
 
 @pytest.mark.parametrize("suffix", ["jsonl", "csv", "parquet"])
@@ -50,17 +54,22 @@ def test_plan_reads_every_format_and_carries_done_items(tmp_path: Path, suffix: 
      "csv": lambda p: frame.to_csv(p, index=False),
      "parquet": lambda p: frame.to_parquet(p)}[suffix](dataset)
     output = tmp_path / "out"
-    plan = plan_items.fn(str(dataset), str(output), DEFAULTS)
+    plan = plan_items.fn(str(dataset), str(output), DEFAULTS, allow_unknown_columns=True)
     assert (len(plan.items), plan.num_rows, plan.carried) == (2, 2, [])
+    assert [(i.seed, i.row) for i in plan.items] == [(1, 0), (2, 1)]
 
-    done = ItemResult(plan.items[0].item_id, ref=CheckpointRef("file:///x", "videos/a.mp4", "d"))
+    store = open_store(output)
+    store.put_bytes("videos/a.mp4", b"video")
+    done = ItemResult(plan.items[0].item_id, ref=CheckpointRef(
+        store.root_uri, "videos/a.mp4", hashlib.sha256(b"video").hexdigest()))
     shard = make_shards(plan.items[:1], 1)[0]
     write_manifest.fn(shard_rows(shard, {"write-video": [done]}, None), str(output))
-    plan = plan_items.fn(str(dataset), str(output), DEFAULTS)
+    plan = plan_items.fn(str(dataset), str(output), DEFAULTS, allow_unknown_columns=True)
     assert [i.prompt for i in plan.items] == ["a dog"]
-    assert [r["video_uri"] for r in plan.carried] == ["file:///x/videos/a.mp4"]
+    assert [r["video_uri"] for r in plan.carried] == [store.uri("videos/a.mp4")]
     changed = SamplingParam(**{**DEFAULTS.__dict__, "num_inference_steps": 8})
-    assert len(plan_items.fn(str(dataset), str(output), changed).items) == 2
+    assert len(plan_items.fn(str(dataset), str(output), changed,
+                             allow_unknown_columns=True).items) == 2
 
 
 def test_dataset_errors_are_clear(tmp_path: Path) -> None:

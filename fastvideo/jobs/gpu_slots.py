@@ -134,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
-        for gpu, pid in slot_holders().items():
+        holders = slot_holders()
+        if not holders:
+            print(f"no GPUs on this node (${GPUS_ENV}, CUDA_VISIBLE_DEVICES, nvidia-smi)")
+        for gpu, pid in holders.items():
             print(f"gpu {gpu}: " + (f"held by pid {pid}" if pid else "free"))
         return 0
     with gpu_slots(args.count, log=lambda line: print(line, file=sys.stderr, flush=True)):

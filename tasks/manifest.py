@@ -133,8 +133,8 @@ def manifest_bytes(rows: list[dict[str, Any]]) -> bytes:
 def lost_videos(output: ArtifactStore, rows: list[dict[str, Any]]) -> dict[str, str]:
     """Of succeeded manifest rows, those whose video is not in `output` with its sha256:
     item id -> what is wrong. Reads every video (a few at a time). A video whose content
-    changed is deleted: the write-video task is cached only while its videos exist
-    (`tasks.stages`), so the rerun writes it again."""
+    changed is deleted: write-video's cached result is not used while a video it names is
+    gone (`tasks.stages`), so the rerun writes it again."""
     prefix = output.root_uri.rstrip("/") + "/"
 
     def problem(row: dict[str, Any]) -> str | None:

@@ -62,15 +62,19 @@ def _write_videos(shard: Shard, ctx: RunContext, last: Phase, decoded: list[Item
     return run_shard(WRITE_VIDEO, shard, [decoded], work)
 
 
-def _video_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-    """The stage's cache key while the videos it would name exist; none (a run, not a
-    cached result) when one is gone from the output, so a rerun writes it again."""
+def _video_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """The stage's cache key, unless a video its cached result names is gone from the
+    output (deleted since): then a key of this task run alone, so the video is written
+    again, while the cached result stays for later reruns (the same frames encode to the
+    same bytes)."""
+    key = shard_cache_key(context, parameters)
     shard, ctx, decoded = parameters["shard"], parameters["ctx"], parameters["decoded"]
     output = get_store(ctx.output_uri)
-    if all(output.exists(item_phases.video_key(item))
-           for item, result in zip(shard.items, decoded) if result.ok):
-        return shard_cache_key(context, parameters)
-    return None
+    lost = not all(output.exists(item_phases.video_key(item))
+                   for item, result in zip(shard.items, decoded) if result.ok)
+    if lost and context.result_store.exists(key):
+        return f"{key}-rewrite-{context.task_run.id}"
+    return key
 
 
 write_videos = stage_task(WRITE_VIDEO, cache_key_fn=_video_cache_key)(_write_videos)

@@ -41,6 +41,7 @@ from fastvideo.storage import (
     retry_io,
     write_checkpoint,
 )
+from fastvideo.storage.file_digests import file_sha256
 from fastvideo.utils.video_io import video_file_name, write_mp4
 
 ENCODE_NEGATIVE = "encode-negative"
@@ -203,11 +204,7 @@ def file_digest(name: str) -> str:
         path = Path(name)
         if not path.is_file():
             raise FileNotFoundError(f"file {name} does not exist")
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return file_sha256(path)
     root, _, key = name.rpartition("/")
     store = open_store(root + "/" if root.endswith("//") else root)
     try:

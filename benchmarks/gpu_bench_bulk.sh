@@ -8,6 +8,9 @@
 #   bash benchmarks/gpu_bench_bulk.sh dense       # carry .gpu3: Prefect, compiler part 2; dense+fresh
 #   bash benchmarks/gpu_bench_bulk.sh sta         # nothing carried
 #
+# `dense` takes the bench phases to run as a second argument (default dense,fresh), so
+# `dense sta` measures STA alone on a machine where the baseline and dense are already measured.
+#
 # `prepare` instead of `diffusers` installs and builds the checkpoint without the baseline
 # (for a machine lost mid-way, when the session's baseline is already measured).
 #
@@ -52,7 +55,8 @@ dense)
     reason=$(python3 -c "from fastvideo.attention.backends.flash_cute import cute_unavailable_reason as r; print(r('cuda'))" 2>&1 | tail -1)
     echo "CuTe kernels: ${reason}"
     [ "$reason" = "None" ] || { echo "the CuTe kernels cannot run: not benchmarking"; exit 1; }
-    bench --phases dense,fresh --json-out "$OUT/bench_dense.json" ;;
+    phases=${2:-dense,fresh}
+    bench --phases "$phases" --json-out "$OUT/bench_${phases//,/_}.json" ;;
 sta)
     bench --phases sta --json-out "$OUT/bench_sta.json" ;;
 *)

@@ -102,7 +102,7 @@ def bulk(
             `image` column value.
         shard_size: items per task run (and per denoise job / GPU model load).
         concurrency: shards in flight together (GPU jobs side by side); a warm worker also
-            gets the next shard queued, so its GPU never waits between shards.
+            gets the next shards queued, so its GPU never waits between shards.
         checkpoint_every: denoising saves latents and scheduler state every this many steps.
         checkpoint_store: store URI for checkpoints; default the output.
         dispatch: where stages run: inprocess (this process), worker (this node's warm

@@ -34,8 +34,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run options")
     run.add_argument("--shard-size", type=int, help="items per task run (default 1)")
     run.add_argument("--concurrency", type=int,
-                     help="shards in flight together (default 1; a warm worker also gets the "
-                          "next one queued)")
+                     help="shards in flight together (default 1; a warm worker also gets "
+                          "the next ones queued)")
     run.add_argument("--checkpoint-every", type=int,
                      help="save denoising state every this many steps (default 5)")
     run.add_argument("--checkpoint-store",

@@ -2,8 +2,10 @@
 run over shards: the sequence both flows share. Nothing here knows a pipeline's stages.
 
 Placement `all` (`process_remote`): one `generate-shard` task per shard hands it whole to
-a warm worker; shards are kept in flight one more than `concurrency`, so a worker always
-has the next shard queued and its GPU never waits for the flow between shards.
+a warm worker; `2 * concurrency + 1` shards are kept in flight (per GPU one being
+denoised and one being decoded and written, plus one queued), so a worker always has the
+next shard queued even when decoding takes longer than denoising (STA), and its GPU never
+waits for the flow between shards.
 
 Otherwise (`process_window`), stage by stage, a window's shards are submitted together
 (the flow's task runner decides how many run at once), so with dispatch `deployment`
@@ -121,6 +123,13 @@ def process_window(shards: list[Shard], ctx: RunContext, phases: tuple[Phase, ..
     return results
 
 
+def in_flight_limit(concurrency: int) -> int:
+    """Shards a warm worker's flow keeps in flight: per GPU one denoising and one in the post
+    lane (decode, mp4), plus one queued. With fewer, the GPU idles whenever an item's decode
+    outlasts the next item's denoise: the next shard is only submitted when the oldest ends."""
+    return 2 * max(concurrency, 1) + 1
+
+
 def process_remote(shards: list[Shard], ctx: RunContext, dispatch: Dispatch, concurrency: int
                    ) -> Iterator[tuple[Shard, dict[str, list[ItemResult]]]]:
     """Each shard's results per stage, in shard order, as its `generate-shard` task ends."""
@@ -128,7 +137,7 @@ def process_remote(shards: list[Shard], ctx: RunContext, dispatch: Dispatch, con
     pending = iter(shards)
     for shard in pending:
         in_flight.append((shard, generate_shard.submit(shard, ctx, dispatch)))
-        if len(in_flight) > max(concurrency, 1):
+        if len(in_flight) >= in_flight_limit(concurrency):
             break
     while in_flight:
         shard, future = in_flight.popleft()

@@ -104,10 +104,13 @@ class ShardRunner:
         """Every phase for every item of `shard`; returns when all are done or failed."""
         ctx = ENGINE.with_fingerprint(ctx)
         phases = model_phases(ctx.model_path)
-        negative = None
+        # The whole shard is queued on the lane at once (the lane runs its work in order, so
+        # the negative is ready before the fronts): waiting here for the negative let a later
+        # shard's work overtake this one's, and left the GPU idle while this thread woke up.
+        negative: Future[ItemResult] | None = None
         if any(p.shared_negative for p in phases) and any(
                 item_phases.uses_shared_negative(i) for i in shard.items):
-            negative = self._gpu.submit(self._negative, ctx, phases).result()
+            negative = self._gpu.submit(self._negative, ctx, phases)
         fronts = [self._gpu.submit(self._front, ctx, phases, item, negative, emit, cancelled)
                   for item in shard.items]
         per_item = [front.result().result() for front in fronts]
@@ -128,11 +131,12 @@ class ShardRunner:
             ctx, self.store(ctx.store_uri), phases), logger)
 
     def _front(self, ctx: RunContext, phases: tuple[Phase, ...], item: ItemSpec,
-               negative: ItemResult | None, emit: Emit, cancelled: Callable[[], bool]
-               ) -> Future[dict[str, ItemResult]]:
+               negative_run: Future[ItemResult] | None, emit: Emit,
+               cancelled: Callable[[], bool]) -> Future[dict[str, ItemResult]]:
         """The GPU lane's share of an item (the phases up to denoising, included); returns
         the future of its post-lane share."""
         start = time.time()
+        negative = negative_run.result() if negative_run is not None else None  # ran before
         results: dict[str, ItemResult] = {}
         store = self.store(ctx.store_uri)
 

@@ -7,6 +7,7 @@ videos as running the lanes in turn.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,44 @@ def test_rerun_reuses_every_checkpoint(tiny_wan_path: Path, tmp_path: Path, shar
         runner.close()
     assert [r.ref.digest for r in second[DECODE]] == [r.ref.digest for r in first[DECODE]]
     assert all(r.info.get("reused") for r in second[DENOISE] + second[DECODE])
+
+
+def _wait_for(predicate, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_shard_is_queued_whole_on_arrival_so_shards_run_in_arrival_order(
+        tiny_wan_path: Path, tmp_path: Path) -> None:
+    items, _ = parse_rows([{"prompt": p} for p in PROMPTS[:2]],
+                          SamplingParam(negative_prompt="blurry, static",
+                                        max_sequence_length=16, **TINY))
+    first, second = make_shards(items, 1)
+    ctx = _ctx(tiny_wan_path, tmp_path)
+    runner = ShardRunner()
+    gate = threading.Event()
+    # The lane's queue (ThreadPoolExecutor's own) is what the GPU will run next.
+    queued = runner._gpu._work_queue.qsize  # noqa: SLF001
+    holder = threading.Thread(target=runner.on_gpu_lane, args=(gate.wait,))
+    results: dict[int, dict] = {}
+    callers = [threading.Thread(target=lambda s=s: results.__setitem__(
+        s.index, runner.run(ctx, s, lambda e: None))) for s in (first, second)]
+    try:
+        holder.start()
+        _wait_for(lambda: queued() == 0, "the lane to start the gate")
+        callers[0].start()
+        # The negative and the item's front, both queued while the GPU is busy elsewhere.
+        _wait_for(lambda: queued() == 2, "the first shard's whole work on the lane")
+        callers[1].start()
+        _wait_for(lambda: queued() == 4, "the second shard's whole work on the lane")
+        gate.set()
+        for thread in (holder, *callers):
+            thread.join(timeout=300)
+    finally:
+        gate.set()
+        runner.close()
+    assert all(r.ok for shard in results.values() for stage in shard.values() for r in stage)
+    gpu_order = [e["item_id"] for e in runner.timeline.as_list() if e["lane"] == "gpu"]
+    assert gpu_order == [first.items[0].item_id, second.items[0].item_id]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 _FASTVIDEO_MODELS: dict[str, tuple[str, str, str]] = {
     "WanTransformer3DModel": ("dits", "wanvideo", "WanTransformer3DModel"),
+    "HunyuanVideoTransformer3DModel": ("dits", "hunyuanvideo", "HunyuanVideoTransformer3DModel"),
 }
 
 _LIBRARY_CLASSES: dict[str, frozenset[str]] = {
@@ -26,9 +27,10 @@ _LIBRARY_CLASSES: dict[str, frozenset[str]] = {
         "AutoTokenizer", "CLIPTextModel", "CLIPTokenizer", "CLIPVisionModelWithProjection",
         # transformers without torchvision saves its CLIP processor under the Pil name.
         "CLIPImageProcessor", "CLIPImageProcessorPil",
+        "LlamaModel", "LlamaTokenizerFast", "LlamaTokenizer", "CLIPTokenizerFast",
     }),
     "diffusers": frozenset({
-        "AutoencoderKLWan", "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler",
+        "AutoencoderKLWan", "AutoencoderKLHunyuanVideo", "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler",
         "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
     }),
 }

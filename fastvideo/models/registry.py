@@ -30,8 +30,8 @@ _LIBRARY_CLASSES: dict[str, frozenset[str]] = {
         "LlamaModel", "LlamaTokenizerFast", "LlamaTokenizer", "CLIPTokenizerFast",
     }),
     "diffusers": frozenset({
-        "AutoencoderKLWan", "AutoencoderKLHunyuanVideo", "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler",
-        "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+        "AutoencoderKLWan", "AutoencoderKLHunyuanVideo", "UniPCMultistepScheduler",
+        "FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
     }),
 }
 

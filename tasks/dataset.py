@@ -33,8 +33,9 @@ from prefect.cache_policies import NO_CACHE
 
 from fastvideo.fastvideo_args import SamplingParam
 from fastvideo.jobs.items import ItemSpec, Shard
+from fastvideo.storage.uri import split_uri
 from tasks.common import get_store, retry_on_store_unavailable, run_logger
-from tasks.dataset_table import COLUMN_TYPES, parse_cell, read_table, split_uri
+from tasks.dataset_table import COLUMN_TYPES, parse_cell, read_table
 from tasks.manifest import MANIFEST_KEY, SUCCEEDED, lost_videos, read_manifest
 
 # The request schema is SamplingParam's: a row may set any of its options.

@@ -16,7 +16,6 @@ import io
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -24,6 +23,7 @@ import pyarrow.parquet as pq
 
 from fastvideo.fastvideo_args import SamplingParam
 from fastvideo.storage import ObjectNotFoundError, retry_io
+from fastvideo.storage.uri import split_uri
 from tasks.common import get_store
 
 COLUMN_TYPES: dict[str, str] = {
@@ -48,15 +48,6 @@ class Table:
     """Cells are text (CSV), read by `parse_cell` as their column's type."""
     row_errors: dict[int, str] = field(default_factory=dict)
     """Rows that could not be split into cells (a CSV line with more cells than columns)."""
-
-
-def split_uri(uri: str) -> tuple[str, str]:
-    """A file's store root and key: `s3://b/p/data.jsonl` -> (`s3://b/p`, `data.jsonl`)."""
-    if "://" not in uri:
-        path = Path(uri)
-        return str(path.parent), path.name
-    root, _, name = uri.rpartition("/")
-    return (root + "/" if root.endswith("//") else root), name
 
 
 def read_table(uri: str) -> Table:

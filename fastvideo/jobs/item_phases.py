@@ -32,16 +32,15 @@ from fastvideo.storage import (
     ArtifactStore,
     CheckpointRef,
     CorruptInputError,
-    ObjectNotFoundError,
     StoreUnavailableError,
     checkpoint_key,
     load_valid_checkpoint,
-    open_store,
     read_inputs,
     retry_io,
     write_checkpoint,
 )
 from fastvideo.storage.file_digests import file_sha256
+from fastvideo.storage.uri import read_uri
 from fastvideo.utils.video_io import video_file_name, write_mp4
 
 ENCODE_NEGATIVE = "encode-negative"
@@ -204,13 +203,8 @@ def file_digest(name: str) -> str:
         path = Path(name)
         if not path.is_file():
             raise FileNotFoundError(f"file {name} does not exist")
-        return file_sha256(path)
-    root, _, key = name.rpartition("/")
-    store = open_store(root + "/" if root.endswith("//") else root)
-    try:
-        return hashlib.sha256(retry_io(lambda: store.get_bytes(key))).hexdigest()
-    except ObjectNotFoundError:
-        raise FileNotFoundError(f"file {name} does not exist") from None
+        return file_sha256(path)  # remembered per file version: no re-read of a large file
+    return hashlib.sha256(read_uri(name)).hexdigest()
 
 
 def run_phase(ctx: RunContext, store: ArtifactStore, phase: Phase, item: ItemSpec,

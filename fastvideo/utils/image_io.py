@@ -71,22 +71,10 @@ def pixels_to_image(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray(pixels.cpu().numpy(), mode="RGB")
 
 
-def _split_uri(uri: str) -> tuple[str, str]:
-    """`s3://bucket/dir/a.png` -> (`s3://bucket/dir`, `a.png`): the store and the key."""
-    root, _, key = uri.rpartition("/")
-    if not key or root.endswith(":/"):
-        raise ValueError(f"image URI {uri!r} names no file; use e.g. s3://bucket/dir/image.png")
-    return (root + "/" if root.endswith("//") else root), key  # file:///a.png -> file:///
-
-
 def _read_uri(uri: str) -> bytes:
-    from fastvideo.storage import ObjectNotFoundError, open_store, retry_io
+    from fastvideo.storage.uri import read_uri  # the engine's image loader needs no store
 
-    root, key = _split_uri(uri)
-    try:
-        return retry_io(lambda: open_store(root).get_bytes(key))
-    except ObjectNotFoundError:
-        raise FileNotFoundError(f"image {uri} does not exist") from None
+    return read_uri(uri, "image")
 
 
 def _check_size(size: tuple[int, int], name: str, max_pixels: int) -> None:

@@ -13,7 +13,7 @@ from fastvideo.fastvideo_args import SamplingParam
 from fastvideo.jobs.items import ItemResult
 from fastvideo.storage import CheckpointRef, open_store
 from tasks.common import shard_cache_key
-from tasks.dataset import make_shards, parse_rows, plan_items, split_uri
+from tasks.dataset import make_shards, parse_rows, plan_items
 from tasks.dispatch import Dispatch
 from tasks.manifest import read_manifest, shard_rows, write_manifest
 
@@ -77,12 +77,6 @@ def test_dataset_errors_are_clear(tmp_path: Path) -> None:
         plan_items.fn(str(tmp_path / "prompts.txt"), str(tmp_path), DEFAULTS)
     with pytest.raises(ValueError, match="does not exist"):
         plan_items.fn(str(tmp_path / "missing.jsonl"), str(tmp_path), DEFAULTS)
-
-
-def test_split_uri() -> None:
-    assert split_uri("s3://bucket/a/b.jsonl") == ("s3://bucket/a", "b.jsonl")
-    assert split_uri("file:///data.csv") == ("file:///", "data.csv")
-    assert split_uri("prompts.jsonl") == (".", "prompts.jsonl")
 
 
 def test_cache_key_ignores_shard_index_and_dispatch_but_not_inputs() -> None:

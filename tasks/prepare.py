@@ -66,9 +66,7 @@ def prepare_run(model_path: str, store_uri: str, output_uri: str, defaults: Samp
         check_writable(uri)
     if not weightless:
         # Fail now, not in the first task: this node runs the stages.
-        if not Path(path, "model_index.json").is_file():
-            raise ValueError(f"model_path {model_path!r} is not a Diffusers model folder "
-                             "(no model_index.json)")
+        check_model_folder(model_path)
         check_model_files(path)
         check_device_available(args.device)
         if not remote_node:
@@ -114,6 +112,15 @@ def check_requests(ctx: RunContext, items: list[ItemSpec]) -> None:
                                            f"{first.item_id!r})")
 
 
+def check_model_folder(model_path: str) -> str:
+    """`model_path` resolved, once it is known to be a Diffusers folder."""
+    path = Path(model_path).resolve()
+    if not (path / "model_index.json").is_file():
+        raise ValueError(f"model_path {model_path!r} is not a Diffusers model folder "
+                         "(no model_index.json)")
+    return str(path)
+
+
 def request_defaults(model_path: str, dispatch: Dispatch, given: dict[str, Any]
                      ) -> tuple[SamplingParam, int]:
     """The run's request defaults, and its frame rate: the options given (None: unset) over
@@ -123,10 +130,7 @@ def request_defaults(model_path: str, dispatch: Dispatch, given: dict[str, Any]
     family, fps = ComposedPipelineBase.default_sampling, ComposedPipelineBase.fps
     weightless = dispatch.mode == "deployment" and dispatch.remote_stages
     if not weightless:
-        if not Path(model_path, "model_index.json").is_file():
-            raise ValueError(f"model_path {model_path!r} is not a Diffusers model folder "
-                             "(no model_index.json)")
-        cls = pipeline_class(str(Path(model_path).resolve()))
+        cls = pipeline_class(check_model_folder(model_path))
         family, fps = cls.default_sampling, cls.fps
     values = {k: v for k, v in given.items() if v is not None}
     return dataclasses.replace(family, **values), fps

@@ -8,6 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
+class QuickGELU(nn.Module):
+    """`x * sigmoid(1.702 x)`, the GELU approximation OpenAI's CLIP was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU,
     # diffusers calls the tanh approximation "gelu-approximate" (FeedForward) and
@@ -15,6 +23,11 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
     "gelu-approximate": lambda: nn.GELU(approximate="tanh"),
     "silu": nn.SiLU,
+    "relu": nn.ReLU,
+    # transformers' names (T5's "gelu_new", Llama-family "gelu_pytorch_tanh", CLIP's "quick_gelu").
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "quick_gelu": lambda: QuickGELU(),
 }
 
 

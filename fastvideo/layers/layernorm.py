@@ -58,3 +58,28 @@ class LayerNormScaleShift(nn.Module):
     def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         normed = self.norm(x.float())
         return torch.addcmul(shift, normed, 1 + scale).to(x.dtype)
+
+
+class T5RMSNorm(nn.Module):
+    """transformers' `T5LayerNorm`, rounding included: normalise in fp32, round to the weight's
+    dtype when that is half precision, then scale. With input and weight of one dtype this is
+    also `LlamaRMSNorm`. It differs from `RMSNorm` when T5 keeps `wo` in fp32 in a bf16 model:
+    the residual stream is then fp32 and the norm must hand bf16 to the next projection.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6,
+                 params_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            normed = normed.to(self.weight.dtype)
+        return self.weight * normed
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.eps}"

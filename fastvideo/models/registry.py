@@ -3,10 +3,11 @@
 Two kinds of entries:
 
 * our own models (`_FASTVIDEO_MODELS`): Hugging Face class name -> (folder under
-  `fastvideo/models/`, module, class), imported on first use;
+  `fastvideo/models/`, module, class), imported on first use: the DiTs and the text
+  encoders (T5, UMT5, CLIP text, Llama), which shard over the tensor parallel group;
 * parts we still take from their original library (`_LIBRARY_CLASSES`): tokenizers,
-  the UMT5 text encoder, the Wan VAE and the schedulers, loaded with that library's
-  own `from_pretrained`.
+  image processors, the CLIP vision encoder, the VAEs and the schedulers, loaded with
+  that library's own `from_pretrained`.
 
 Importing this module imports no model code, no CUDA and no torch.distributed.
 """
@@ -19,15 +20,19 @@ from dataclasses import dataclass
 _FASTVIDEO_MODELS: dict[str, tuple[str, str, str]] = {
     "WanTransformer3DModel": ("dits", "wanvideo", "WanTransformer3DModel"),
     "HunyuanVideoTransformer3DModel": ("dits", "hunyuanvideo", "HunyuanVideoTransformer3DModel"),
+    "UMT5EncoderModel": ("encoders", "t5", "UMT5EncoderModel"),
+    "T5EncoderModel": ("encoders", "t5", "T5EncoderModel"),
+    "CLIPTextModel": ("encoders", "clip", "CLIPTextModel"),
+    "LlamaModel": ("encoders", "llama", "LlamaModel"),
 }
 
 _LIBRARY_CLASSES: dict[str, frozenset[str]] = {
     "transformers": frozenset({
-        "UMT5EncoderModel", "T5EncoderModel", "T5TokenizerFast", "T5Tokenizer",
-        "AutoTokenizer", "CLIPTextModel", "CLIPTokenizer", "CLIPVisionModelWithProjection",
+        "T5TokenizerFast", "T5Tokenizer", "AutoTokenizer", "CLIPTokenizer",
+        "CLIPVisionModelWithProjection",
         # transformers without torchvision saves its CLIP processor under the Pil name.
         "CLIPImageProcessor", "CLIPImageProcessorPil",
-        "LlamaModel", "LlamaTokenizerFast", "LlamaTokenizer", "CLIPTokenizerFast",
+        "LlamaTokenizerFast", "LlamaTokenizer", "CLIPTokenizerFast",
     }),
     "diffusers": frozenset({
         "AutoencoderKLWan", "AutoencoderKLHunyuanVideo", "UniPCMultistepScheduler",

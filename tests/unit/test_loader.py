@@ -71,7 +71,7 @@ def test_missing_weight_file(ckpt: Path) -> None:
 
 @pytest.mark.parametrize(("component", "file_name"), [
     ("transformer", DIT_FILE),            # our own model's loader
-    ("text_encoder", "model.safetensors"),  # loaded through transformers
+    ("text_encoder", "model.safetensors"),  # a transformers-format checkpoint, our encoder
 ])
 def test_truncated_safetensors_names_the_file(ckpt: Path, component: str, file_name: str) -> None:
     path = ckpt / component / file_name

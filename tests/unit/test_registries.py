@@ -18,10 +18,17 @@ def test_known_model_resolves_to_our_implementation() -> None:
     assert cls.__module__ == "fastvideo.models.dits.wanvideo"
 
 
+def test_text_encoders_resolve_to_our_implementations() -> None:
+    for name in ("UMT5EncoderModel", "T5EncoderModel", "CLIPTextModel", "LlamaModel"):
+        cls = resolve_model(name, "transformers").load_class()
+        assert cls.__module__.startswith("fastvideo.models.encoders."), name
+        assert cls.__name__ == name
+
+
 def test_library_component_resolves_to_its_library() -> None:
-    entry = resolve_model("UMT5EncoderModel", "transformers")
+    entry = resolve_model("CLIPVisionModelWithProjection", "transformers")
     assert entry.library == "transformers"
-    assert entry.load_class().__name__ == "UMT5EncoderModel"
+    assert entry.load_class().__name__ == "CLIPVisionModelWithProjection"
 
 
 def test_unknown_model_lists_known_names() -> None:

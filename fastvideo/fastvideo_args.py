@@ -120,6 +120,9 @@ class SamplingParam:
     max_sequence_length: int = 512
     image: str | None = None
     """Image-to-video: the first frame, a local path or a store URI (s3://...)."""
+    embedded_guidance_scale: float | None = None
+    """Guidance-distilled DiTs (HunyuanVideo): the guidance strength fed to the DiT as an
+    input, at no extra forward; None: the family's (other families refuse a value)."""
 
     def __post_init__(self) -> None:
         if self.image is not None and (not isinstance(self.image, str) or not self.image):
@@ -135,6 +138,12 @@ class SamplingParam:
             raise ValueError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        embedded = self.embedded_guidance_scale
+        if embedded is not None and (isinstance(embedded, bool)
+                                     or not isinstance(embedded, (int, float))
+                                     or not math.isfinite(embedded) or embedded < 0):
+            raise ValueError(f"embedded_guidance_scale must be a finite number >= 0, got "
+                             f"{embedded!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 

@@ -41,11 +41,19 @@ class ForwardBatch:
     max_sequence_length: int = 512
     image: str | None = None
     """Image-to-video: where the first frame comes from (a path or store URI)."""
+    embedded_guidance_scale: float | None = None
+    """Guidance-distilled DiTs (HunyuanVideo): the guidance the DiT takes as an input."""
     request_id: str | None = None
 
     # -- text encoding --
     prompt_embeds: torch.Tensor | None = None
     negative_prompt_embeds: torch.Tensor | None = None
+    prompt_attention_mask: torch.Tensor | None = None
+    """`[B, L]`, 1 on real tokens: for DiTs that mask their text tokens (HunyuanVideo)."""
+    negative_prompt_attention_mask: torch.Tensor | None = None
+    pooled_prompt_embeds: torch.Tensor | None = None
+    """`[B, D]`, a second encoder's pooled summary of the prompt (HunyuanVideo's CLIP)."""
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
 
     # -- image-to-video conditioning (Wan2.1 I2V) --
     image_pixels: torch.Tensor | None = None

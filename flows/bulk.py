@@ -55,6 +55,7 @@ def bulk(
     seed: int = 0,
     max_sequence_length: int | None = None,
     image: str | None = None,
+    embedded_guidance_scale: float | None = None,
     shard_size: int = 1,
     concurrency: int = 1,
     checkpoint_every: int = 5,
@@ -100,6 +101,8 @@ def bulk(
         max_sequence_length: text tokens per prompt.
         image: image-to-video: the first frame (path or URI) for rows without an
             `image` column value.
+        embedded_guidance_scale: guidance-distilled models (HunyuanVideo): the guidance
+            the DiT takes as an input (unset: the family's).
         shard_size: items per task run (and per denoise job / GPU model load).
         concurrency: shards in flight together (GPU jobs side by side); a warm worker also
             gets the next shards queued, so its GPU never waits between shards.
@@ -158,7 +161,8 @@ def bulk(
     defaults, family_fps = request_defaults(model_path, run, dict(
         negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
-        max_sequence_length=max_sequence_length, image=local_path(image) if image else None))
+        max_sequence_length=max_sequence_length, image=local_path(image) if image else None,
+        embedded_guidance_scale=embedded_guidance_scale))
     fps = fps or family_fps
     plan = plan_items(local_path(dataset), output, defaults, allow_unknown_columns)
     ctx = prepare_run(model_path, local_path(checkpoint_store or output), output, defaults,

@@ -45,6 +45,7 @@ def generate(
     seed: int = 0,
     max_sequence_length: int | None = None,
     image: str | None = None,
+    embedded_guidance_scale: float | None = None,
     checkpoint_every: int = 5,
     checkpoint_store: str | None = None,
     dispatch: str = "inprocess",
@@ -80,7 +81,8 @@ def generate(
     defaults, family_fps = request_defaults(model_path, run, dict(
         negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
-        max_sequence_length=max_sequence_length, image=local_path(image) if image else None))
+        max_sequence_length=max_sequence_length, image=local_path(image) if image else None,
+        embedded_guidance_scale=embedded_guidance_scale))
     fps = fps or family_fps
     items, invalid = parse_rows([{"prompt": prompt, "seed": seed}], defaults)
     if invalid:

@@ -12,6 +12,7 @@ from fastvideo.fastvideo_args import FastVideoArgs, SamplingParam
 
 # `make-tiny-model --kind` -> `TinyWanConfig.kind`
 _TINY_KINDS = {"wan-t2v": "t2v", "wan-i2v": "i2v"}
+_ARG_TYPES: dict[str, type] = {"int": int, "float": float, "str": str}
 
 
 def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
@@ -20,7 +21,8 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set[
         if f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
-        arg_type = type(default) if default is not None else str
+        # Typed from the annotation: an optional field's default (None) names no type.
+        arg_type = _ARG_TYPES.get(str(f.type).split(" | ")[0], str)
         shown = "the model family's" if default is not None else "none"
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=arg_type, default=None,
                             help=f"default: {shown}")

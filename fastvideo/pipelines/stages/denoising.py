@@ -14,6 +14,7 @@ from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.forward_batch import ForwardBatch
 from fastvideo.models.schedulers.state import get_scheduler_state, load_scheduler_state
 from fastvideo.pipelines.stages.base import PipelineStage
+from fastvideo.pipelines.stages.timestep_preparation import SigmaSchedule, set_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +22,19 @@ SCHEDULER_STATE_KEY = "scheduler_state"
 StepCallback = Callable[[ForwardBatch, int, int], None]
 DiTContext = dict[str, torch.Tensor]
 """The DiT's keyword arguments besides the latents and timestep (text, image context)."""
+DiTInputs = Callable[[ForwardBatch, bool, str, torch.dtype], DiTContext]
+"""A family's DiT context for one guidance branch: `(batch, negative, device, dtype)`."""
+
+
+def text_image_context(batch: ForwardBatch, negative: bool, device: str,
+                       dtype: torch.dtype) -> DiTContext:
+    """Wan's DiT context: the (negative) prompt's embeddings, and the image's CLIP tokens
+    (image-to-video) in both branches."""
+    embeds = batch.negative_prompt_embeds if negative else batch.prompt_embeds
+    context: DiTContext = {"encoder_hidden_states": embeds.to(device, dtype)}
+    if batch.image_embeds is not None:
+        context["encoder_hidden_states_image"] = batch.image_embeds.to(device, dtype)
+    return context
 
 
 class DenoisingStage(PipelineStage):
@@ -40,6 +54,9 @@ class DenoisingStage(PipelineStage):
     Image-to-video batches carry more DiT inputs, used by both guidance branches:
     `condition_latents` follow the noisy latents on channels, and `image_embeds` are the
     DiT's `encoder_hidden_states_image`.
+
+    What else a DiT takes (HunyuanVideo: a text mask, pooled text, embedded guidance) comes
+    from the family's `dit_inputs`; `sigmas` is the family's noise schedule, if it has one.
     """
 
     reads = ("prompt_embeds", "latents", "timesteps")
@@ -47,16 +64,20 @@ class DenoisingStage(PipelineStage):
 
     def __init__(self, transformer: Any, scheduler: Any,
                  on_step_end: StepCallback | None = None,
-                 sta_config: STAConfig | None = None, batch_cfg: bool = True) -> None:
+                 sta_config: STAConfig | None = None, batch_cfg: bool = True,
+                 dit_inputs: DiTInputs = text_image_context,
+                 sigmas: SigmaSchedule | None = None) -> None:
         self.transformer = transformer
         self.scheduler = scheduler
         self.on_step_end = on_step_end
         self.sta_config = sta_config
         """Sliding tile attention windows per step; used only by layers running that backend."""
         self.batch_cfg = batch_cfg
+        self.dit_inputs = dit_inputs
+        self.sigmas = sigmas
 
     def _prepare_scheduler(self, batch: ForwardBatch, device: str) -> None:
-        self.scheduler.set_timesteps(batch.num_inference_steps, device=device)
+        set_timesteps(self.scheduler, batch.num_inference_steps, device, self.sigmas)
         expected = batch.timesteps.to(self.scheduler.timesteps.device)
         if not torch.equal(self.scheduler.timesteps, expected):
             raise ValueError(
@@ -98,13 +119,9 @@ class DenoisingStage(PipelineStage):
         self._prepare_scheduler(batch, device)
         timesteps = batch.timesteps.to(device)
         latents = batch.latents.to(device)
-        prompt_embeds = batch.prompt_embeds.to(device, dtype)
-        cond: DiTContext = {"encoder_hidden_states": prompt_embeds}
-        if batch.image_embeds is not None:
-            cond["encoder_hidden_states_image"] = batch.image_embeds.to(device, dtype)
-        uncond: DiTContext | None = None
-        if batch.do_classifier_free_guidance:
-            uncond = {**cond, "encoder_hidden_states": batch.negative_prompt_embeds.to(device, dtype)}
+        cond = self.dit_inputs(batch, False, device, dtype)
+        uncond = (self.dit_inputs(batch, True, device, dtype)
+                  if batch.do_classifier_free_guidance else None)
         # Both branches' context as one batch, built once for the whole loop.
         paired = ({key: torch.cat([cond[key], uncond[key]]) for key in cond}
                   if self.batch_cfg and uncond is not None

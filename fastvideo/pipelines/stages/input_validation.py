@@ -16,8 +16,10 @@ class InputValidationStage(PipelineStage):
     reads = ("prompt",)
     writes = ("prompt",)
 
-    def __init__(self, geometry: LatentGeometry) -> None:
+    def __init__(self, geometry: LatentGeometry, embedded_guidance: bool = False) -> None:
         self.geometry = geometry
+        self.embedded_guidance = embedded_guidance
+        """The DiT takes `embedded_guidance_scale`; without it a value given is refused."""
 
     def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
         batch.prompt = _prompt_list(batch.prompt, "prompt")
@@ -37,6 +39,10 @@ class InputValidationStage(PipelineStage):
         if not math.isfinite(batch.guidance_scale) or batch.guidance_scale < 0:
             raise ValueError(
                 f"guidance_scale must be a finite number >= 0, got {batch.guidance_scale!r}")
+        if batch.embedded_guidance_scale is not None and not self.embedded_guidance:
+            raise ValueError(
+                f"embedded_guidance_scale={batch.embedded_guidance_scale} is for guidance-"
+                "distilled DiTs (HunyuanVideo); this model does not take it, use guidance_scale")
         for name in ("height", "width", "num_frames"):
             value = getattr(batch, name)
             if not isinstance(value, int) or value < 1:

@@ -6,7 +6,7 @@
 Each model is built on `torch.device("meta")` (no memory) at tp = 1, and every parameter is
 sized for one rank with the sharding rule of the layer that owns it (`per_rank_numel`), the
 rules the parallel layers apply when built in a tp group, in the dtype the loader gives it
-(`to_compute_dtype`: T5/UMT5 keep `wo` in fp32, as transformers does). tests/distributed/test_tp_encoders.py
+(`to_compute_dtype`: in fp16, T5/UMT5 keep `wo` in fp32, as transformers does). tests/distributed/test_tp_encoders.py
 checks this count against the parameters a real tp = 2 rank holds.
 """
 
@@ -87,7 +87,7 @@ def per_rank_bytes(model: nn.Module, tp_size: int) -> int:
 
 def build_on_meta(cls: type[nn.Module], config: dict[str, Any], dtype: torch.dtype
                   ) -> nn.Module:
-    """The model in the dtypes the loader gives it (T5 keeps `wo` in fp32), on `meta`."""
+    """The model in the dtypes the loader gives it (in fp16 T5 keeps `wo` fp32), on `meta`."""
     with torch.device("meta"):
         model = cls.from_config(config)
     return model.to_compute_dtype(dtype) if hasattr(model, "to_compute_dtype") else model.to(dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -16,6 +17,16 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+class NewGELU(nn.Module):
+    """The tanh GELU written out op by op, as transformers' `gelu_new` (T5's): in half
+    precision each op rounds, so `nn.GELU(approximate="tanh")` (one rounding) differs from it
+    by an ulp or two, which T5's 24 layers carry into the text embedding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi)
+                                           * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU,
     # diffusers calls the tanh approximation "gelu-approximate" (FeedForward) and
@@ -25,7 +36,7 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "silu": nn.SiLU,
     "relu": nn.ReLU,
     # transformers' names (T5's "gelu_new", Llama-family "gelu_pytorch_tanh", CLIP's "quick_gelu").
-    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "gelu_new": NewGELU,
     "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
     "quick_gelu": lambda: QuickGELU(),
 }

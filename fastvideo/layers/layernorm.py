@@ -63,8 +63,8 @@ class LayerNormScaleShift(nn.Module):
 class T5RMSNorm(nn.Module):
     """transformers' `T5LayerNorm`, rounding included: normalise in fp32, round to the weight's
     dtype when that is half precision, then scale. With input and weight of one dtype this is
-    also `LlamaRMSNorm`. It differs from `RMSNorm` when T5 keeps `wo` in fp32 in a bf16 model:
-    the residual stream is then fp32 and the norm must hand bf16 to the next projection.
+    also `LlamaRMSNorm`. It differs from `RMSNorm` when T5 keeps `wo` in fp32 in an fp16 model:
+    the residual stream is then fp32 and the norm must hand fp16 to the next projection.
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6,

@@ -109,3 +109,37 @@ def test_llama_matches_transformers_from_a_sharded_checkpoint(tmp_path: Path) ->
     for i, (a, e) in enumerate(zip(actual.hidden_states, expected.hidden_states)):
         _assert_close(a, e, f"hidden_states[{i}]")
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@torch.no_grad()
+def test_half_precision_rounds_as_transformers(dtype: torch.dtype, tmp_path: Path) -> None:
+    """Loaded in half precision as a pipeline loads them (`from_pretrained(dtype=...)` for
+    transformers, `to_compute_dtype` for ours: in fp16 T5 keeps `wo` in fp32), the outputs are
+    equal bit for bit on CPU: every op rounds where transformers' does (T5's op-by-op
+    `gelu_new`, the norms' fp32 math), so no ulp drift builds up over the layers."""
+    torch.manual_seed(0)
+    references = {
+        "umt5": transformers.UMT5EncoderModel(transformers.UMT5Config(
+            vocab_size=64, d_model=64, d_kv=16, d_ff=96, num_layers=3, num_heads=4,
+            feed_forward_proj="gated-gelu")),
+        "llama": transformers.LlamaModel(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2)),
+        "clip": transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=4, eos_token_id=63)),
+    }
+    input_ids, mask = _inputs(63, seq_len=12)
+    input_ids[:, -1] = 63
+    for name, reference in references.items():
+        folder = tmp_path / name
+        reference.save_pretrained(folder)
+        expected = type(reference).from_pretrained(folder, dtype=dtype).eval()(
+            input_ids=input_ids, attention_mask=mask).last_hidden_state
+        ours = _load_fastvideo_model(resolve_model(type(reference).__name__), folder, "cpu",
+                                     dtype)
+        actual = ours(input_ids, mask).last_hidden_state
+        assert actual.dtype == expected.dtype == dtype
+        diff = (actual.float() - expected.float()).abs().max().item()
+        assert torch.equal(actual, expected), f"{name}: max abs diff {diff}"

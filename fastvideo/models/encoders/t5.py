@@ -3,7 +3,7 @@ sharded by attention heads and feed-forward width over the tensor parallel group
 
 The two differ in one place: T5 learns one relative position bias, in the first layer, and
 every layer reuses it; UMT5 learns one per layer. Attention scores are not scaled (T5 folds
-the scale into its initialisation). As transformers loaded in half precision, `wo` stays in
+the scale into its initialisation). As transformers loaded in fp16 (not bf16), `wo` stays in
 fp32 (`to_compute_dtype`), which makes the residual stream fp32 from the first feed-forward.
 """
 
@@ -147,7 +147,7 @@ class T5FeedForward(nn.Module):
             x = self.act(gate) * up
         else:
             x = self.act(self.wi(x))
-        # `wo` may be kept in fp32 (see the module docstring).
+        # `wo` is fp32 in an fp16 model (see the module docstring).
         return self.wo(x.to(self.wo.weight.dtype))
 
 
@@ -205,9 +205,11 @@ class _T5EncoderBase(nn.Module):
         return cls(T5EncoderConfig.from_dict(config))
 
     def to_compute_dtype(self, dtype: torch.dtype) -> _T5EncoderBase:
-        """Cast parameters to `dtype`, except `wo`, which transformers keeps in fp32."""
+        """Cast parameters to `dtype`; in fp16 `wo` stays fp32 (its outputs overflow fp16),
+        as transformers keeps `_keep_in_fp32_modules` for fp16 only."""
         for name, param in self.named_parameters():
-            keep = any(part in self._keep_in_fp32_modules for part in name.split("."))
+            keep = dtype == torch.float16 and any(
+                part in self._keep_in_fp32_modules for part in name.split("."))
             param.data = param.data.to(torch.float32 if keep else dtype)
         return self
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny Diffusers-format Wan checkpoints, built once per session."""
+"""Shared fixtures: tiny Diffusers-format Wan and HunyuanVideo checkpoints, built once per
+session."""
 
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ def tiny_wan_i2v_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fastvideo.testing.tiny_wan import TinyWanConfig, make_tiny_wan
 
     return make_tiny_wan(tmp_path_factory.mktemp("tiny-wan-i2v"), TinyWanConfig(kind="i2v"))
+
+
+@pytest.fixture(scope="session")
+def tiny_hunyuan_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny HunyuanVideo T2V checkpoint (Llama + CLIP text encoders, guidance-embedding DiT)."""
+    from fastvideo.testing.tiny_hunyuan import make_tiny_hunyuan
+
+    return make_tiny_hunyuan(tmp_path_factory.mktemp("tiny-hunyuan"))
 
 
 @pytest.fixture

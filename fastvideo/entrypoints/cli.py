@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 from fastvideo.fastvideo_args import FastVideoArgs, SamplingParam
 
-# `make-tiny-model --kind` -> `TinyWanConfig.kind`
-_TINY_KINDS = {"wan-t2v": "t2v", "wan-i2v": "i2v"}
+# `make-tiny-model --kind` -> `TinyWanConfig.kind` (None: HunyuanVideo, its own builder)
+_TINY_KINDS: dict[str, str | None] = {"wan-t2v": "t2v", "wan-i2v": "i2v", "hunyuan": None}
 _ARG_TYPES: dict[str, type] = {"int": int, "float": float, "str": str}
 
 
@@ -65,12 +65,14 @@ def _build_parser() -> argparse.ArgumentParser:
                              "the other instead of as one batch of 2 (half the activations)")
 
     tiny = sub.add_parser("make-tiny-model",
-                          help="write a tiny random-weight Wan2.1 checkpoint (Diffusers format)")
+                          help="write a tiny random-weight checkpoint (Diffusers format)")
     tiny.add_argument("--output", required=True, help="folder to write")
     tiny.add_argument("--kind", choices=sorted(_TINY_KINDS), default="wan-t2v",
                       help="wan-t2v: text-to-video (WanPipeline); wan-i2v: image-to-video "
-                           "(WanImageToVideoPipeline, with a CLIP image encoder)")
-    tiny.add_argument("--scheduler", choices=["unipc", "euler"], default="unipc")
+                           "(WanImageToVideoPipeline, with a CLIP image encoder); hunyuan: "
+                           "HunyuanVideo text-to-video (HunyuanVideoPipeline)")
+    tiny.add_argument("--scheduler", choices=["unipc", "euler"], default="unipc",
+                      help="Wan only (HunyuanVideo's is flow-match Euler)")
     tiny.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -93,9 +95,14 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
+    from fastvideo.testing.tiny_hunyuan import TinyHunyuanConfig, make_tiny_hunyuan
     from fastvideo.testing.tiny_wan import TinyWanConfig, make_tiny_wan
 
     kind = _TINY_KINDS[args.kind]
+    if kind is None:
+        path = make_tiny_hunyuan(args.output, TinyHunyuanConfig(seed=args.seed))
+        print(f"wrote a tiny HunyuanVideo checkpoint to {path}")
+        return 0
     path = make_tiny_wan(args.output,
                          TinyWanConfig(kind=kind, scheduler=args.scheduler, seed=args.seed))
     print(f"wrote a tiny Wan2.1 {kind.upper()} checkpoint to {path}")

@@ -8,6 +8,7 @@ model is usually built in fp32 on one device and cast or moved afterwards.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,7 @@ from torch import nn
 
 from fastvideo.attention.backends.abstract import AttentionBackend, AttentionImpl, _Backend
 from fastvideo.attention.selector import backend_from_name, get_attn_backend
+from fastvideo.attention.sta_context import sta_context
 from fastvideo.distributed.parallel_state import (
     GroupCoordinator,
     get_sp_group,
@@ -132,8 +134,35 @@ def select_attention_backends(model: nn.Module, dtype: torch.dtype,
 class LocalAttention(_AttentionLayer):
     """Attention over the tokens this process holds (e.g. cross-attention to the text)."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.get_impl(q).forward(q, k, v)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                lengths: Sequence[int] | None = None) -> torch.Tensor:
+        """`lengths`: self-attention over padded sequences, item i's first `lengths[i]`
+        tokens being real; its padding keys are never attended and its padding rows are
+        zero. None: every token is real."""
+        impl = self.get_impl(q)
+        if lengths is None:
+            return impl.forward(q, k, v)
+        _check_lengths(lengths, q.shape[0], q.shape[1])
+        return torch.cat([_attend_rows(impl, q[first:last, :n], k[first:last, :n],
+                                       v[first:last, :n], n, q.shape[1])
+                          for first, last, n in _equal_runs(lengths)])
+
+
+class AppendedTokens(NamedTuple):
+    """Tokens every sp rank holds in full (e.g. the text), attended jointly with the sharded
+    sequence as if appended after it: q, k, v `[B, L, H, D]`, item i's first `lengths[i]`
+    real (None: all `L`)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    lengths: Sequence[int] | None = None
+
+    def items(self, first: int, last: int, heads: slice) -> AppendedTokens:
+        """Batch items `[first, last)`, heads `heads`."""
+        lengths = None if self.lengths is None else self.lengths[first:last]
+        return AppendedTokens(*(x[first:last, :, heads] for x in (self.q, self.k, self.v)),
+                              lengths)
 
 
 class HeadExchange:
@@ -263,13 +292,39 @@ class DistributedAttention(_AttentionLayer):
         `P * S_local` tokens, as tensors or as `scatter_heads` handles. `valid_len`: how many
         of those are real (padding comes last); None: all. Returns `[B, S_local, H, D]`;
         rows of padding tokens are zero."""
+        return self._forward(q, k, v, valid_len, None)[0]
+
+    def forward_joint(self, q: AttentionInput, k: AttentionInput, v: AttentionInput,
+                      appended: AppendedTokens,
+                      valid_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint attention of the sharded sequence (as in `forward`) and the `appended`
+        tokens every rank holds in full, which sit after its `valid_len` real tokens: each
+        rank attends its heads of both, so the appended tokens cost no all-to-all. Their
+        padding (beyond `appended.lengths`) is never attended; its rows are zero.
+
+        Returns the sequence's output `[B, S_local, H, D]` (as `forward`) and the appended
+        tokens' output `[B, L, H, D]`, the same on every rank (heads gathered)."""
+        batch, length = appended.q.shape[:2]
+        if appended.lengths is not None:
+            _check_lengths(appended.lengths, batch, length)
+        video, text = self._forward(q, k, v, valid_len, appended)
+        assert text is not None
+        return video, text
+
+    def _forward(self, q: AttentionInput, k: AttentionInput, v: AttentionInput,
+                 valid_len: int | None,
+                 appended: AppendedTokens | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         num_ranks = get_sp_world_size()
         inputs = (q, k, v)
         if num_ranks == 1:
             if not all(isinstance(x, torch.Tensor) for x in inputs):
                 raise ValueError("got a HeadExchange at sp size 1: it was started under "
                                  "another sp group; pass tensors")
-            return _attend_valid(self.get_impl(q), q, k, v, valid_len)
+            impl = self.get_impl(q)
+            if appended is None:
+                return _attend_valid(impl, q, k, v, valid_len), None
+            return _attend_joint(impl, q, k, v, q.shape[1] if valid_len is None else valid_len,
+                                 appended)
         shapes = [x.shape if isinstance(x, torch.Tensor) else x.local_shape for x in inputs]
         if len(set(shapes)) != 1:
             raise ValueError(f"q, k, v must have the same [B, S_local, H, D] shape for "
@@ -288,8 +343,10 @@ class DistributedAttention(_AttentionLayer):
                 f"{[(x.num_head_chunks, x.batch_bounds) for x in exchanges]}: num_chunks or "
                 "num_micro_batches changed between scatter_heads and forward")
         impl, backend = self._sp_impl(exchanges[0].buffer, num_ranks)
-        num_query_chunks = self._query_chunks_for(impl, backend)
-        return _ulysses_attention(impl, exchanges, valid_len, num_query_chunks, get_sp_group())
+        # The appended tokens' queries go in with the first (only) query chunk.
+        num_query_chunks = 1 if appended is not None else self._query_chunks_for(impl, backend)
+        return _ulysses_attention(impl, exchanges, valid_len, num_query_chunks, get_sp_group(),
+                                  appended)
 
     def _scatter(self, tensors: Sequence[torch.Tensor]) -> list[HeadExchange]:
         """Start the input all-to-alls of `tensors`, micro-batch by micro-batch and within
@@ -375,15 +432,63 @@ def check_heads_divide(num_heads: int, sp_size: int) -> None:
 
 
 def _attend_rows(impl: AttentionImpl, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 valid_rows: int) -> torch.Tensor:
-    """Attention of the first `valid_rows` queries to all of `k`, `v`; later rows are zero."""
-    num_rows = q.shape[1]
-    if valid_rows == num_rows:
+                 valid_rows: int, num_rows: int | None = None) -> torch.Tensor:
+    """Attention of the first `valid_rows` queries to all of `k`, `v`, zero-padded to
+    `num_rows` rows (None: `q`'s)."""
+    num_rows = q.shape[1] if num_rows is None else num_rows
+    if valid_rows == num_rows == q.shape[1]:
         return impl.forward(q, k, v)
     if valid_rows == 0:  # kernels may reject empty queries
-        return q.new_zeros(q.shape)
-    out = impl.forward(q[:, :valid_rows], k, v)
-    return F.pad(out, (0, 0, 0, 0, 0, num_rows - valid_rows))
+        return q.new_zeros(q.shape[0], num_rows, *q.shape[2:])
+    return _pad_rows(impl.forward(q[:, :valid_rows], k, v), num_rows)
+
+
+def _pad_rows(x: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """`x` `[B, S, H, D]` zero-padded to `num_rows` rows."""
+    return x if x.shape[1] == num_rows else F.pad(x, (0, 0, 0, 0, 0, num_rows - x.shape[1]))
+
+
+def _check_lengths(lengths: Sequence[int], batch: int, num_tokens: int) -> None:
+    if len(lengths) != batch or not all(0 < n <= num_tokens for n in lengths):
+        raise ValueError(f"lengths {list(lengths)} must be {batch} values in "
+                         f"[1, {num_tokens}] (one per batch item)")
+
+
+def _equal_runs(lengths: Sequence[int]) -> list[tuple[int, int, int]]:
+    """`(first, last, n)` for each run of consecutive batch items sharing the length `n`:
+    each run attends in one call (all items at once when no item is padded differently)."""
+    runs: list[tuple[int, int, int]] = []
+    for i, n in enumerate(lengths):
+        if runs and runs[-1][2] == n:
+            runs[-1] = (runs[-1][0], i + 1, n)
+        else:
+            runs.append((i, i + 1, n))
+    return runs
+
+
+def _attend_joint(impl: AttentionImpl, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  valid_rows: int, appended: AppendedTokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over `[q[:valid_rows], appended.q[:n_i]]` (keys and values alike) for item
+    i: the sequence `[B, S, h, D]` and the appended tokens `[B, L, h, D]` of the same heads.
+    Returns both outputs, padding rows zero."""
+    num_rows, num_appended = q.shape[1], appended.q.shape[1]
+    lengths = appended.lengths or [num_appended] * q.shape[0]
+    outs, appended_outs = [], []
+    for first, last, n in _equal_runs(lengths):
+        query, key, value = (torch.cat([x[first:last, :valid_rows], y[first:last, :n]], dim=1)
+                             for x, y in zip((q, k, v), appended[:3]))
+        if n == num_appended:
+            out = impl.forward(query, key, value)
+        else:
+            # Sliding tile attention reads the appended (text) token count from the context
+            # the DiT set for the full length; this run has fewer.
+            with sta_context(num_text_tokens=n):
+                out = impl.forward(query, key, value)
+        outs.append(_pad_rows(out[:, :valid_rows], num_rows))
+        appended_outs.append(_pad_rows(out[:, valid_rows:], num_appended))
+    if len(outs) == 1:
+        return outs[0], appended_outs[0]
+    return torch.cat(outs), torch.cat(appended_outs)
 
 
 def _attend_valid(impl: AttentionImpl, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -419,8 +524,11 @@ def _full_sequence(buffer: torch.Tensor) -> torch.Tensor:
 
 
 def _ulysses_attention(impl: AttentionImpl, inputs: Sequence[HeadExchange],
-                       valid_len: int | None, num_query_chunks: int,
-                       group: GroupCoordinator) -> torch.Tensor:
+                       valid_len: int | None, num_query_chunks: int, group: GroupCoordinator,
+                       appended: AppendedTokens | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The sequence's output and, when tokens are `appended` (then `num_query_chunks` is
+    1), theirs with the heads gathered from every rank."""
     q, k, v = inputs
     num_ranks = group.world_size
     batch, local_len, num_heads, head_size = q.local_shape
@@ -431,9 +539,13 @@ def _ulysses_attention(impl: AttentionImpl, inputs: Sequence[HeadExchange],
     bounds = [c * local_len // num_query_chunks for c in range(num_query_chunks + 1)]
 
     pending = []
+    # This rank's heads of the appended tokens' output, per micro-batch and head chunk.
+    appended_outs: list[list[torch.Tensor]] = []
+    first_head = group.rank_in_group * (num_heads // num_ranks)
     micro_batches = list(zip(q.batch_bounds, q.batch_bounds[1:]))
     for micro, (first, last) in enumerate(micro_batches):
         items = last - first
+        appended_outs.append([])
         for chunk in range(num_chunks):
             part = micro * num_chunks + chunk
             q_buffer = q.received(part)
@@ -446,7 +558,16 @@ def _ulysses_attention(impl: AttentionImpl, inputs: Sequence[HeadExchange],
                 # (rank by rank, each a prefix of the rank's rows) are a prefix of it too.
                 valid_rows = sum(min(max(kv_len - r * local_len - start, 0), rows)
                                  for r in range(num_ranks))
-                out = _attend_rows(impl, query, key, value, valid_rows)
+                if appended is None:
+                    out = _attend_rows(impl, query, key, value, valid_rows)
+                else:
+                    # Chunk c holds heads [c * h, (c + 1) * h) of this rank's slice.
+                    heads_here = slice(first_head + chunk * heads,
+                                       first_head + (chunk + 1) * heads)
+                    out, appended_out = _attend_joint(
+                        impl, query, key, value, valid_rows,
+                        appended.items(first, last, heads_here))
+                    appended_outs[-1].append(appended_out)
                 # [b, P * rows, h, D] -> [P, b, rows, h, D]: block j goes back to rank j.
                 send = out.reshape(items, num_ranks, rows, heads, head_size).transpose(0, 1)
                 pending.append((first, last, chunk, start, end, _all_to_all(send, group)))
@@ -457,4 +578,9 @@ def _ulysses_attention(impl: AttentionImpl, inputs: Sequence[HeadExchange],
         work.wait()
         # Received from rank j: its heads of this head chunk, for these rows of our tokens.
         result[first:last, start:end, :, chunk] = buffer.permute(1, 2, 0, 3, 4)
-    return result.view(batch, local_len, num_heads, head_size)
+    result = result.view(batch, local_len, num_heads, head_size)
+    if appended is None:
+        return result, None
+    # [B, L, H/P, D] on each rank -> [B, L, H, D] in head order, the same on every rank.
+    mine = torch.cat([torch.cat(chunks, dim=2) for chunks in appended_outs])
+    return result, group.all_gather(mine, dim=2)

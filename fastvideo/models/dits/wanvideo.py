@@ -28,11 +28,13 @@ from fastvideo.distributed import (
     sequence_model_parallel_all_gather,
     sequence_model_parallel_shard,
 )
-from fastvideo.layers.activation import get_act_fn, is_gelu_tanh, linear_gelu_tanh
+from fastvideo.layers.activation import get_act_fn
 from fastvideo.layers.embeddings import MLPEmbedder, timestep_embedding
 from fastvideo.layers.layernorm import FP32LayerNorm, LayerNormScaleShift, RMSNorm
 from fastvideo.layers.linear import ReplicatedLinear
+from fastvideo.layers.mlp import FeedForward
 from fastvideo.layers.rotary_embedding import RotaryEmbedding3D, apply_rotary_emb
+from fastvideo.models.loader.weight_utils import load_renamed_weights, map_checkpoint_name
 
 # cuDNN attention behind SDPA beats flash_attn 2 on H100 (11.3 vs 18.3 ms for Wan-1.3B's
 # 32760-token self-attention), so SDPA is the default; the others are there when requested.
@@ -121,21 +123,6 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     """`x + y * gate` in fp32 (gate is fp32), cast back to `x.dtype`: one `addcmul` pass where
     diffusers makes four."""
     return torch.addcmul(x, y, gate).to(x.dtype)
-
-
-class FeedForward(nn.Module):
-    """`fc_out(act(fc_in(x)))`; diffusers' `FeedForward` names these `net.0.proj` and `net.2`."""
-
-    def __init__(self, dim: int, hidden_dim: int, out_dim: int, act: str) -> None:
-        super().__init__()
-        self.fc_in = ReplicatedLinear(dim, hidden_dim)
-        self.act = get_act_fn(act)
-        self.fc_out = ReplicatedLinear(hidden_dim, out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_gelu_tanh(self.act):
-            return self.fc_out(linear_gelu_tanh(x, self.fc_in.weight, self.fc_in.bias))
-        return self.fc_out(self.act(self.fc_in(x)))
 
 
 class _WanAttentionProjections(nn.Module):
@@ -327,38 +314,11 @@ class WanTransformer3DModel(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> tuple[set[str], set[str]]:
         """Load diffusers-named tensors; returns (missing parameter names, unexpected checkpoint
         names). A shape mismatch raises ValueError naming the tensor."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        unexpected: set[str] = set()
-        for ckpt_name, tensor in weights:
-            if self._ignored_checkpoint_names.search(ckpt_name):
-                continue
-            name = self._map_name(ckpt_name)
-            param = params.get(name)
-            if param is None:
-                unexpected.add(ckpt_name)
-                continue
-            with torch.no_grad():
-                weight_loader = getattr(param, "weight_loader", None)
-                try:
-                    if weight_loader is not None:
-                        weight_loader(param, tensor)
-                    elif param.shape != tensor.shape:
-                        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)}, "
-                                         f"checkpoint {tuple(tensor.shape)}")
-                    else:
-                        param.copy_(tensor)
-                except ValueError as e:
-                    raise ValueError(f"{ckpt_name}: {e}") from None
-            loaded.add(name)
-        return set(params) - loaded, unexpected
+        return load_renamed_weights(self, weights, self.param_names_mapping,
+                                    self._ignored_checkpoint_names)
 
     def _map_name(self, name: str) -> str:
-        for pattern, replacement in self.param_names_mapping.items():
-            mapped, count = re.subn(pattern, replacement, name)
-            if count:
-                return mapped
-        return name
+        return map_checkpoint_name(name, self.param_names_mapping)
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 timestep: torch.Tensor,

@@ -1,14 +1,17 @@
-"""Reading weight files: safetensors (single or sharded); pickles only with weights_only."""
+"""Reading weight files: safetensors (single or sharded); pickles only with weights_only.
+Copying checkpoint tensors into a model's parameters."""
 
 from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -79,3 +82,50 @@ def _load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise WeightFileError(f"{path} does not hold a state dict (got {type(state).__name__})")
     return state
+
+
+def load_renamed_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                         names_mapping: dict[str, str],
+                         ignored: re.Pattern[str] | None = None) -> tuple[set[str], set[str]]:
+    """Copy checkpoint tensors into `model`'s parameters, through each parameter's
+    `weight_loader` (which slices its rank's shard) where it has one.
+
+    `names_mapping`: checkpoint name regex -> parameter name (first match wins; unmatched
+    names are kept). `ignored`: checkpoint names to skip silently. Returns (missing parameter
+    names, unexpected checkpoint names); a shape mismatch raises ValueError naming the tensor.
+    """
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    unexpected: set[str] = set()
+    for ckpt_name, tensor in weights:
+        if ignored is not None and ignored.search(ckpt_name):
+            continue
+        name = map_checkpoint_name(ckpt_name, names_mapping)
+        param = params.get(name)
+        if param is None:
+            unexpected.add(ckpt_name)
+            continue
+        with torch.no_grad():
+            weight_loader = getattr(param, "weight_loader", None)
+            try:
+                if weight_loader is not None:
+                    weight_loader(param, tensor)
+                elif param.shape != tensor.shape:
+                    raise ValueError(f"shape mismatch: parameter {tuple(param.shape)}, "
+                                     f"checkpoint {tuple(tensor.shape)}")
+                else:
+                    param.copy_(tensor)
+            except ValueError as e:
+                raise ValueError(f"{ckpt_name}: {e}") from None
+        loaded.add(name)
+    return set(params) - loaded, unexpected
+
+
+def map_checkpoint_name(name: str, names_mapping: dict[str, str]) -> str:
+    """The parameter name of checkpoint tensor `name` under `names_mapping` (see
+    `load_renamed_weights`)."""
+    for pattern, replacement in names_mapping.items():
+        mapped, count = re.subn(pattern, replacement, name)
+        if count:
+            return mapped
+    return name

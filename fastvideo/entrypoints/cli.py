@@ -23,7 +23,8 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set[
         default = f.default if f.default is not dataclasses.MISSING else None
         # Typed from the annotation: an optional field's default (None) names no type.
         arg_type = _ARG_TYPES.get(str(f.type).split(" | ")[0], str)
-        shown = "the model family's" if default is not None else "none"
+        # An unset number is the family's; an unset text (negative prompt) is none.
+        shown = "none" if default is None and arg_type is str else "the model family's"
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=arg_type, default=None,
                             help=f"default: {shown}")
 

@@ -2,7 +2,8 @@
 
 Each row needs a `prompt`; it may set `negative_prompt`, `seed`, `item_id` and any
 sampling option (`height`, `width`, `num_frames`, `num_inference_steps`,
-`guidance_scale`, `max_sequence_length`, `image`); the run's options fill in the rest.
+`guidance_scale`, `max_sequence_length`, `image`, `embedded_guidance_scale`); the run's
+options fill in the rest.
 Cells are read strictly as their column's type (`tasks.dataset_table`).
 
 * `item_id` is kept as the text given (an integer id `1` stays `"1"`). When not given it

@@ -150,3 +150,10 @@ def test_bad_inputs_are_named(checkpoint: tuple[torch.nn.Module, Path], change: 
     model = load_ours(checkpoint[1])
     with pytest.raises(ValueError, match=message):
         model(**{**make_inputs([4, 6]), **change})
+
+
+def test_compile_hook_finds_both_block_kinds() -> None:
+    from fastvideo.models.compile import repeated_blocks
+
+    model = HunyuanVideoTransformer3DModel(**TINY_CONFIG)
+    assert repeated_blocks(model) == [*model.transformer_blocks, *model.single_transformer_blocks]

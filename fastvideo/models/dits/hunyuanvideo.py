@@ -35,7 +35,7 @@ from fastvideo.layers.layernorm import LayerNormScaleShift, RMSNorm
 from fastvideo.layers.linear import ReplicatedLinear
 from fastvideo.layers.mlp import FeedForward
 from fastvideo.layers.rotary_embedding import RotaryEmbedding3D, apply_rotary_emb
-from fastvideo.models.dits.wanvideo import _pad_to_multiple, _with_fresh_strides
+from fastvideo.models.dits.sequence_shard import pad_to_sp_multiple, with_fresh_strides
 from fastvideo.models.loader.weight_utils import load_renamed_weights
 
 _JOINT_ATTN_BACKENDS = (_Backend.TORCH_SDPA, _Backend.FLASH_ATTN, _Backend.SLIDING_TILE_ATTN)
@@ -473,8 +473,8 @@ class HunyuanVideoTransformer3DModel(nn.Module):
         # Sequence parallel (as Wan): each sp rank keeps one contiguous block of the video
         # tokens (padded to a multiple of the sp size); the text is replicated.
         num_tokens = x.shape[1]
-        x = _with_fresh_strides(sequence_model_parallel_shard(_pad_to_multiple(x, 1), dim=1))
-        freqs = sequence_model_parallel_shard(_pad_to_multiple(freqs, 0), dim=0)
+        x = with_fresh_strides(sequence_model_parallel_shard(pad_to_sp_multiple(x, 1), dim=1))
+        freqs = sequence_model_parallel_shard(pad_to_sp_multiple(freqs, 0), dim=0)
         # Sliding tile attention tiles this grid; the text follows the video tokens.
         with sta_context(grid=grid, num_text_tokens=num_text):
             for block in (*self.transformer_blocks, *self.single_transformer_blocks):

@@ -18,22 +18,18 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastvideo.attention import DistributedAttention, LocalAttention, _Backend
 from fastvideo.attention.sta_context import sta_context
-from fastvideo.distributed import (
-    get_sp_world_size,
-    sequence_model_parallel_all_gather,
-    sequence_model_parallel_shard,
-)
+from fastvideo.distributed import sequence_model_parallel_all_gather, sequence_model_parallel_shard
 from fastvideo.layers.activation import get_act_fn
 from fastvideo.layers.embeddings import MLPEmbedder, timestep_embedding
 from fastvideo.layers.layernorm import FP32LayerNorm, LayerNormScaleShift, RMSNorm
 from fastvideo.layers.linear import ReplicatedLinear
 from fastvideo.layers.mlp import FeedForward
 from fastvideo.layers.rotary_embedding import RotaryEmbedding3D, apply_rotary_emb
+from fastvideo.models.dits.sequence_shard import pad_to_sp_multiple, with_fresh_strides
 from fastvideo.models.loader.weight_utils import load_renamed_weights, map_checkpoint_name
 
 # cuDNN attention behind SDPA beats flash_attn 2 on H100 (11.3 vs 18.3 ms for Wan-1.3B's
@@ -102,21 +98,6 @@ class WanTransformerConfig:
             raise ValueError(f"unknown WanTransformer3DModel config keys {unknown}; "
                              f"known: {sorted(known)}")
         return cls(**config)
-
-
-def _pad_to_multiple(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Zero-pad `x` along `dim` to a multiple of the sp size (`x` itself when it divides)."""
-    padding = -x.shape[dim] % get_sp_world_size()
-    if padding == 0:
-        return x
-    return F.pad(x, (0, 0) * (x.dim() - 1 - dim) + (0, padding))
-
-
-def _with_fresh_strides(x: torch.Tensor) -> torch.Tensor:
-    """`x` when its strides are those of a new tensor of its shape, else such a copy."""
-    if x.stride() == torch.empty(x.shape, device="meta").stride():
-        return x
-    return x.clone(memory_format=torch.contiguous_format)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -347,8 +328,8 @@ class WanTransformer3DModel(nn.Module):
         # A copy with the strides of a fresh tensor, as every block's output has: the shard
         # is a view (a batch of 1 keeps the full tensor's batch stride), and a compiled block
         # guards on strides, so block 0 would compile apart from the rest.
-        x = _with_fresh_strides(sequence_model_parallel_shard(_pad_to_multiple(x, 1), dim=1))
-        freqs = sequence_model_parallel_shard(_pad_to_multiple(freqs, 0), dim=0)
+        x = with_fresh_strides(sequence_model_parallel_shard(pad_to_sp_multiple(x, 1), dim=1))
+        freqs = sequence_model_parallel_shard(pad_to_sp_multiple(freqs, 0), dim=0)
         with sta_context(grid=grid):  # sliding tile attention tiles this token grid
             for block in self.blocks:
                 x = block(x, context, timestep_proj, freqs, context_image, num_tokens)

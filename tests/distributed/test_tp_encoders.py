@@ -71,8 +71,8 @@ def _outputs(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _check_tp_equals_one_process(cases: list[tuple[str, str, dict[str, torch.Tensor], int]]
-                                 ) -> None:
+def _check_tp_equals_one_process(cases: list[tuple[str, str, dict[str, torch.Tensor], int]],
+                                 odd_heads_folder: str) -> None:
     assert get_tp_world_size() == TP_SIZE
     for name, folder, expected, expected_numel in cases:
         model = _load(name, Path(folder))
@@ -86,6 +86,10 @@ def _check_tp_equals_one_process(cases: list[tuple[str, str, dict[str, torch.Ten
                 assert_max_abs_diff(actual[key], tensor, TOL)
             except AssertionError as e:
                 raise AssertionError(f"{name} {key}: {e}") from None
+    # Heads that do not split over the ranks fail with the setting named.
+    with pytest.raises(ValueError, match="total_num_heads of QKVParallelLinear .* 3 is not "
+                                         "divisible by 2"):
+        _load("LlamaModel", Path(odd_heads_folder))
 
 
 def test_encoders_at_tp2_equal_one_process(tmp_path: Path) -> None:
@@ -100,17 +104,9 @@ def test_encoders_at_tp2_equal_one_process(tmp_path: Path) -> None:
         # (and Llama-1kv's single key/value head, on both ranks).
         assert per_rank < 0.6 * total, (name, per_rank, total)
         cases.append((name, str(folder), _outputs(single), per_rank))
-    run_on_ranks(_check_tp_equals_one_process, cases, world_size=TP_SIZE, tp_size=TP_SIZE)
-
-
-def _check_heads_must_split(folder: str) -> None:
-    with pytest.raises(ValueError, match="total_num_heads of QKVParallelLinear .* 3 is not "
-                                         "divisible by 2"):
-        _load("LlamaModel", Path(folder))
-
-
-def test_heads_that_do_not_split_over_tp_name_the_setting(tmp_path: Path) -> None:
+    odd_heads = tmp_path / "odd-heads"
     transformers.LlamaModel(transformers.LlamaConfig(
         vocab_size=64, hidden_size=24, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=3, num_key_value_heads=1)).save_pretrained(tmp_path)
-    run_on_ranks(_check_heads_must_split, str(tmp_path), world_size=TP_SIZE, tp_size=TP_SIZE)
+        num_attention_heads=3, num_key_value_heads=1)).save_pretrained(odd_heads)
+    run_on_ranks(_check_tp_equals_one_process, cases, str(odd_heads), world_size=TP_SIZE,
+                 tp_size=TP_SIZE)

@@ -234,6 +234,10 @@ class DistributedAttention(_AttentionLayer):
 
     A sequence the model padded to a multiple of P tokens is cut back to its `valid_len`
     tokens once gathered, so padded keys are never attended and the backend runs unmasked.
+
+    `forward_joint` also attends tokens every rank holds in full (a DiT's text), appended
+    after the gathered sequence: each rank takes its own heads of them, and their output's
+    heads are gathered afterwards.
     """
 
     def __init__(self, num_heads: int, head_size: int, softmax_scale: float | None = None,
@@ -476,7 +480,7 @@ def _attend_joint(impl: AttentionImpl, q: torch.Tensor, k: torch.Tensor, v: torc
     outs, appended_outs = [], []
     for first, last, n in _equal_runs(lengths):
         query, key, value = (torch.cat([x[first:last, :valid_rows], y[first:last, :n]], dim=1)
-                             for x, y in zip((q, k, v), appended[:3]))
+                             for x, y in ((q, appended.q), (k, appended.k), (v, appended.v)))
         if n == num_appended:
             out = impl.forward(query, key, value)
         else:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastvideo.attention.layer import request_attention_backend
+from fastvideo.attention.layer import attention_backends_in_use, request_attention_backend
 from fastvideo.attention.sta_config import STAConfig
 from fastvideo.attention.sta_context import sta_context
 from fastvideo.models.dits.hunyuanvideo import HunyuanVideoTransformer3DModel
@@ -120,6 +120,8 @@ def test_sliding_tile_with_whole_grid_window_is_dense(
     config = STAConfig(tile_size=(1, 2, 2), default_window=(3, 2, 3))  # 3 x 2 x 3 tiles
     with sta_context(config=config):
         assert_close(model(**inputs), expected)
+    # STA in the blocks; SDPA in the token refiner (text only).
+    assert attention_backends_in_use(model)["chosen"] == ["SLIDING_TILE_ATTN", "TORCH_SDPA"]
 
 
 def test_missing_and_unexpected_weights_are_named(checkpoint: tuple[torch.nn.Module, Path],

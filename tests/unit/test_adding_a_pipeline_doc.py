@@ -134,5 +134,5 @@ def test_model_index_example_lists_a_wan_i2v_checkpoint(tiny_wan_i2v_path: Path)
     (error_block,) = _code_blocks("text")
     quoted = error_block.strip().removeprefix("ValueError: ").removesuffix("...")
     with pytest.raises(ValueError) as error:
-        resolve_model("HunyuanVideoTransformer3DModel", "diffusers")
+        resolve_model("CogVideoXTransformer3DModel", "diffusers")
     assert str(error.value).startswith(quoted)

@@ -22,14 +22,14 @@ def _config(out, **changes) -> TrainConfig:
     base = TrainConfig(out=str(out), model="test", height=16, width=16, num_frames=5,
                        vae_steps=2, dit_steps=6, vae_batch_size=2, dit_batch_size=4,
                        vae_lr=3e-3, dit_lr=3e-3, warmup_steps=1, max_sequence_length=32,
-                       log_every=2, device="cpu")
+                       latent_pool=16, log_every=2, device="cpu")
     return dataclasses.replace(base, **changes)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Trainer, Path]:
     out = tmp_path_factory.mktemp("shapes-train")
-    trainer = Trainer(_config(out, vae_steps=4, dit_steps=12))
+    trainer = Trainer(_config(out, vae_steps=4, dit_steps=12, latent_pool=0))  # fresh clips
     return trainer, trainer.run()
 
 

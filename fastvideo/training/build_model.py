@@ -86,13 +86,24 @@ def estimate_size_mb(config: ModelConfig) -> float:
     return sum(counts.values()) * bytes_per / 1e6
 
 
+def _cast_for_saving(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A CPU copy in `dtype`, except the parameters diffusers keeps in float32 (the Wan DiT's
+    norms, timestep embedder and modulation table), which lose too much in bf16."""
+    module = copy.deepcopy(module).to("cpu").eval()
+    keep = getattr(module, "_keep_in_fp32_modules", None) or []
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and not any(k in name.split(".") for k in keep):
+            tensor.data = tensor.data.to(dtype)
+    return module
+
+
 def write_pipeline(output: str | Path, components: Components, config: ModelConfig) -> Path:
-    """Save a `WanPipeline` folder; the modules are copied, cast to `save_dtype`, so the
-    caller's (training) copies are untouched."""
+    """Save a `WanPipeline` folder from copies cast to `save_dtype` (the caller's training
+    modules are untouched)."""
     from diffusers import WanPipeline
 
     dtype = getattr(torch, config.save_dtype)
-    modules = {name: copy.deepcopy(getattr(components, name)).to("cpu", dtype).eval()
+    modules = {name: _cast_for_saving(getattr(components, name), dtype)
                for name in ("text_encoder", "vae", "transformer")}
     pipe = WanPipeline(tokenizer=components.tokenizer, scheduler=components.scheduler, **modules)
     pipe.save_pretrained(output, safe_serialization=True)

@@ -64,7 +64,7 @@ def _degrade(clip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1).permute(0, 2, 3, 1)
 
 
-@pytest.mark.parametrize(("size", "count"), [(32, 300), (64, 50)])
+@pytest.mark.parametrize(("size", "count"), [(32, 300), (64, 100)])
 def test_scorer_on_clean_clips(size, count):
     scenes = _scenes(count, seed=size)
     clean = accuracy(list(render_batch(scenes, 9, size, size)), scenes)

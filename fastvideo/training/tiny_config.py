@@ -3,7 +3,7 @@ component's own class (diffusers' `WanTransformer3DModel` and `AutoencoderKLWan`
 transformers' `UMT5Config`), so the folder it is saved to loads like any Wan checkpoint.
 
 `demo_model()` is the one trained on a GPU and shipped (~12 M parameters, ~24 MB in bf16);
-`test_model()` trains a few steps on a CPU in seconds.
+`cpu_model()` trains a few steps on a CPU in seconds.
 """
 
 from __future__ import annotations
@@ -109,14 +109,14 @@ def demo_model() -> ModelConfig:
     return ModelConfig()
 
 
-def test_model() -> ModelConfig:
+def cpu_model() -> ModelConfig:
     """A few steps on a CPU in seconds; same structure, small widths."""
     return ModelConfig(dit=DiTSize(dim=32, head_dim=16, num_layers=2, ffn_dim=64, freq_dim=32),
                        vae=VAESize(base_dim=8, z_dim=4),
                        text=TextSize(d_model=32, num_layers=1, num_heads=2, d_ff=64))
 
 
-PRESETS = {"demo": demo_model, "test": test_model}
+PRESETS = {"demo": demo_model, "cpu": cpu_model}
 
 
 def preset(name: str) -> ModelConfig:

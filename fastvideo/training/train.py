@@ -51,7 +51,7 @@ class TrainConfig:
     out: str
     """Folder for the checkpoint, the loss log and the finished model (`<out>/model`)."""
     model: str = "demo"
-    """Size preset of `tiny_config` ("demo" ships, "test" runs on a CPU in seconds)."""
+    """Size preset of `tiny_config` ("demo" ships, "cpu" runs on a CPU in seconds)."""
     minutes: float = 9.0
     """This session's wall-clock budget, both stages, export excluded."""
     vae_minutes: float = 3.0
@@ -231,19 +231,14 @@ class Trainer:
             x0 = pool_latents[index]
             captions = [pool_captions[i] for i in index.tolist()]
         captions = ["" if self.rng.random() < c.caption_dropout else text for text in captions]
-        # Rectified flow as Wan samples it: x_t = (1 - s) x0 + s noise, the model predicts
-        # noise - x0 at timestep 1000 s, s drawn uniformly then shifted like the sampler's.
         u = torch.rand(x0.shape[0], device=self.device, generator=self.generator)
-        shift = self.model_config.flow_shift
-        sigma = shift * u / (1 + (shift - 1) * u)
         noise = torch.randn(x0.shape, device=self.device, generator=self.generator)
-        s = sigma.view(-1, 1, 1, 1, 1)
-        x_t = (1 - s) * x0 + s * noise
+        x_t, timestep, target = flow_pair(x0, noise, shifted_sigma(u, self.model_config.flow_shift))
         with self._autocast():
             text = self.encode_text(captions)
-            pred = self.components.transformer(hidden_states=x_t, timestep=sigma * 1000,
+            pred = self.components.transformer(hidden_states=x_t, timestep=timestep,
                                                encoder_hidden_states=text, return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), noise - x0)
+        loss = F.mse_loss(pred.float(), target)
         step = progress.steps["dit"]
         self._update(self.dit_optimizer, self.conditioned.parameters(), loss,
                      self._lr(c.dit_lr, step))
@@ -362,6 +357,20 @@ class Trainer:
             torch._foreach_copy_(list(self.conditioned.parameters()), live)
         logger.info("wrote %s", path)
         return path
+
+
+def shifted_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """Noise level from u in [0, 1], shifted towards noise as the sampler's sigmas are
+    (diffusers' `flow_shift`): more steps where the coarse layout is decided."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def flow_pair(x0: torch.Tensor, noise: torch.Tensor,
+              sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rectified flow as Wan samples it: (x_t = (1 - sigma) x0 + sigma noise, the DiT's
+    timestep 1000 sigma, the target noise - x0), what UniPC's `flow_prediction` expects."""
+    s = sigma.view(-1, *[1] * (x0.ndim - 1))
+    return (1 - s) * x0 + s * noise, 1000 * sigma, noise - x0
 
 
 # Settings a resumed run may change: budgets, caps, logging. Anything else would make it a

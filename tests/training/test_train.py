@@ -10,16 +10,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastvideo.training.build_model import build_components, estimate_size_mb, write_pipeline
+from fastvideo.training.build_model import (
+    build_components,
+    build_scheduler,
+    estimate_size_mb,
+    write_pipeline,
+)
 from fastvideo.training.evaluate import EvalConfig, evaluate, prompts_for
 from fastvideo.training.shapes_data import split_combinations
-from fastvideo.training.tiny_config import demo_model
-from fastvideo.training.train import MODEL, TrainConfig, Trainer, parse_args
+from fastvideo.training.tiny_config import cpu_model, demo_model
+from fastvideo.training.train import (
+    MODEL,
+    TrainConfig,
+    Trainer,
+    flow_pair,
+    parse_args,
+    shifted_sigma,
+)
 
 
 def _config(out, **changes) -> TrainConfig:
     # 16x16x5 clips, batch 2: the Wan VAE runs frame by frame and is slow on a CPU.
-    base = TrainConfig(out=str(out), model="test", height=16, width=16, num_frames=5,
+    base = TrainConfig(out=str(out), model="cpu", height=16, width=16, num_frames=5,
                        vae_steps=2, dit_steps=6, vae_batch_size=2, dit_batch_size=4,
                        vae_lr=3e-3, dit_lr=3e-3, warmup_steps=1, max_sequence_length=32,
                        latent_pool=16, log_every=2, device="cpu")
@@ -131,3 +143,23 @@ def test_training_text_embeddings_match_the_engines(tmp_path):
     # The engine runs the padded length with an attention mask, training the batch's
     # longest: masked positions add exp(-inf) = 0 to every softmax, so float noise only.
     torch.testing.assert_close(ours, engine, rtol=1e-5, atol=1e-6)
+
+
+def test_training_pairs_follow_the_samplers_convention():
+    """A DiT that returns exactly the training target for the noise it is given takes the
+    folder's UniPC sampler from noise to x0: same timestep scale, same sign."""
+    scheduler = build_scheduler(cpu_model())
+    scheduler.set_timesteps(20)
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 4, 2, 4, 4, generator=generator)
+    x = torch.randn(x0.shape, generator=generator)
+    for t in scheduler.timesteps:
+        sigma = t.reshape(1).double() / 1000
+        noise = (x - (1 - sigma) * x0) / sigma  # the noise that puts x0 at x at this level
+        x_t, timestep, target = flow_pair(x0, noise, sigma)
+        torch.testing.assert_close(timestep, t.reshape(1).double())
+        torch.testing.assert_close(x_t.float(), x)
+        x = scheduler.step(target.float(), t, x).prev_sample
+    # Timesteps are rounded to integers, so the oracle is off by < 1/1000 in sigma per step.
+    torch.testing.assert_close(x, x0, atol=1e-2, rtol=0)
+    assert torch.allclose(shifted_sigma(torch.tensor([0.0, 1.0]), 2.0), torch.tensor([0.0, 1.0]))

@@ -79,6 +79,9 @@ class TrainConfig:
     64x64x17); 0: render and encode fresh clips every step."""
     ema_decay: float = 0.999
     held_out_fraction: float = 0.1
+    split_seed: int = 0
+    """Seeds the held-out split apart from `seed`, so runs with other seeds hold out the
+    same combinations (and `evaluate`'s defaults match)."""
     seed: int = 0
     checkpoint_minutes: float = 2.0
     log_every: int = 50
@@ -126,7 +129,8 @@ class Trainer:
                                                lr=config.vae_lr, weight_decay=0.0)
         self.dit_optimizer = torch.optim.AdamW(self.conditioned.parameters(), lr=config.dit_lr,
                                                weight_decay=0.01)
-        self.combinations, _ = split_combinations(config.held_out_fraction, seed=config.seed)
+        self.combinations, _ = split_combinations(config.held_out_fraction,
+                                                  seed=config.split_seed)
         self.rng = random.Random(config.seed)
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.progress = Progress()
@@ -355,6 +359,12 @@ class Trainer:
             torch._foreach_copy_(list(self.conditioned.parameters()), self.ema)
             path = write_pipeline(self.out / MODEL, self.components, self.model_config)
             torch._foreach_copy_(list(self.conditioned.parameters()), live)
+        # Provenance next to the weights (diffusers ignores other files in the folder).
+        (path / "training.json").write_text(json.dumps({
+            "config": dataclasses.asdict(self.config),
+            "progress": dataclasses.asdict(self.progress),
+            "last_losses": {k: v[-self.config.log_every:] for k, v in self.losses.items()},
+        }, indent=2))
         logger.info("wrote %s", path)
         return path
 

@@ -56,6 +56,8 @@ def test_train_lowers_losses_and_writes_the_folder(trained):
     log = (trainer.out / "train_log.jsonl").read_text().splitlines()
     assert [(r["stage"], r["step"]) for r in map(json.loads, log)][-1] == ("dit", 12)
     assert model == trainer.out / MODEL
+    provenance = json.loads((model / "training.json").read_text())
+    assert provenance["progress"]["steps"] == {"vae": 4, "dit": 12}
     assert json.loads((model / "model_index.json").read_text())["_class_name"] == "WanPipeline"
 
 

@@ -165,3 +165,37 @@ def test_training_pairs_follow_the_samplers_convention():
     # Timesteps are rounded to integers, so the oracle is off by < 1/1000 in sigma per step.
     torch.testing.assert_close(x, x0, atol=1e-2, rtol=0)
     assert torch.allclose(shifted_sigma(torch.tensor([0.0, 1.0]), 2.0), torch.tensor([0.0, 1.0]))
+
+
+def test_engine_modules_match_the_classes_trained(trained):
+    """The engine runs its own DiT and UMT5 on the folder; they must compute what the
+    diffusers and transformers classes that were trained compute (float32 here)."""
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    from fastvideo import VideoGenerator
+
+    folder = trained[1]
+    pipeline = VideoGenerator.from_pretrained(folder, device="cpu").pipeline
+    tokens = trained[0].components.tokenizer(
+        ["a red circle moves up on a black background", ""], padding="longest",
+        return_tensors="pt")
+    reference_text = UMT5EncoderModel.from_pretrained(folder / "text_encoder",
+                                                      dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randn(2, 32, reference_text.config.d_model, generator=generator)
+    latents = torch.randn(2, 4, 2, 4, 4, generator=generator)
+    timestep = torch.tensor([999.0, 250.0])
+    reference_dit = WanTransformer3DModel.from_pretrained(folder / "transformer",
+                                                          torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = pipeline.get_module("text_encoder")(tokens.input_ids, tokens.attention_mask)
+        theirs = reference_text(tokens.input_ids, tokens.attention_mask)
+        # float32 both sides, different kernels and summation orders: ~1e-6 apart.
+        torch.testing.assert_close(ours.last_hidden_state, theirs.last_hidden_state,
+                                   rtol=1e-4, atol=1e-5)
+        ours = pipeline.get_module("transformer")(hidden_states=latents, timestep=timestep,
+                                                  encoder_hidden_states=text)
+        theirs = reference_dit(hidden_states=latents, timestep=timestep,
+                               encoder_hidden_states=text).sample
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)

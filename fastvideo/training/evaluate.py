@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fastvideo.training.scorer import accuracy
 from fastvideo.training.shapes_data import Attributes, split_combinations
+from fastvideo.training.train import add_config_options
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="the Diffusers folder")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--report", help="also write the report here (JSON)")
-    for name in ("num_prompts", "height", "width", "num_frames", "num_inference_steps",
-                 "seed", "batch_size", "max_sequence_length"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int,
-                            default=getattr(EvalConfig(), name))
-    parser.add_argument("--guidance-scale", type=float, default=EvalConfig().guidance_scale)
+    add_config_options(parser, EvalConfig)
     args = vars(parser.parse_args(argv))
     model, device, report_path = args.pop("model"), args.pop("device"), args.pop("report")
     report = evaluate(model, EvalConfig(**args), device=device)

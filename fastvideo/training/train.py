@@ -412,15 +412,21 @@ def _decode_rng(state: dict) -> tuple:
     return state["version"], tuple(int(v) for v in state["internal"].tolist()), state["gauss"]
 
 
+def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--option-name` per field of a config dataclass, typed from its annotation, with
+    its default (a field without one is required)."""
+    for f in dataclasses.fields(cls):
+        kind = {"float": float, "int": int, "str": str}[str(f.type).split(" | ")[0]]
+        if f.default is dataclasses.MISSING:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, required=True)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
+                                help=f"default: {f.default}")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = {"float": float, "int": int, "str": str}[str(f.type).split(" ")[0]]
-        if f.default is dataclasses.MISSING:
-            parser.add_argument(flag, type=kind, required=True)
-        else:
-            parser.add_argument(flag, type=kind, default=f.default)
+    add_config_options(parser, TrainConfig)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")

@@ -30,8 +30,8 @@ from fastvideo.training.train import (
 
 
 def _config(out, **changes) -> TrainConfig:
-    # 16x16x5 clips, batch 2: the Wan VAE runs frame by frame and is slow on a CPU.
-    base = TrainConfig(out=str(out), model="cpu", height=16, width=16, num_frames=5,
+    # 32x32x5 clips, small batches: the Wan VAE runs frame by frame and is slow on a CPU.
+    base = TrainConfig(out=str(out), model="cpu", height=32, width=32, num_frames=5,
                        vae_steps=2, dit_steps=6, vae_batch_size=2, dit_batch_size=4,
                        vae_lr=3e-3, dit_lr=3e-3, warmup_steps=1, max_sequence_length=32,
                        latent_pool=16, log_every=2, device="cpu")
@@ -65,15 +65,15 @@ def test_the_folder_loads_and_generates_in_the_engine(trained):
     from fastvideo import VideoGenerator
 
     generator = VideoGenerator.from_pretrained(trained[1], device="cpu")
-    result = generator.generate_video("a red circle moves up on a black background", height=16,
-                                      width=16, num_frames=5, num_inference_steps=2,
+    result = generator.generate_video("a red circle moves up on a black background", height=32,
+                                      width=32, num_frames=5, num_inference_steps=2,
                                       guidance_scale=3.0, max_sequence_length=32)
-    assert result.frames.shape == (5, 16, 16, 3)
+    assert result.frames.shape == (5, 32, 32, 3)
     assert torch.isfinite(result.frames).all()
 
 
 def test_evaluate_reports_both_splits(trained):
-    config = EvalConfig(num_prompts=3, height=16, width=16, num_frames=5,
+    config = EvalConfig(num_prompts=3, height=32, width=32, num_frames=5,
                         num_inference_steps=2, max_sequence_length=32, batch_size=2)
     report = evaluate(trained[1], config)
     assert set(report) == {"train", "held_out"}
@@ -184,7 +184,7 @@ def test_engine_modules_match_the_classes_trained(trained):
                                                       dtype=torch.float32).eval()
     generator = torch.Generator().manual_seed(0)
     text = torch.randn(2, 32, reference_text.config.d_model, generator=generator)
-    latents = torch.randn(2, 4, 2, 4, 4, generator=generator)
+    latents = torch.randn(2, 4, 2, 8, 8, generator=generator)
     timestep = torch.tensor([999.0, 250.0])
     reference_dit = WanTransformer3DModel.from_pretrained(folder / "transformer",
                                                           torch_dtype=torch.float32).eval()

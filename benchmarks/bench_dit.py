@@ -13,6 +13,7 @@ GPU, wall clock on CPU).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -208,8 +209,8 @@ def time_sta(model: nn.Module, inputs: dict[str, torch.Tensor], args: argparse.N
         sta_block_density,
     )
     from fastvideo.attention.layer import request_attention_backend
+    from fastvideo.attention.metadata import AttentionMetadata
     from fastvideo.attention.sta_config import STAConfig, resolve_tile_size
-    from fastvideo.attention.sta_context import sta_context
 
     latent = inputs["hidden_states"].shape[2:]
     grid = (latent[0], latent[1] // 2, latent[2] // 2)
@@ -232,12 +233,13 @@ def time_sta(model: nn.Module, inputs: dict[str, torch.Tensor], args: argparse.N
             os.environ[STA_KERNEL_ENV] = kernel
             window = tuple(int(v) for v in spec.split(","))
             config = STAConfig(tile_size=tile, default_window=window)
-            with torch.inference_mode(), sta_context(config=config, step=0):
-                out = model(**inputs).float()
+            forward = functools.partial(model, **inputs,
+                                        attn_metadata=AttentionMetadata(sta_config=config))
+            with torch.inference_mode():
+                out = forward().float()
                 for _ in range(args.warmup):
-                    time_once(lambda: model(**inputs), device)
-                ms = statistics.median(time_once(lambda: model(**inputs), device)
-                                       for _ in range(args.iters))
+                    time_once(forward, device)
+                ms = statistics.median(time_once(forward, device) for _ in range(args.iters))
             ref = dense.float()
             entry = {"window": window, "tile": tile, "kernel": kernel, "median_ms": ms,
                      "density": sta_block_density(grid, tile, window),

@@ -14,7 +14,6 @@ import argparse
 import json
 import re
 from collections import defaultdict
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -83,17 +82,17 @@ def main() -> None:
         compile_repeated_blocks(model, mode=args.compile_mode, dtype=dtype)
     inputs = make_inputs(config, args, device, dtype)
 
-    context = nullcontext()
     if args.sta_window:
         from fastvideo.attention.layer import request_attention_backend
+        from fastvideo.attention.metadata import AttentionMetadata
         from fastvideo.attention.sta_config import STAConfig
-        from fastvideo.attention.sta_context import sta_context
 
         window = tuple(int(v) for v in args.sta_window.split(","))
         request_attention_backend(model, "SLIDING_TILE_ATTN")
-        context = sta_context(config=STAConfig(tile_size=args.sta_tile, default_window=window), step=0)
+        inputs["attn_metadata"] = AttentionMetadata(
+            sta_config=STAConfig(tile_size=args.sta_tile, default_window=window))
 
-    with torch.inference_mode(), context:
+    with torch.inference_mode():
         for _ in range(3):
             model(**inputs)
         ms = sorted(time_once(lambda: model(**inputs), device) for _ in range(5))[2]

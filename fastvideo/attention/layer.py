@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvideo.attention.backends.abstract import AttentionBackend, AttentionImpl, _Backend
+from fastvideo.attention.metadata import AttentionMetadata, with_fields
 from fastvideo.attention.selector import backend_from_name, get_attn_backend
-from fastvideo.attention.sta_context import sta_context
 from fastvideo.distributed.parallel_state import (
     GroupCoordinator,
     get_sp_group,
@@ -26,7 +26,7 @@ from fastvideo.distributed.parallel_state import (
 
 # Backends that treat every head and every query alike, so heads and queries may be attended
 # in any grouping and the all-to-all can be pipelined over head or query chunks. Sliding tile
-# reads a head's window from its global index (derived from the sp rank, assuming one
+# reads a head's window from its global index (`AttentionMetadata.head_offset`, one
 # contiguous slice of heads) and tiles the whole query grid.
 _HEAD_AGNOSTIC_BACKENDS = frozenset({_Backend.TORCH_SDPA, _Backend.FLASH_ATTN})
 
@@ -291,33 +291,38 @@ class DistributedAttention(_AttentionLayer):
         return self._scatter((x,))[0]
 
     def forward(self, q: AttentionInput, k: AttentionInput, v: AttentionInput,
-                valid_len: int | None = None) -> torch.Tensor:
+                valid_len: int | None = None,
+                metadata: AttentionMetadata | None = None) -> torch.Tensor:
         """`q`, `k`, `v` `[B, S_local, H, D]`: this rank's contiguous block of a sequence of
         `P * S_local` tokens, as tensors or as `scatter_heads` handles. `valid_len`: how many
-        of those are real (padding comes last); None: all. Returns `[B, S_local, H, D]`;
+        of those are real (padding comes last); None: all. `metadata`: for the backend, its
+        `head_offset` set here to this rank's first head. Returns `[B, S_local, H, D]`;
         rows of padding tokens are zero."""
-        return self._forward(q, k, v, valid_len, None)[0]
+        return self._forward(q, k, v, valid_len, None, metadata)[0]
 
     def forward_joint(self, q: AttentionInput, k: AttentionInput, v: AttentionInput,
-                      appended: AppendedTokens,
-                      valid_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      appended: AppendedTokens, valid_len: int | None = None,
+                      metadata: AttentionMetadata | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Joint attention of the sharded sequence (as in `forward`) and the `appended`
         tokens every rank holds in full, which sit after its `valid_len` real tokens: each
         rank attends its heads of both, so the appended tokens cost no all-to-all. Their
         padding (beyond `appended.lengths`) is never attended; its rows are zero.
 
         Returns the sequence's output `[B, S_local, H, D]` (as `forward`) and the appended
-        tokens' output `[B, L, H, D]`, the same on every rank (heads gathered)."""
+        tokens' output `[B, L, H, D]`, the same on every rank (heads gathered). A run of
+        items with shorter `appended.lengths` gets `metadata` with its own text length."""
         batch, length = appended.q.shape[:2]
         if appended.lengths is not None:
             _check_lengths(appended.lengths, batch, length)
-        video, text = self._forward(q, k, v, valid_len, appended)
+        video, text = self._forward(q, k, v, valid_len, appended, metadata)
         assert text is not None
         return video, text
 
     def _forward(self, q: AttentionInput, k: AttentionInput, v: AttentionInput,
-                 valid_len: int | None,
-                 appended: AppendedTokens | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 valid_len: int | None, appended: AppendedTokens | None,
+                 metadata: AttentionMetadata | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         num_ranks = get_sp_world_size()
         inputs = (q, k, v)
         if num_ranks == 1:
@@ -326,9 +331,9 @@ class DistributedAttention(_AttentionLayer):
                                  "another sp group; pass tensors")
             impl = self.get_impl(q)
             if appended is None:
-                return _attend_valid(impl, q, k, v, valid_len), None
+                return _attend_valid(impl, q, k, v, valid_len, metadata), None
             return _attend_joint(impl, q, k, v, q.shape[1] if valid_len is None else valid_len,
-                                 appended)
+                                 appended, metadata)
         shapes = [x.shape if isinstance(x, torch.Tensor) else x.local_shape for x in inputs]
         if len(set(shapes)) != 1:
             raise ValueError(f"q, k, v must have the same [B, S_local, H, D] shape for "
@@ -350,7 +355,7 @@ class DistributedAttention(_AttentionLayer):
         # The appended tokens' queries go in with the first (only) query chunk.
         num_query_chunks = 1 if appended is not None else self._query_chunks_for(impl, backend)
         return _ulysses_attention(impl, exchanges, valid_len, num_query_chunks, get_sp_group(),
-                                  appended)
+                                  appended, metadata)
 
     def _scatter(self, tensors: Sequence[torch.Tensor]) -> list[HeadExchange]:
         """Start the input all-to-alls of `tensors`, micro-batch by micro-batch and within
@@ -435,16 +440,26 @@ def check_heads_divide(num_heads: int, sp_size: int) -> None:
                          f"parallel size of {sp_size}; sp sizes that work: {valid}")
 
 
+def _for_impl(impl: AttentionImpl, metadata: AttentionMetadata | None,
+              **changes: object) -> AttentionMetadata | None:
+    """`metadata` with `changes` for a backend that reads it; as is for the others, whose
+    compiled graphs then need no break for the update."""
+    if metadata is None or not impl.uses_metadata:
+        return metadata
+    return with_fields(metadata, **changes)
+
+
 def _attend_rows(impl: AttentionImpl, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 valid_rows: int, num_rows: int | None = None) -> torch.Tensor:
+                 valid_rows: int, num_rows: int | None = None,
+                 metadata: AttentionMetadata | None = None) -> torch.Tensor:
     """Attention of the first `valid_rows` queries to all of `k`, `v`, zero-padded to
     `num_rows` rows (None: `q`'s)."""
     num_rows = q.shape[1] if num_rows is None else num_rows
     if valid_rows == num_rows == q.shape[1]:
-        return impl.forward(q, k, v)
+        return impl.forward(q, k, v, metadata)
     if valid_rows == 0:  # kernels may reject empty queries
         return q.new_zeros(q.shape[0], num_rows, *q.shape[2:])
-    return _pad_rows(impl.forward(q[:, :valid_rows], k, v), num_rows)
+    return _pad_rows(impl.forward(q[:, :valid_rows], k, v, metadata), num_rows)
 
 
 def _pad_rows(x: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -471,7 +486,9 @@ def _equal_runs(lengths: Sequence[int]) -> list[tuple[int, int, int]]:
 
 
 def _attend_joint(impl: AttentionImpl, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  valid_rows: int, appended: AppendedTokens) -> tuple[torch.Tensor, torch.Tensor]:
+                  valid_rows: int, appended: AppendedTokens,
+                  metadata: AttentionMetadata | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over `[q[:valid_rows], appended.q[:n_i]]` (keys and values alike) for item
     i: the sequence `[B, S, h, D]` and the appended tokens `[B, L, h, D]` of the same heads.
     Returns both outputs, padding rows zero."""
@@ -481,13 +498,10 @@ def _attend_joint(impl: AttentionImpl, q: torch.Tensor, k: torch.Tensor, v: torc
     for first, last, n in _equal_runs(lengths):
         query, key, value = (torch.cat([x[first:last, :valid_rows], y[first:last, :n]], dim=1)
                              for x, y in ((q, appended.q), (k, appended.k), (v, appended.v)))
-        if n == num_appended:
-            out = impl.forward(query, key, value)
-        else:
-            # Sliding tile attention reads the appended (text) token count from the context
-            # the DiT set for the full length; this run has fewer.
-            with sta_context(num_text_tokens=n):
-                out = impl.forward(query, key, value)
+        # The DiT set the appended (text) token count for the full length; this run may
+        # have fewer.
+        out = impl.forward(query, key, value, metadata if n == num_appended
+                           else _for_impl(impl, metadata, num_text_tokens=n))
         outs.append(_pad_rows(out[:, :valid_rows], num_rows))
         appended_outs.append(_pad_rows(out[:, valid_rows:], num_appended))
     if len(outs) == 1:
@@ -496,11 +510,12 @@ def _attend_joint(impl: AttentionImpl, q: torch.Tensor, k: torch.Tensor, v: torc
 
 
 def _attend_valid(impl: AttentionImpl, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  valid_len: int | None) -> torch.Tensor:
+                  valid_len: int | None, metadata: AttentionMetadata | None) -> torch.Tensor:
     """Attention over the first `valid_len` tokens; padding rows of the output are zero."""
     if valid_len is None or valid_len == q.shape[1]:
-        return impl.forward(q, k, v)
-    return _attend_rows(impl, q, k[:, :valid_len], v[:, :valid_len], valid_len)
+        return impl.forward(q, k, v, metadata)
+    return _attend_rows(impl, q, k[:, :valid_len], v[:, :valid_len], valid_len,
+                        metadata=metadata)
 
 
 def _heads_to_ranks(x: torch.Tensor, num_ranks: int, num_chunks: int,
@@ -530,6 +545,7 @@ def _full_sequence(buffer: torch.Tensor) -> torch.Tensor:
 def _ulysses_attention(impl: AttentionImpl, inputs: Sequence[HeadExchange],
                        valid_len: int | None, num_query_chunks: int, group: GroupCoordinator,
                        appended: AppendedTokens | None = None,
+                       metadata: AttentionMetadata | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The sequence's output and, when tokens are `appended` (then `num_query_chunks` is
     1), theirs with the heads gathered from every rank."""
@@ -553,6 +569,8 @@ def _ulysses_attention(impl: AttentionImpl, inputs: Sequence[HeadExchange],
         for chunk in range(num_chunks):
             part = micro * num_chunks + chunk
             q_buffer = q.received(part)
+            # Chunk c holds heads [c * h, (c + 1) * h) of this rank's slice.
+            chunk_metadata = _for_impl(impl, metadata, head_offset=first_head + chunk * heads)
             key, value = (_full_sequence(x.received(part))[:, :kv_len] for x in (k, v))
             for start, end in zip(bounds, bounds[1:]):
                 rows = end - start
@@ -563,14 +581,14 @@ def _ulysses_attention(impl: AttentionImpl, inputs: Sequence[HeadExchange],
                 valid_rows = sum(min(max(kv_len - r * local_len - start, 0), rows)
                                  for r in range(num_ranks))
                 if appended is None:
-                    out = _attend_rows(impl, query, key, value, valid_rows)
+                    out = _attend_rows(impl, query, key, value, valid_rows,
+                                       metadata=chunk_metadata)
                 else:
-                    # Chunk c holds heads [c * h, (c + 1) * h) of this rank's slice.
                     heads_here = slice(first_head + chunk * heads,
                                        first_head + (chunk + 1) * heads)
                     out, appended_out = _attend_joint(
                         impl, query, key, value, valid_rows,
-                        appended.items(first, last, heads_here))
+                        appended.items(first, last, heads_here), chunk_metadata)
                     appended_outs[-1].append(appended_out)
                 # [b, P * rows, h, D] -> [P, b, rows, h, D]: block j goes back to rank j.
                 send = out.reshape(items, num_ranks, rows, heads, head_size).transpose(0, 1)

@@ -35,6 +35,7 @@ from fastvideo.attention.backends.sliding_tile import (
     sta_block_density,
 )
 from fastvideo.attention.layer import DistributedAttention
+from fastvideo.attention.metadata import AttentionMetadata
 from fastvideo.attention.sta_config import STAConfig, Window, parse_window, resolve_tile_size
 from fastvideo.distributed.parallel_state import get_sp_world_size
 
@@ -90,8 +91,8 @@ class _CalibrationImpl(SDPAImpl):
         self.calibration = calibration
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        out = super().forward(query, key, value, attn_mask)
+                metadata: AttentionMetadata | None = None) -> torch.Tensor:
+        out = super().forward(query, key, value, metadata)
         if self.calibration.step >= self.calibration.num_full_steps:
             self.calibration.record(self.index, query, key, value, out, self.softmax_scale)
         return out

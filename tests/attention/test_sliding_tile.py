@@ -24,8 +24,8 @@ from fastvideo.attention.backends.sliding_tile import (
     sliding_tile_attention,
     sta_block_density,
 )
+from fastvideo.attention.metadata import AttentionMetadata
 from fastvideo.attention.sta_config import STAConfig, choose_tile_size
-from fastvideo.attention.sta_context import sta_context
 
 ATOL = 1e-5
 # CPU runs FlexAttention eagerly on purpose (compiling costs ~17 s per shape here).
@@ -119,22 +119,21 @@ def test_per_head_windows_with_head_offset_through_the_backend() -> None:
     config = STAConfig(tile_size=tile_size, windows={4: [windows]})
     q, k, v = _qkv(math.prod(grid) + num_text, num_heads=2)
     impl = BACKEND.impl_cls(4, 8, layer_idx=0)
-    with sta_context(config=config, step=4), sta_context(grid=grid, num_text_tokens=num_text):
-        out = impl.forward(q, k, v, head_offset=2)
+    metadata = AttentionMetadata(sta_config=config, step=4, grid=grid,
+                                 num_text_tokens=num_text, head_offset=2)
+    out = impl.forward(q, k, v, metadata)
     mask = reference_mask(grid, tile_size, [(1, 2, 1), (9, 9, 9)], num_text)
     torch.testing.assert_close(out, _sdpa(q, k, v, mask[None]), atol=ATOL, rtol=0)
 
 
-def test_head_offset_defaults_to_the_sequence_parallel_rank(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_head_offset_defaults_to_the_first_head() -> None:
     grid, tile_size = (3, 4, 4), (1, 2, 2)
     windows = [(1, 1, 1), (3, 1, 1), (1, 1, 3), (2, 2, 2)]
     config = STAConfig(tile_size=tile_size, windows={0: [windows]})
     q, k, v = _qkv(math.prod(grid), num_heads=2)
-    monkeypatch.setattr(sliding_tile, "get_sp_rank", lambda: 1)  # rank 1 of 2: heads 2, 3
-    with sta_context(config=config, grid=grid):
-        out = SlidingTileAttentionImpl(4, 8, layer_idx=0).forward(q, k, v)
-    mask = reference_mask(grid, tile_size, windows[2:])
+    out = SlidingTileAttentionImpl(4, 8, layer_idx=0).forward(
+        q, k, v, AttentionMetadata(sta_config=config, grid=grid))
+    mask = reference_mask(grid, tile_size, windows[:2])
     torch.testing.assert_close(out, _sdpa(q, k, v, mask[None]), atol=ATOL, rtol=0)
 
 
@@ -143,19 +142,21 @@ def test_dense_steps_and_missing_context() -> None:
     q, k, v = _qkv(math.prod(grid), num_heads=2)
     impl = SlidingTileAttentionImpl(2, 8)
     config = STAConfig(tile_size=(1, 2, 2), num_full_steps=3, default_window=(1, 1, 1))
-    with sta_context(config=config, grid=grid, step=2):
-        torch.testing.assert_close(impl.forward(q, k, v), _sdpa(q, k, v), atol=ATOL, rtol=0)
-    with sta_context(config=config, grid=grid, step=3):
-        sparse = impl.forward(q, k, v)
+    at_step = {step: AttentionMetadata(sta_config=config, grid=grid, step=step)
+               for step in (2, 3)}
+    torch.testing.assert_close(impl.forward(q, k, v, at_step[2]), _sdpa(q, k, v), atol=ATOL,
+                               rtol=0)
+    sparse = impl.forward(q, k, v, at_step[3])
     mask = reference_mask(grid, (1, 2, 2), [(1, 1, 1)])
     torch.testing.assert_close(sparse, _sdpa(q, k, v, mask[None]), atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="needs an STAConfig and the latent grid"):
         impl.forward(q, k, v)
+    with pytest.raises(ValueError, match="needs an STAConfig and the latent grid"):
+        impl.forward(q, k, v, AttentionMetadata(grid=grid))
     with pytest.raises(ValueError, match="causal"):
         SlidingTileAttentionImpl(2, 8, causal=True)
-    with sta_context(config=config, grid=(2, 4, 5), step=3), pytest.raises(
-            ValueError, match=r"sequence length 32 != grid \(2, 4, 5\)"):
-        impl.forward(q, k, v)
+    with pytest.raises(ValueError, match=r"sequence length 32 != grid \(2, 4, 5\)"):
+        impl.forward(q, k, v, AttentionMetadata(sta_config=config, grid=(2, 4, 5), step=3))
 
 
 def _mask_of_fused_kernel(block_mask, layout: TileLayout) -> torch.Tensor:
@@ -233,8 +234,8 @@ def test_auto_tile_through_the_backend() -> None:
     grid, window = (5, 8, 8), (2, 1, 3)
     assert choose_tile_size(grid) == (1, 2, 2)
     q, k, v = _qkv(math.prod(grid), num_heads=2)
-    with sta_context(config=STAConfig(default_window=window), grid=grid):
-        out = SlidingTileAttentionImpl(2, 8, layer_idx=0).forward(q, k, v)
+    out = SlidingTileAttentionImpl(2, 8, layer_idx=0).forward(
+        q, k, v, AttentionMetadata(sta_config=STAConfig(default_window=window), grid=grid))
     mask = reference_mask(grid, (1, 2, 2), [window])
     torch.testing.assert_close(out, _sdpa(q, k, v, mask[None]), atol=ATOL, rtol=0)
     assert block_size_for(4, torch.device("cpu")) == 4

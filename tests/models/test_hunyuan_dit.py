@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastvideo.attention.layer import attention_backends_in_use, request_attention_backend
+from fastvideo.attention.metadata import AttentionMetadata
 from fastvideo.attention.sta_config import STAConfig
-from fastvideo.attention.sta_context import sta_context
 from fastvideo.models.dits.hunyuanvideo import HunyuanVideoTransformer3DModel
 from fastvideo.models.loader.component_loader import _load_fastvideo_model
 from fastvideo.models.registry import resolve_model
@@ -118,8 +118,7 @@ def test_sliding_tile_with_whole_grid_window_is_dense(
     assert request_attention_backend(model, "sliding_tile_attn") == (
         TINY_CONFIG["num_layers"] + TINY_CONFIG["num_single_layers"])
     config = STAConfig(tile_size=(1, 2, 2), default_window=(3, 2, 3))  # 3 x 2 x 3 tiles
-    with sta_context(config=config):
-        assert_close(model(**inputs), expected)
+    assert_close(model(**inputs, attn_metadata=AttentionMetadata(sta_config=config)), expected)
     # STA in the blocks; SDPA in the token refiner (text only).
     assert attention_backends_in_use(model)["chosen"] == ["SLIDING_TILE_ATTN", "TORCH_SDPA"]
 

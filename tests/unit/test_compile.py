@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -39,8 +38,8 @@ def _unique_graphs_after_three_forwards(num_layers: int, *, preselect: bool,
     from bench_dit import CONFIGS
 
     from fastvideo.attention.layer import request_attention_backend
+    from fastvideo.attention.metadata import AttentionMetadata
     from fastvideo.attention.sta_config import STAConfig
-    from fastvideo.attention.sta_context import sta_context
     from fastvideo.models.compile import compile_repeated_blocks
     from fastvideo.models.dits.wanvideo import WanTransformer3DModel
 
@@ -50,14 +49,15 @@ def _unique_graphs_after_three_forwards(num_layers: int, *, preselect: bool,
     for param in model.eval().parameters():
         torch.nn.init.normal_(param, std=0.02)
     compile_repeated_blocks(model, dtype=torch.float32 if preselect else None)
-    context = contextlib.nullcontext()
+    config = None
     if sta:  # requested after compiling, as bench_dit does: layers choose again at once
         request_attention_backend(model, "SLIDING_TILE_ATTN")
-        context = sta_context(config=STAConfig(tile_size=(1, 2, 2), default_window=(1, 1, 1)),
-                              step=0)
-    with torch.inference_mode(), context:
-        for _ in range(3):
-            model(torch.randn(1, 4, 3, 8, 8), torch.randn(1, 16, 32), torch.tensor([999.0]))
+        config = STAConfig(tile_size=(1, 2, 2), default_window=(1, 1, 1))
+    with torch.inference_mode():
+        # A new step each forward, as in the denoising loop: no recompile for it.
+        for step in range(3):
+            model(torch.randn(1, 4, 3, 8, 8), torch.randn(1, 16, 32), torch.tensor([999.0]),
+                  attn_metadata=AttentionMetadata(sta_config=config, step=step))
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
@@ -101,3 +101,40 @@ def test_blocks_compile_as_one_graph_once_backends_are_chosen() -> None:
     with torch.inference_mode():
         torch.testing.assert_close(model(x, text, torch.tensor([999.0])),
                                    reference(x, text, torch.tensor([999.0])), rtol=0, atol=1e-5)
+
+
+def test_a_new_step_recompiles_no_block() -> None:
+    """The denoising step changes every forward and rides in `attn_metadata`: neither a
+    dense nor a sliding tile block may guard on it (STA reads it outside the graph). STA's
+    switch from dense steps to sparse ones recompiles the code after its plan once (the
+    plan turns from None to a mask); later steps reuse it."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from bench_dit import CONFIGS
+
+    from fastvideo.attention.layer import request_attention_backend
+    from fastvideo.attention.metadata import AttentionMetadata
+    from fastvideo.attention.sta_config import STAConfig
+    from fastvideo.models.compile import compile_repeated_blocks
+    from fastvideo.models.dits.wanvideo import WanTransformer3DModel
+
+    config = STAConfig(tile_size=(1, 2, 2), num_full_steps=1, default_window=(1, 1, 1))
+    for sta in (False, True):
+        torch._dynamo.reset()
+        model = WanTransformer3DModel.from_config({**CONFIGS["tiny"], "num_layers": 2}).eval()
+        compile_repeated_blocks(model, dtype=torch.float32)
+        if sta:
+            request_attention_backend(model, "SLIDING_TILE_ATTN")
+        x, text = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 16, 32)
+        with torch.inference_mode():
+            for step in (0, 1):  # step 0 dense, step 1 the first sparse one under STA
+                model(x, text, torch.tensor([999.0]), attn_metadata=AttentionMetadata(
+                    sta_config=config if sta else None, step=step))
+            torch._dynamo.config.error_on_recompile = True
+            try:
+                for step in (2, 3):
+                    model(x, text, torch.tensor([999.0]), attn_metadata=AttentionMetadata(
+                        sta_config=config if sta else None, step=step))
+            finally:
+                torch._dynamo.config.error_on_recompile = False

@@ -7,8 +7,12 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+
+if TYPE_CHECKING:
+    from fastvideo.attention.metadata import AttentionMetadata
 
 
 class _Backend(enum.Enum):
@@ -26,6 +30,10 @@ class AttentionImpl(ABC):
     the model, for backends configured per layer (sliding tile windows).
     """
 
+    uses_metadata: ClassVar[bool] = False
+    """Whether `forward` reads its `metadata`; the layers fill in the per-call fields
+    (head offset, text length) only for backends that do."""
+
     def __init__(self, num_heads: int, head_size: int, softmax_scale: float | None = None,
                  causal: bool = False, *, layer_idx: int | None = None) -> None:
         self.num_heads = num_heads
@@ -36,7 +44,7 @@ class AttentionImpl(ABC):
 
     @abstractmethod
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor: ...
+                metadata: AttentionMetadata | None = None) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True, kw_only=True)

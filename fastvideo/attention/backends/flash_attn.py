@@ -12,13 +12,12 @@ import torch
 
 from fastvideo.attention.backends.abstract import AttentionBackend, AttentionImpl, _Backend
 from fastvideo.attention.backends.flash_cute import cute_unavailable_reason, flash_cute_attention
+from fastvideo.attention.metadata import AttentionMetadata
 
 
 class FlashAttentionImpl(AttentionImpl):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if attn_mask is not None:
-            raise ValueError("the FLASH_ATTN backend takes no attn_mask; use TORCH_SDPA")
+                metadata: AttentionMetadata | None = None) -> torch.Tensor:
         if cute_unavailable_reason(query.device, query.dtype, query.shape[-1]) is None:
             scale = self.softmax_scale or query.shape[-1] ** -0.5
             return flash_cute_attention(query, key, value, scale, self.causal)

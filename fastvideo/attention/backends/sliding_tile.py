@@ -26,8 +26,8 @@ one. Timings against cuDNN dense attention: `benchmarks/bench_attention.py` and
 `benchmarks/RESULTS.md`.
 
 Under sequence parallelism the backend sees the full sequence and a contiguous slice of the
-heads (after the Ulysses all-to-all); `head_offset` (global index of local head 0) makes
-per-head windows refer to global heads.
+heads (after the Ulysses all-to-all); `AttentionMetadata.head_offset` (global index of
+local head 0, set by `DistributedAttention`) makes per-head windows refer to global heads.
 """
 
 from __future__ import annotations
@@ -48,9 +48,8 @@ from fastvideo.attention.backends.flash_cute import (
     flash_cute_attention,
     flash_cute_block_sparse_attention,
 )
+from fastvideo.attention.metadata import AttentionMetadata
 from fastvideo.attention.sta_config import KERNEL_BLOCK, Window, parse_window, resolve_tile_size
-from fastvideo.attention.sta_context import current_sta_context
-from fastvideo.distributed.parallel_state import get_sp_rank
 
 Grid = tuple[int, int, int]
 
@@ -372,11 +371,14 @@ def attend_tiles(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 class SlidingTileAttentionImpl(AttentionImpl):
-    """STA with the windows of this layer (`layer_idx`) at the current step (`sta_context`).
+    """STA with the windows of this layer (`layer_idx`) at the step, grid and text length
+    of `metadata`.
 
     Steps and layers whose heads are all dense run dense attention on the unreordered
     tokens (FlashAttention's CuTe kernel where it runs, else SDPA).
     """
+
+    uses_metadata = True
 
     def __init__(self, num_heads: int, head_size: int, softmax_scale: float | None = None,
                  causal: bool = False, *, layer_idx: int | None = None) -> None:
@@ -386,13 +388,9 @@ class SlidingTileAttentionImpl(AttentionImpl):
         self.layer_idx = layer_idx
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, *,
-                head_offset: int | None = None) -> torch.Tensor:
-        """`head_offset`: global index of `query`'s head 0; by default 0 when `query` holds
-        all `num_heads` heads, else this sequence-parallel rank's contiguous slice."""
-        if attn_mask is not None:
-            raise ValueError("SLIDING_TILE_ATTN builds its own mask; attn_mask must be None")
-        plan = self._plan(query, head_offset)
+                metadata: AttentionMetadata | None = None) -> torch.Tensor:
+        """`metadata.head_offset`: global index of `query`'s head 0."""
+        plan = self._plan(query, metadata)
         if plan is None and cute_unavailable_reason(query.device, query.dtype,
                                                     query.shape[-1]) is None:
             return flash_cute_attention(query, key, value,
@@ -404,25 +402,21 @@ class SlidingTileAttentionImpl(AttentionImpl):
             return out.transpose(1, 2)
         return attend_tiles(query, key, value, *plan, scale=self.softmax_scale)
 
-    @torch.compiler.disable
-    def _plan(self, query: torch.Tensor, head_offset: int | None
+    @torch.compiler.disable  # reads the step: traced, a compiled block would guard on it
+    def _plan(self, query: torch.Tensor, metadata: AttentionMetadata | None
               ) -> tuple[BlockMask, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """`sta_plan` for this layer and step, or None when all local heads are dense."""
-        context = current_sta_context()
-        config = context.config
-        if config is None or context.grid is None:
-            raise ValueError("SLIDING_TILE_ATTN needs an STAConfig and the latent grid: run "
-                             "the DiT inside sta_context(config=..., grid=(T, H, W), step=...)")
-        num_local = query.shape[2]
-        if head_offset is None:
-            # Ulysses gives each sequence-parallel rank a contiguous slice of the heads.
-            head_offset = 0 if num_local == self.num_heads else get_sp_rank() * num_local
-        windows = config.head_windows(context.step, self.layer_idx, self.num_heads)
+        if metadata is None or metadata.sta_config is None or metadata.grid is None:
+            raise ValueError("SLIDING_TILE_ATTN needs an STAConfig and the latent grid: pass "
+                             "the DiT attn_metadata=AttentionMetadata(sta_config=..., step=...)"
+                             " (the DiT fills in the grid)")
+        config, num_local, head_offset = metadata.sta_config, query.shape[2], metadata.head_offset
+        windows = config.head_windows(metadata.step, self.layer_idx, self.num_heads)
         local = None if windows is None else windows[head_offset:head_offset + num_local]
         if local is None or all(w is None for w in local):
             return None
-        tile_size = config.tile_for(context.grid)
-        layout = TileLayout(context.grid, tile_size, context.num_text_tokens,
+        tile_size = config.tile_for(metadata.grid)
+        layout = TileLayout(metadata.grid, tile_size, metadata.num_text_tokens,
                             block_size_for(math.prod(tile_size), query.device))
         return sta_plan(query, layout, tuple(layout.tile_grid if w is None else w for w in local),
                         video_attends_text=config.video_attends_text,

@@ -27,7 +27,7 @@ from torch import nn
 
 from fastvideo.attention import DistributedAttention, LocalAttention, _Backend
 from fastvideo.attention.layer import AppendedTokens
-from fastvideo.attention.sta_context import sta_context
+from fastvideo.attention.metadata import AttentionMetadata
 from fastvideo.distributed import sequence_model_parallel_all_gather, sequence_model_parallel_shard
 from fastvideo.layers.activation import get_act_fn, linear_gelu_tanh
 from fastvideo.layers.embeddings import MLPEmbedder, timestep_embedding
@@ -301,6 +301,7 @@ class _JointAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, freqs: torch.Tensor,
                 num_tokens: int, text_lengths: Sequence[int] | None,
+                metadata: AttentionMetadata | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         heads = (self.num_heads, -1)
         # Each video input's all-to-all starts as soon as it is computed (see Wan).
@@ -312,7 +313,8 @@ class _JointAttention(nn.Module):
         text = AppendedTokens(self.norm_added_q(self.add_q_proj(context).unflatten(2, heads)),
                               self.norm_added_k(self.add_k_proj(context).unflatten(2, heads)),
                               self.add_v_proj(context).unflatten(2, heads), text_lengths)
-        out, text_out = self.attn.forward_joint(q, k, v, text, valid_len=num_tokens)
+        out, text_out = self.attn.forward_joint(q, k, v, text, valid_len=num_tokens,
+                                                metadata=metadata)
         return self.to_out(out.flatten(2)), self.to_add_out(text_out.flatten(2))
 
 
@@ -333,13 +335,16 @@ class HunyuanVideoTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor,
                 freqs: torch.Tensor, num_tokens: int, text_lengths: Sequence[int] | None,
+                attn_metadata: AttentionMetadata | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """`x` `[B, S, D]` (this rank's video tokens), `context` `[B, L, D]` (all text),
         `temb` `[B, D]`, `freqs` `[S, head_dim / 2, 2]`; `num_tokens`: real video tokens of
-        the whole padded sequence; `text_lengths`: real text tokens per item (None: all)."""
+        the whole padded sequence; `text_lengths`: real text tokens per item (None: all);
+        `attn_metadata`: for the joint attention's backend."""
         x_norm, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, temb)
         c_norm, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(context, temb)
-        attn_out, text_out = self.attn(x_norm, c_norm, freqs, num_tokens, text_lengths)
+        attn_out, text_out = self.attn(x_norm, c_norm, freqs, num_tokens, text_lengths,
+                                       attn_metadata)
         x = x + attn_out * gate
         context = context + text_out * c_gate
         x = x + gate_mlp * self.ff(self.norm2(x, shift_mlp, scale_mlp))
@@ -371,6 +376,7 @@ class HunyuanVideoSingleTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor,
                 freqs: torch.Tensor, num_tokens: int, text_lengths: Sequence[int] | None,
+                attn_metadata: AttentionMetadata | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """As `HunyuanVideoTransformerBlock.forward`."""
         num_video = x.shape[1]
@@ -386,7 +392,7 @@ class HunyuanVideoSingleTransformerBlock(nn.Module):
                               text_lengths)
         out, text_out = self.attn.forward_joint(
             apply_rotary_emb(q[:, :num_video], freqs), apply_rotary_emb(k[:, :num_video], freqs),
-            v[:, :num_video], text, valid_len=num_tokens)
+            v[:, :num_video], text, valid_len=num_tokens, metadata=attn_metadata)
         attn = torch.cat([out, text_out], dim=1).flatten(2)
         h = h + gate * self.proj_out(torch.cat([attn, mlp], dim=2))
         return h[:, :num_video], h[:, num_video:]
@@ -443,15 +449,17 @@ class HunyuanVideoTransformer3DModel(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
-                pooled_projections: torch.Tensor,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
+                pooled_projections: torch.Tensor, guidance: torch.Tensor | None = None,
+                attn_metadata: AttentionMetadata | None = None) -> torch.Tensor:
         """Predict the flow for latents `[B, C, T, H, W]`; returns `[B, out_channels, T, H, W]`.
 
         `timestep` `[B]` (0..1000, float or integer); `encoder_hidden_states` `[B, L,
         text_embed_dim]` with `encoder_attention_mask` `[B, L]` (1 for real tokens, a prefix
         of each row); `pooled_projections` `[B, pooled_projection_dim]`; `guidance` `[B]`:
         the embedded guidance scale times 1000 (as diffusers' pipeline passes it), required
-        by, and only accepted by, configs with `guidance_embeds`.
+        by, and only accepted by, configs with `guidance_embeds`. `attn_metadata`: the sliding
+        tile config and step (from the denoising stage); the token grid and text length are
+        filled in here. None: dense attention only.
         """
         grid = self._token_grid(hidden_states.shape)
         if timestep.ndim != 1:
@@ -476,9 +484,10 @@ class HunyuanVideoTransformer3DModel(nn.Module):
         x = with_fresh_strides(sequence_model_parallel_shard(pad_to_sp_multiple(x, 1), dim=1))
         freqs = sequence_model_parallel_shard(pad_to_sp_multiple(freqs, 0), dim=0)
         # Sliding tile attention tiles this grid; the text follows the video tokens.
-        with sta_context(grid=grid, num_text_tokens=num_text):
-            for block in (*self.transformer_blocks, *self.single_transformer_blocks):
-                x, context = block(x, context, temb, freqs, num_tokens, padded_text)
+        metadata = dataclasses.replace(attn_metadata or AttentionMetadata(), grid=grid,
+                                       num_text_tokens=num_text)
+        for block in (*self.transformer_blocks, *self.single_transformer_blocks):
+            x, context = block(x, context, temb, freqs, num_tokens, padded_text, metadata)
 
         x = self.proj_out(self.norm_out(x, temb))
         x = sequence_model_parallel_all_gather(x, dim=1)[:, :num_tokens]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fastvideo.attention import DistributedAttention, LocalAttention, _Backend
-from fastvideo.attention.sta_context import sta_context
+from fastvideo.attention.metadata import AttentionMetadata
 from fastvideo.distributed import sequence_model_parallel_all_gather, sequence_model_parallel_shard
 from fastvideo.layers.activation import get_act_fn
 from fastvideo.layers.embeddings import MLPEmbedder, timestep_embedding
@@ -129,8 +129,8 @@ class WanSelfAttention(_WanAttentionProjections):
                                          supported_attention_backends=_SELF_ATTN_BACKENDS,
                                          layer_idx=layer_idx)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor,
-                num_tokens: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, num_tokens: int | None = None,
+                metadata: AttentionMetadata | None = None) -> torch.Tensor:
         """`num_tokens`: real tokens of the whole (possibly padded, sharded) sequence."""
         heads = (self.num_heads, -1)
         # Under sequence parallelism each input's all-to-all starts as soon as it is ready,
@@ -140,7 +140,7 @@ class WanSelfAttention(_WanAttentionProjections):
             apply_rotary_emb(self.norm_q(self.to_q(x)).unflatten(2, heads), freqs))
         k = self.attn.scatter_heads(
             apply_rotary_emb(self.norm_k(self.to_k(x)).unflatten(2, heads), freqs))
-        out = self.attn(q, k, v, valid_len=num_tokens)
+        out = self.attn(q, k, v, valid_len=num_tokens, metadata=metadata)
         return self.to_out(out.flatten(2))
 
 
@@ -190,13 +190,16 @@ class WanTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, timestep_proj: torch.Tensor,
                 freqs: torch.Tensor, context_image: torch.Tensor | None = None,
-                num_tokens: int | None = None) -> torch.Tensor:
+                num_tokens: int | None = None,
+                attn_metadata: AttentionMetadata | None = None) -> torch.Tensor:
         """`x` `[B, S, D]`, `timestep_proj` `[B, 6, D]`, `freqs` `[S, head_dim / 2, 2]` (cos, sin);
         under sequence parallelism `S` is this rank's block and `num_tokens` the real tokens
-        of the whole padded sequence (None: no padding)."""
+        of the whole padded sequence (None: no padding). `attn_metadata`: for the
+        self-attention's backend."""
         shift, scale, gate, c_shift, c_scale, c_gate = (
             self.scale_shift_table + timestep_proj.float()).chunk(6, dim=1)
-        x = gated_residual(x, self.attn1(self.norm1(x, shift, scale), freqs, num_tokens), gate)
+        x = gated_residual(x, self.attn1(self.norm1(x, shift, scale), freqs, num_tokens,
+                                           attn_metadata), gate)
         h = x if self.norm2 is None else self.norm2(x.float()).to(x.dtype)
         x = x + self.attn2(h, context, context_image)
         return gated_residual(x, self.ffn(self.norm3(x, c_shift, c_scale)), c_gate)
@@ -303,11 +306,14 @@ class WanTransformer3DModel(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 timestep: torch.Tensor,
-                encoder_hidden_states_image: torch.Tensor | None = None) -> torch.Tensor:
+                encoder_hidden_states_image: torch.Tensor | None = None,
+                attn_metadata: AttentionMetadata | None = None) -> torch.Tensor:
         """Predict the flow for latents `[B, C, T, H, W]`; returns `[B, out_channels, T, H, W]`.
 
         `timestep` `[B]` may be integer or float. `encoder_hidden_states_image` (CLIP tokens)
         is required by, and only accepted by, I2V configs (`image_dim` set).
+        `attn_metadata`: the sliding tile config and step (from the denoising stage); the
+        token grid is filled in here. None: dense attention only.
         """
         grid = self._token_grid(hidden_states.shape)
         if timestep.ndim != 1:
@@ -330,9 +336,10 @@ class WanTransformer3DModel(nn.Module):
         # guards on strides, so block 0 would compile apart from the rest.
         x = with_fresh_strides(sequence_model_parallel_shard(pad_to_sp_multiple(x, 1), dim=1))
         freqs = sequence_model_parallel_shard(pad_to_sp_multiple(freqs, 0), dim=0)
-        with sta_context(grid=grid):  # sliding tile attention tiles this token grid
-            for block in self.blocks:
-                x = block(x, context, timestep_proj, freqs, context_image, num_tokens)
+        # Sliding tile attention tiles this token grid.
+        metadata = dataclasses.replace(attn_metadata or AttentionMetadata(), grid=grid)
+        for block in self.blocks:
+            x = block(x, context, timestep_proj, freqs, context_image, num_tokens, metadata)
 
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = self.proj_out(self.norm_out(x, shift, scale))

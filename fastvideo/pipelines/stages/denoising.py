@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
+from fastvideo.attention.metadata import AttentionMetadata
 from fastvideo.attention.sta_config import STAConfig
-from fastvideo.attention.sta_context import sta_context
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.forward_batch import ForwardBatch
 from fastvideo.models.schedulers.state import get_scheduler_state, load_scheduler_state
@@ -94,20 +94,26 @@ class DenoisingStage(PipelineStage):
 
     def _predict_noise(self, latents: torch.Tensor, t: torch.Tensor, cond: DiTContext,
                        uncond: DiTContext | None, paired: DiTContext | None,
-                       guidance_scale: float) -> torch.Tensor:
-        """The DiT's prediction at `t` given the context keyword arguments of each branch,
-        guided when `uncond` is given; `paired` runs both branches as one batch."""
+                       guidance_scale: float, step: int) -> torch.Tensor:
+        """The DiT's prediction at `t` (step index `step`) given the context keyword
+        arguments of each branch, guided when `uncond` is given; `paired` runs both branches
+        as one batch."""
         size = latents.shape[0]
+        # Only with STA configured: a DiT without the keyword (diffusers') runs dense.
+        extra: dict[str, Any] = ({} if self.sta_config is None else {
+            "attn_metadata": AttentionMetadata(sta_config=self.sta_config, step=step)})
         if paired is not None:
             noise = self.transformer(hidden_states=torch.cat([latents, latents]),
-                                     timestep=t.expand(2 * size), **paired)
+                                     timestep=t.expand(2 * size), **paired, **extra)
             noise_cond, noise_uncond = noise[:size], noise[size:]
         else:
             timestep = t.expand(size)
-            noise_cond = self.transformer(hidden_states=latents, timestep=timestep, **cond)
+            noise_cond = self.transformer(hidden_states=latents, timestep=timestep, **cond,
+                                          **extra)
             if uncond is None:
                 return noise_cond
-            noise_uncond = self.transformer(hidden_states=latents, timestep=timestep, **uncond)
+            noise_uncond = self.transformer(hidden_states=latents, timestep=timestep, **uncond,
+                                            **extra)
         return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
 
     def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
@@ -134,9 +140,8 @@ class DenoisingStage(PipelineStage):
             model_input = latents.to(dtype)
             if condition is not None:
                 model_input = torch.cat([model_input, condition], dim=1)
-            with sta_context(config=self.sta_config, step=i):
-                noise_pred = self._predict_noise(model_input, t, cond, uncond, paired,
-                                                 batch.guidance_scale)
+            noise_pred = self._predict_noise(model_input, t, cond, uncond, paired,
+                                             batch.guidance_scale, i)
             latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             batch.latents = latents
             batch.step_index = i + 1

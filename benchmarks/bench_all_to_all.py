@@ -6,7 +6,8 @@ For sp sizes 2 and 4 (subgroups of the torchrun world), with one exchange being 
 blocks of a `[1, S/P, H, D]` bf16 tensor (S = 32760 tokens, H = 12 heads, D = 128) as
 `DistributedAttention` sends q, k or v (send copy + NCCL `all_to_all_single`), it times:
 
-- one exchange alone, and q, k, v as one message (`DistributedAttention.pack_inputs`);
+- one exchange alone, and q, k, v as one message (as the removed
+  `DistributedAttention.pack_inputs` sent them);
 - eight matmuls of the DiT's size (`[S/P, 1536] x [1536, 6144]`) alone, and with eight
   exchanges in flight on a side stream: an overlapped exchange is free only if the second
   time equals the first;
@@ -84,7 +85,7 @@ def measure(size: int, group: dist.ProcessGroup, args: argparse.Namespace,
     x = torch.randn(1, local, args.heads, args.head_size, device=device, dtype=torch.bfloat16)
 
     def head_blocks(t: torch.Tensor) -> torch.Tensor:  # as DistributedAttention sends them
-        return _heads_to_ranks(t, size, num_chunks=1, chunk=0)
+        return _heads_to_ranks(t, size)
 
     def send(blocks: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(blocks)
@@ -94,7 +95,7 @@ def measure(size: int, group: dist.ProcessGroup, args: argparse.Namespace,
     def exchange() -> torch.Tensor:
         return send(head_blocks(x).contiguous())
 
-    def packed_exchange() -> torch.Tensor:  # q, k, v in one message (pack_inputs)
+    def packed_exchange() -> torch.Tensor:  # q, k, v in one message (the removed pack_inputs)
         return send(torch.stack([head_blocks(x)] * 3, dim=3))
 
     a = torch.randn(local, 1536, device=device, dtype=torch.bfloat16)

@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 4 benchmarks/bench_dit_sp.py --config 14b --height 720 \
         --width 1280 --sp-sizes 4 --iters 2 --warmup 1 --json-out sp14b.json
     torchrun --nproc-per-node 4 benchmarks/bench_dit_sp.py --sp-sizes 1,2,4 \
-        --query-chunks 1,2 --serial-inputs --profile --json-out sp_overlap.json
+        --serial-inputs --profile --json-out sp_overlap.json
     torchrun --nproc-per-node 2 benchmarks/bench_dit_sp.py --config tiny --device cpu \
         --dtype fp32 --height 64 --width 64 --frames 9 --text-len 16    # CPU smoke test (gloo)
 
@@ -16,11 +16,11 @@ ulysses_degree=k))` on a copy, with a device mesh `(replica, ring=1, ulysses=k)`
 our sp groups. Each timed forward starts after a barrier; an iteration's time is the slowest
 rank's (CUDA events on GPU, wall clock on CPU); the median over iterations is reported.
 
-Our variants at sp > 1: `ours` (the layers' defaults), `ours_chunksN` (N head chunks),
-`ours_qchunksN` (N query chunks), `ours_packed` (q, k, v in one all-to-all),
-`ours_carveoutN` (cuBLAS matmuls kept off N SMs), `ours_serial` (the input all-to-alls
-started together after all projections, as before they overlapped them, with one query
-chunk). `--profile` then runs each variant under torch.profiler and prints rank 0's kernel
+Our variants at sp > 1: `ours` (the layers' defaults), `ours_carveoutN` (cuBLAS matmuls
+kept off N SMs), `ours_serial` (the input all-to-alls started together after all
+projections, as before they overlapped them). Head chunks, query chunks and q, k, v packed
+in one message were variants too, removed with their knobs (benchmarks/RESULTS.md has
+their figures). `--profile` then runs each variant under torch.profiler and prints rank 0's kernel
 time per forward by kind, with the communication time during which no other kernel ran
 (exposed).
 """
@@ -73,17 +73,6 @@ def parse_args() -> argparse.Namespace:
     add_workload_args(parser)
     parser.add_argument("--sp-sizes", default="1,2,4",
                         help="comma-separated sp sizes; those not dividing the world are skipped")
-    parser.add_argument("--chunks", default="auto",
-                        help="comma-separated head-chunk counts of our all-to-all pipeline to "
-                             "time ('auto': the layers' default; 1: no overlap); those not "
-                             "dividing the heads per rank are skipped")
-    parser.add_argument("--query-chunks", default="auto",
-                        help="comma-separated query-chunk counts of our output all-to-all "
-                             "pipeline to time ('auto': the layers' default; 1: no overlap)")
-    parser.add_argument("--packed-inputs", action="store_true",
-                        help="also time ours with q, k, v sent in one all-to-all after all "
-                             "three projections (DistributedAttention.pack_inputs), as "
-                             "ours_packed (with --compile also ours_compiled_packed)")
     parser.add_argument("--sm-carveouts", default="",
                         type=lambda v: [int(c) for c in v.split(",") if c],
                         help="comma-separated SM counts to keep from cuBLAS matmuls in our "
@@ -165,8 +154,6 @@ def attention_layers(model: nn.Module) -> list[DistributedAttention]:
 class Variant:
     """How our attention layers run the all-to-alls."""
 
-    num_chunks: int
-    num_query_chunks: int
     overlap_inputs: bool = True
     """False: `scatter_heads` hands the tensor back, so `forward` starts all three inputs'
     exchanges together, after the projections."""
@@ -175,8 +162,6 @@ class Variant:
     """2: the conditional and unconditional inputs of a guidance step in one forward."""
     sm_carveout: int | None = None
     """SMs kept from cuBLAS matmuls during our forward (torch's experimental carveout)."""
-    pack_inputs: bool = False
-    """q, k, v in one all-to-all (`DistributedAttention.pack_inputs`)."""
 
 
 def _keep_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -185,10 +170,7 @@ def _keep_tensor(x: torch.Tensor) -> torch.Tensor:
 
 def set_variant(layers: list[DistributedAttention], variant: Variant) -> None:
     for layer in layers:
-        layer.num_chunks = variant.num_chunks
-        layer.num_query_chunks = variant.num_query_chunks
         layer.num_micro_batches = variant.num_micro_batches
-        layer.pack_inputs = variant.pack_inputs
         if variant.overlap_inputs:
             layer.__dict__.pop("scatter_heads", None)
         else:
@@ -216,37 +198,19 @@ def ours_forward(ours: nn.Module, inputs: dict[str, torch.Tensor], variant: Vari
     return forward
 
 
-def chunk_options(spec: str, default: int, heads_per_rank: int | None = None) -> list[int]:
-    """The chunk counts of `spec` ('auto' = `default`), those dividing `heads_per_rank` where
-    given."""
-    options = [default if item == "auto" else int(item) for item in spec.split(",")]
-    for count in options:
-        if count < 1:
-            raise ValueError(f"chunk counts must be >= 1, got {count} in {spec!r}")
-    return [c for c in dict.fromkeys(options) if heads_per_rank is None or heads_per_rank % c == 0]
-
-
-def our_variants(sp_size: int, args: argparse.Namespace, heads: int,
+def our_variants(sp_size: int, args: argparse.Namespace,
                  default: Variant) -> dict[str, Variant]:
-    """Name -> variant: the default, then each other head / query chunking asked for."""
+    """Name -> variant: the default, then each other variant asked for."""
     variants = {"ours": default}
     if sp_size == 1:  # nothing is exchanged: every variant is the same forward
         if args.cfg_pair:
             variants["ours_cfgpair"] = dataclasses.replace(default, batch=2)
         return variants
-    for count in chunk_options(args.chunks, default.num_chunks, heads // sp_size):
-        variants.setdefault(f"ours_chunks{count}" if count != default.num_chunks else "ours",
-                            Variant(count, default.num_query_chunks))
-    for count in chunk_options(args.query_chunks, default.num_query_chunks):
-        variants.setdefault(f"ours_qchunks{count}" if count != default.num_query_chunks
-                            else "ours", Variant(default.num_chunks, count))
-    if args.packed_inputs:
-        variants["ours_packed"] = dataclasses.replace(default, pack_inputs=True)
     for carveout in args.sm_carveouts:
         variants[f"ours_carveout{carveout}"] = dataclasses.replace(default,
                                                                   sm_carveout=carveout)
     if args.serial_inputs:
-        variants["ours_serial"] = Variant(default.num_chunks, 1, overlap_inputs=False)
+        variants["ours_serial"] = dataclasses.replace(default, overlap_inputs=False)
     if args.cfg_pair:
         variants["ours_cfgpair"] = dataclasses.replace(default, batch=2)
         variants["ours_cfgpair_mb1"] = dataclasses.replace(default, batch=2,
@@ -369,8 +333,7 @@ def bench_sp_size(sp_size: int, args: argparse.Namespace, config: dict[str, Any]
     with nccl_high_priority(high_priority):
         initialize_model_parallel(1, sp_size)
     layer = attention_layers(ours)[0]
-    variants = our_variants(sp_size, args, config["num_attention_heads"],
-                            Variant(layer.num_chunks, layer.num_query_chunks))
+    variants = our_variants(sp_size, args, Variant(num_micro_batches=layer.num_micro_batches))
     runs: dict[str, Forward] = {name: ours_forward(ours, inputs, variant)
                                 for name, variant in variants.items()}
     if ours_compiled is not None and not high_priority:
@@ -378,9 +341,6 @@ def bench_sp_size(sp_size: int, args: argparse.Namespace, config: dict[str, Any]
         if args.cfg_pair:
             runs["ours_compiled_cfgpair"] = ours_forward(ours_compiled, inputs,
                                                          variants["ours_cfgpair"])
-        if "ours_packed" in variants:
-            runs["ours_compiled_packed"] = ours_forward(ours_compiled, inputs,
-                                                        variants["ours_packed"])
     diffusers_model = None
     if sp_size == 1 and not high_priority:
         diffusers_model = reference
@@ -425,7 +385,7 @@ def bench_sp_size(sp_size: int, args: argparse.Namespace, config: dict[str, Any]
 
 def _base_run(name: str, runs_at_sp1: dict[str, float]) -> str:
     """The sp=1 run `name` compares with: itself, else its longest prefix that ran at sp=1
-    (`ours_chunks2` -> `ours`, `ours_compiled_x` -> `ours_compiled`)."""
+    (`ours_serial` -> `ours`, `ours_compiled_x` -> `ours_compiled`)."""
     parts = name.split("_")
     for end in range(len(parts), 0, -1):
         if "_".join(parts[:end]) in runs_at_sp1:

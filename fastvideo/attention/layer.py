@@ -24,12 +24,6 @@ from fastvideo.distributed.parallel_state import (
     get_sp_world_size,
 )
 
-# Backends that treat every head and every query alike, so heads and queries may be attended
-# in any grouping and the all-to-all can be pipelined over head or query chunks. Sliding tile
-# reads a head's window from its global index (`AttentionMetadata.head_offset`, one
-# contiguous slice of heads) and tiles the whole query grid.
-_HEAD_AGNOSTIC_BACKENDS = frozenset({_Backend.TORCH_SDPA, _Backend.FLASH_ATTN})
-
 
 class _AttentionLayer(nn.Module):
 
@@ -182,26 +176,17 @@ class HeadExchange:
         self.batch_bounds = tuple(batch_bounds)
         """Micro-batch m is batch items `[bounds[m], bounds[m + 1])`."""
         self._parts = parts
-        """Per micro-batch, then per head chunk: the receive buffer `[P, b, S_local, h, D]`
-        (block j from rank j) and its collective's handle."""
-
-    @property
-    def num_micro_batches(self) -> int:
-        return len(self.batch_bounds) - 1
-
-    @property
-    def num_head_chunks(self) -> int:
-        return len(self._parts) // self.num_micro_batches
+        """Per micro-batch: the receive buffer `[P, b, S_local, H/P, D]` (block j from rank
+        j) and its collective's handle."""
 
     @property
     def buffer(self) -> torch.Tensor:
         """The first receive buffer, without waiting (for its dtype and device)."""
         return self._parts[0][0]
 
-    def received(self, part: int) -> torch.Tensor:
-        """Part `part`'s receive buffer (micro-batch `part // num_head_chunks`, head chunk
-        `part % num_head_chunks`), once it has arrived."""
-        buffer, work = self._parts[part]
+    def received(self, micro_batch: int) -> torch.Tensor:
+        """Micro-batch `micro_batch`'s receive buffer, once it has arrived."""
+        buffer, work = self._parts[micro_batch]
         work.wait()
         return buffer
 
@@ -215,22 +200,16 @@ class DistributedAttention(_AttentionLayer):
 
     Ulysses: an all-to-all turns this rank's block of tokens `[B, S/P, H, D]` into all tokens
     of a slice of the heads `[B, S, H/P, D]`, the backend attends over the whole sequence, and
-    a second all-to-all turns the output back. Rank r holds heads `[r * H/P, (r + 1) * H/P)`,
-    as in plain Ulysses, whatever the chunking. Three ways to hide the all-to-alls, all with
-    asynchronous collectives on NCCL's stream:
+    a second all-to-all turns the output back. Rank r holds heads `[r * H/P, (r + 1) * H/P)`.
+    Two ways to hide the all-to-alls, both with asynchronous collectives on NCCL's stream:
 
     - `scatter_heads(x)` starts one input's exchange as soon as the model has computed it, so
       it runs while the model computes the next input (`forward` takes the handles).
-    - `num_query_chunks` > 1: the queries go through in chunks; while the backend attends one,
-      the output of the previous is on its way back.
-    - `num_chunks` > 1: the heads go through in groups; while the backend attends one, the
-      inputs of the next groups and the output of the previous are in flight.
     - `num_micro_batches` > 1 (the default, for batches of several items, e.g. the
-      conditional and unconditional inputs of classifier-free guidance): the same over
-      groups of batch items, which keeps every kernel as large as for one item.
-
-    `pack_inputs`: instead, q, k and v travel in one all-to-all, a message three times the
-    size, once all three are computed.
+      conditional and unconditional inputs of classifier-free guidance): the batch goes
+      through in groups of items; while the backend attends one, the inputs of the next and
+      the output of the previous are in flight, and every kernel stays as large as for one
+      item.
 
     A sequence the model padded to a multiple of P tokens is cut back to its `valid_len`
     tokens once gathered, so padded keys are never attended and the backend runs unmasked.
@@ -243,50 +222,27 @@ class DistributedAttention(_AttentionLayer):
     def __init__(self, num_heads: int, head_size: int, softmax_scale: float | None = None,
                  causal: bool = False,
                  supported_attention_backends: Sequence[_Backend] = (_Backend.TORCH_SDPA,),
-                 num_chunks: int = 1, layer_idx: int | None = None,
-                 num_query_chunks: int = 1, num_micro_batches: int = 2,
-                 pack_inputs: bool = False) -> None:
+                 layer_idx: int | None = None, num_micro_batches: int = 2) -> None:
         super().__init__(num_heads, head_size, softmax_scale, causal,
                          supported_attention_backends, layer_idx)
-        self.num_chunks = num_chunks
-        """Head groups to pipeline the all-to-all over; must divide the heads per rank.
-        Backends that index heads (sliding tile) always get one. 1 by default: on 2 and 4
-        H200s (Wan 1.3B, bench_dit_sp.py) 2 or 3 groups were 1-3% slower than one, as
-        NCCL's kernels then compete with the attention kernels for SMs."""
-        self.num_query_chunks = num_query_chunks
-        """Query chunks to pipeline the output all-to-all over (capped at the tokens per
-        rank). Chunk c holds rows `[c * S_local // C, (c + 1) * S_local // C)` of every
-        rank's block, so its output exchange returns one contiguous block to each rank.
-        Keys and values are always the whole sequence. Only head-agnostic, non-causal
-        backends chunk; others get one. 1 by default (no overlap): on 4 H100s (Wan 1.3B
-        480p, bench_dit_sp.py) 2 chunks hid half the exposed output exchange but slowed the
-        other kernels more (sp=2 340.2 against 337.7 ms, sp=4 177.7 against 176.4)."""
         self.num_micro_batches = num_micro_batches
         """Groups of batch items to pipeline the all-to-alls over (capped at the batch
-        size): the exchanges of one group run while the backend attends another."""
-        self.pack_inputs = pack_inputs
-        """Send q, k, v together, as one all-to-all per micro-batch and head chunk
-        (`scatter_heads` then hands its tensor back). Off by default until measured: on
-        H100s an exchange costs about its own time whether it overlaps compute or not
-        (benchmarks/RESULTS.md), so fewer, larger messages may beat early ones."""
+        size). 2 by default: a guidance pair on 4 H100s took 338.5 ms against 347.9 ms as
+        one group (benchmarks/RESULTS.md)."""
         check_heads_divide(num_heads, get_sp_world_size())
-        _check_query_chunks(num_query_chunks)
         _check_micro_batches(num_micro_batches)
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, num_chunks={self.num_chunks}, "
-                f"num_query_chunks={self.num_query_chunks}, "
-                f"num_micro_batches={self.num_micro_batches}, pack_inputs={self.pack_inputs}")
+        return f"{super().extra_repr()}, num_micro_batches={self.num_micro_batches}"
 
     def scatter_heads(self, x: torch.Tensor) -> AttentionInput:
         """Start sending `x` `[B, S_local, H, D]` (this rank's block of the sequence) to the
         ranks that attend its heads; pass what it returns to `forward` in place of `x`.
 
         Called as soon as each of q, k, v is computed, the transfer runs while the model
-        computes the next. With one sp rank there is nothing to send, and with
-        `pack_inputs` `forward` sends all three together: `x` comes back.
+        computes the next. With one sp rank there is nothing to send: `x` comes back.
         """
-        if get_sp_world_size() == 1 or self.pack_inputs:
+        if get_sp_world_size() == 1:
             return x
         return self._scatter((x,))[0]
 
@@ -346,85 +302,42 @@ class DistributedAttention(_AttentionLayer):
         # Tensors not yet sent go out together, part by part.
         started = iter(self._scatter([x for x in inputs if isinstance(x, torch.Tensor)]))
         exchanges = [next(started) if isinstance(x, torch.Tensor) else x for x in inputs]
-        if len({(x.num_head_chunks, x.batch_bounds) for x in exchanges}) != 1:
+        if len({x.batch_bounds for x in exchanges}) != 1:
             raise ValueError(
-                "q, k, v were sent in different head chunks or micro-batches "
-                f"{[(x.num_head_chunks, x.batch_bounds) for x in exchanges]}: num_chunks or "
-                "num_micro_batches changed between scatter_heads and forward")
-        impl, backend = self._sp_impl(exchanges[0].buffer, num_ranks)
-        # The appended tokens' queries go in with the first (only) query chunk.
-        num_query_chunks = 1 if appended is not None else self._query_chunks_for(impl, backend)
-        return _ulysses_attention(impl, exchanges, valid_len, num_query_chunks, get_sp_group(),
-                                  appended, metadata)
+                "q, k, v were sent in different micro-batches "
+                f"{[x.batch_bounds for x in exchanges]}: num_micro_batches changed between "
+                "scatter_heads and forward")
+        impl = self._sp_impl(exchanges[0].buffer, num_ranks)
+        return _ulysses_attention(impl, exchanges, valid_len, get_sp_group(), appended,
+                                  metadata)
 
     def _scatter(self, tensors: Sequence[torch.Tensor]) -> list[HeadExchange]:
-        """Start the input all-to-alls of `tensors`, micro-batch by micro-batch and within
-        one head chunk 0 first, then chunk 1...: on NCCL's stream each then starts straight
-        after the previous one, and the first attention waits for the fewest transfers."""
+        """Start the input all-to-alls of `tensors`, micro-batch by micro-batch: on NCCL's
+        stream each then starts straight after the previous one, and the first attention
+        waits for the fewest transfers."""
         if not tensors:
             return []
         num_ranks = get_sp_world_size()
         check_heads_divide(tensors[0].shape[2], num_ranks)
-        impl, backend = self._sp_impl(tensors[0], num_ranks)
-        num_chunks = self._chunks_for(impl, backend, tensors[0].shape[2] // num_ranks)
+        self._sp_impl(tensors[0], num_ranks)
         _check_micro_batches(self.num_micro_batches)
         batch = tensors[0].shape[0]
         num_micro = min(self.num_micro_batches, batch)
         bounds = [m * batch // num_micro for m in range(num_micro + 1)]
         group = get_sp_group()
         parts: list[list[tuple[torch.Tensor, dist.Work]]] = [[] for _ in tensors]
-        pack = self.pack_inputs and len(tensors) > 1  # `forward` checked their shapes agree
         for first, end in zip(bounds, bounds[1:]):
-            for chunk in range(num_chunks):
-                blocks = [_heads_to_ranks(x[first:end], num_ranks, num_chunks, chunk)
-                          for x in tensors]
-                if pack:
-                    # [P, b, S/P, n, h, D]: one message; input i is a strided view of it,
-                    # whose sequence (ranks' blocks, then rows) merges into one dim at b = 1.
-                    buffer, work = _all_to_all(torch.stack(blocks, dim=3), group)
-                    for i, sent in enumerate(parts):
-                        sent.append((buffer[:, :, :, i], work))
-                else:
-                    for block, sent in zip(blocks, parts):
-                        sent.append(_all_to_all(block, group))
+            for x, sent in zip(tensors, parts):
+                sent.append(_all_to_all(_heads_to_ranks(x[first:end], num_ranks), group))
         return [HeadExchange(x.shape, bounds, sent) for x, sent in zip(tensors, parts)]
 
-    def _sp_impl(self, x: torch.Tensor,
-                 num_ranks: int) -> tuple[AttentionImpl, AttentionBackend | None]:
+    def _sp_impl(self, x: torch.Tensor, num_ranks: int) -> AttentionImpl:
         impl = self.get_impl(x)
         backend = self._backends.get((x.dtype, x.device))
         if backend is not None and not backend.supports_sequence_parallel:
             raise ValueError(f"attention backend {backend.name.name} does not support sequence "
                              f"parallelism (sp size {num_ranks}); choose another backend")
-        return impl, backend
-
-    @staticmethod
-    def _pipelines(impl: AttentionImpl, backend: AttentionBackend | None) -> bool:
-        # `type(impl)` also catches a wrapped impl (e.g. the STA window search's) that
-        # records per-head results by head position.
-        return (backend is not None and backend.name in _HEAD_AGNOSTIC_BACKENDS
-                and type(impl) is backend.impl_cls)
-
-    def _chunks_for(self, impl: AttentionImpl, backend: AttentionBackend | None,
-                    heads_per_rank: int) -> int:
-        if not self._pipelines(impl, backend):
-            return 1
-        if self.num_chunks < 1 or heads_per_rank % self.num_chunks:
-            raise ValueError(f"num_chunks={self.num_chunks} must divide the {heads_per_rank} "
-                             "heads each sequence parallel rank attends")
-        return self.num_chunks
-
-    def _query_chunks_for(self, impl: AttentionImpl, backend: AttentionBackend | None) -> int:
-        _check_query_chunks(self.num_query_chunks)
-        # A causal mask would need each chunk's query offsets.
-        if self.causal or not self._pipelines(impl, backend):
-            return 1
-        return self.num_query_chunks
-
-
-def _check_query_chunks(num_query_chunks: int) -> None:
-    if num_query_chunks < 1:
-        raise ValueError(f"num_query_chunks={num_query_chunks} must be >= 1")
+        return impl
 
 
 def _check_micro_batches(num_micro_batches: int) -> None:
@@ -518,14 +431,12 @@ def _attend_valid(impl: AttentionImpl, q: torch.Tensor, k: torch.Tensor, v: torc
                         metadata=metadata)
 
 
-def _heads_to_ranks(x: torch.Tensor, num_ranks: int, num_chunks: int,
-                    chunk: int) -> torch.Tensor:
-    """`[B, S/P, H, D]` -> head chunk `chunk` as a `[P, B, S/P, h, D]` view, block j holding
-    rank j's heads; the exchange copies it into its send buffer, the one copy on the way out."""
+def _heads_to_ranks(x: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """`[B, S/P, H, D]` -> a `[P, B, S/P, H/P, D]` view, block j holding rank j's heads; the
+    exchange copies it into its send buffer, the one copy on the way out."""
     batch, local_len, num_heads, head_size = x.shape
-    split = x.reshape(batch, local_len, num_ranks, num_chunks,
-                      num_heads // num_ranks // num_chunks, head_size)
-    return split[:, :, :, chunk].permute(2, 0, 1, 3, 4)
+    split = x.reshape(batch, local_len, num_ranks, num_heads // num_ranks, head_size)
+    return split.permute(2, 0, 1, 3, 4)
 
 
 @torch.compiler.disable  # streams, events and async collectives: kept out of graphs
@@ -543,66 +454,47 @@ def _full_sequence(buffer: torch.Tensor) -> torch.Tensor:
 
 
 def _ulysses_attention(impl: AttentionImpl, inputs: Sequence[HeadExchange],
-                       valid_len: int | None, num_query_chunks: int, group: GroupCoordinator,
+                       valid_len: int | None, group: GroupCoordinator,
                        appended: AppendedTokens | None = None,
                        metadata: AttentionMetadata | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The sequence's output and, when tokens are `appended` (then `num_query_chunks` is
-    1), theirs with the heads gathered from every rank."""
+    """The sequence's output and, when tokens are `appended`, theirs with the heads
+    gathered from every rank."""
     q, k, v = inputs
     num_ranks = group.world_size
     batch, local_len, num_heads, head_size = q.local_shape
-    num_chunks = q.num_head_chunks
-    heads = num_heads // num_ranks // num_chunks
+    heads = num_heads // num_ranks
     kv_len = num_ranks * local_len if valid_len is None else valid_len
-    num_query_chunks = min(num_query_chunks, local_len)
-    bounds = [c * local_len // num_query_chunks for c in range(num_query_chunks + 1)]
+    first_head = group.rank_in_group * heads
+    metadata = _for_impl(impl, metadata, head_offset=first_head)
 
     pending = []
-    # This rank's heads of the appended tokens' output, per micro-batch and head chunk.
-    appended_outs: list[list[torch.Tensor]] = []
-    first_head = group.rank_in_group * (num_heads // num_ranks)
+    # This rank's heads of the appended tokens' output, per micro-batch.
+    appended_outs: list[torch.Tensor] = []
     micro_batches = list(zip(q.batch_bounds, q.batch_bounds[1:]))
     for micro, (first, last) in enumerate(micro_batches):
-        items = last - first
-        appended_outs.append([])
-        for chunk in range(num_chunks):
-            part = micro * num_chunks + chunk
-            q_buffer = q.received(part)
-            # Chunk c holds heads [c * h, (c + 1) * h) of this rank's slice.
-            chunk_metadata = _for_impl(impl, metadata, head_offset=first_head + chunk * heads)
-            key, value = (_full_sequence(x.received(part))[:, :kv_len] for x in (k, v))
-            for start, end in zip(bounds, bounds[1:]):
-                rows = end - start
-                query = (_full_sequence(q_buffer) if num_query_chunks == 1 else
-                         _full_sequence(q_buffer[:, :, start:end]))  # a copy of 1/C of q
-                # Real tokens are a prefix of the sequence, so their rows in this chunk
-                # (rank by rank, each a prefix of the rank's rows) are a prefix of it too.
-                valid_rows = sum(min(max(kv_len - r * local_len - start, 0), rows)
-                                 for r in range(num_ranks))
-                if appended is None:
-                    out = _attend_rows(impl, query, key, value, valid_rows,
-                                       metadata=chunk_metadata)
-                else:
-                    heads_here = slice(first_head + chunk * heads,
-                                       first_head + (chunk + 1) * heads)
-                    out, appended_out = _attend_joint(
-                        impl, query, key, value, valid_rows,
-                        appended.items(first, last, heads_here), chunk_metadata)
-                    appended_outs[-1].append(appended_out)
-                # [b, P * rows, h, D] -> [P, b, rows, h, D]: block j goes back to rank j.
-                send = out.reshape(items, num_ranks, rows, heads, head_size).transpose(0, 1)
-                pending.append((first, last, chunk, start, end, _all_to_all(send, group)))
+        query, key, value = (_full_sequence(x.received(micro)) for x in (q, k, v))
+        # Real tokens are a prefix of the sequence: the first kv_len rows.
+        if appended is None:
+            out = _attend_rows(impl, query, key[:, :kv_len], value[:, :kv_len], kv_len,
+                               metadata=metadata)
+        else:
+            out, appended_out = _attend_joint(
+                impl, query, key[:, :kv_len], value[:, :kv_len], kv_len,
+                appended.items(first, last, slice(first_head, first_head + heads)), metadata)
+            appended_outs.append(appended_out)
+        # [b, P * S/P, h, D] -> [P, b, S/P, h, D]: block j goes back to rank j.
+        send = out.reshape(last - first, num_ranks, local_len, heads, head_size).transpose(0, 1)
+        pending.append((first, last, _all_to_all(send, group)))
 
     # Waited for only now: each output exchange overlaps the attention queued after it.
-    result = q.buffer.new_empty(batch, local_len, num_ranks, num_chunks, heads, head_size)
-    for first, last, chunk, start, end, (buffer, work) in pending:
+    result = q.buffer.new_empty(batch, local_len, num_ranks, heads, head_size)
+    for first, last, (buffer, work) in pending:
         work.wait()
-        # Received from rank j: its heads of this head chunk, for these rows of our tokens.
-        result[first:last, start:end, :, chunk] = buffer.permute(1, 2, 0, 3, 4)
+        # Received from rank j: its heads, for our tokens.
+        result[first:last] = buffer.permute(1, 2, 0, 3, 4)
     result = result.view(batch, local_len, num_heads, head_size)
     if appended is None:
         return result, None
     # [B, L, H/P, D] on each rank -> [B, L, H, D] in head order, the same on every rank.
-    mine = torch.cat([torch.cat(chunks, dim=2) for chunks in appended_outs])
-    return result, group.all_gather(mine, dim=2)
+    return result, group.all_gather(torch.cat(appended_outs), dim=2)

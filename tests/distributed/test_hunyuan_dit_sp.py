@@ -31,7 +31,7 @@ def _joint_reference(q, k, v, tq, tk, tv, lengths):
     return torch.cat(video), torch.cat(text)
 
 
-def _check_joint_attention(seq_len: int, lengths: list[int], num_chunks: int) -> None:
+def _check_joint_attention(seq_len: int, lengths: list[int]) -> None:
     torch.manual_seed(0)  # every rank builds the same tensors
     batch = len(lengths)
     q, k, v = (torch.randn(batch, seq_len, NUM_HEADS, HEAD_SIZE) for _ in range(3))
@@ -40,7 +40,7 @@ def _check_joint_attention(seq_len: int, lengths: list[int], num_chunks: int) ->
     padding = -seq_len % get_sp_world_size()
     local = [sequence_model_parallel_shard(F.pad(x, (0, 0, 0, 0, 0, padding)), dim=1)
              for x in (q, k, v)]
-    attention = DistributedAttention(NUM_HEADS, HEAD_SIZE, num_chunks=num_chunks)
+    attention = DistributedAttention(NUM_HEADS, HEAD_SIZE)
     video, text_out = attention.forward_joint(
         *local, AppendedTokens(*text, lengths), valid_len=seq_len)
     expected_video = sequence_model_parallel_shard(
@@ -49,13 +49,12 @@ def _check_joint_attention(seq_len: int, lengths: list[int], num_chunks: int) ->
     assert_max_abs_diff(text_out, expected_text, TOL)  # all heads, padding rows zero
 
 
-@pytest.mark.parametrize(("seq_len", "lengths", "num_chunks"), [
-    (7, [3, 5], 1),  # video padded to 8; prompts of different lengths
-    (10, [4, 4, 2], 2),  # two head chunks per rank, micro-batches of 1 and 2 items
+@pytest.mark.parametrize(("seq_len", "lengths"), [
+    (7, [3, 5]),  # video padded to 8; prompts of different lengths
+    (10, [4, 4, 2]),  # micro-batches of 1 and 2 items
 ])
-def test_joint_attention_equals_single_process(seq_len: int, lengths: list[int],
-                                               num_chunks: int) -> None:
-    run_on_ranks(_check_joint_attention, seq_len, lengths, num_chunks, sp_size=2)
+def test_joint_attention_equals_single_process(seq_len: int, lengths: list[int]) -> None:
+    run_on_ranks(_check_joint_attention, seq_len, lengths, sp_size=2)
 
 
 def _check_dit(state: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],

@@ -9,7 +9,9 @@ import torch
 from rank_launcher import assert_max_abs_diff, run_on_ranks
 
 from fastvideo.attention import DistributedAttention
-from fastvideo.attention.layer import HeadExchange
+from fastvideo.attention.layer import HeadExchange, request_attention_backend
+from fastvideo.attention.metadata import AttentionMetadata
+from fastvideo.attention.sta_config import STAConfig
 from fastvideo.models.compile import compile_repeated_blocks
 from fastvideo.models.dits.wanvideo import WanTransformer3DModel
 from tests.parity.test_wan_dit import TINY_CONFIG
@@ -18,36 +20,36 @@ from tests.parity.test_wan_dit import TINY_CONFIG
 TOL = 1e-5
 
 
-def _check_sp_equals_one_process(state: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
-                                 expected: torch.Tensor, num_query_chunks: int,
-                                 pack_inputs: bool) -> None:
+def _check_sp_equals_one_process(state: dict[str, torch.Tensor], inputs: dict[str, Any],
+                                 expected: torch.Tensor, sta: bool) -> None:
     model = WanTransformer3DModel(**TINY_CONFIG).eval()
     model.load_state_dict(state)
+    if sta:
+        request_attention_backend(model, "SLIDING_TILE_ATTN")
     inputs_seen: list[type] = []
     for layer in model.modules():
         if isinstance(layer, DistributedAttention):
-            layer.num_query_chunks = num_query_chunks
-            layer.pack_inputs = pack_inputs
             layer.register_forward_pre_hook(
                 lambda _, args: inputs_seen.extend(type(x) for x in args))
     with torch.no_grad():
         out = model(**inputs)
     assert_max_abs_diff(out, expected, TOL)  # every rank holds the gathered output
-    # The self-attention started its all-to-alls itself, overlapping its projections, unless
-    # they go out together from the attention.
-    assert inputs_seen and set(inputs_seen) == {torch.Tensor if pack_inputs else HeadExchange}
+    # The self-attention started its all-to-alls itself, overlapping its projections.
+    assert inputs_seen and set(inputs_seen) == {HeadExchange}
 
 
-@pytest.mark.parametrize(("latent_shape", "num_query_chunks", "pack_inputs"), [
-    ((2, 4, 3, 4, 6), 1, False),  # 3 x 2 x 3 = 18 tokens: 9 per rank
-    ((1, 4, 3, 6, 2), 1, False),  # 3 x 3 x 1 = 9 tokens: padded to 10
-    ((2, 4, 3, 4, 6), 2, False),  # query chunks of 4 and 5 rows per rank
-    ((1, 4, 3, 6, 2), 2, False),  # the padding token in the second chunk
-    ((1, 4, 3, 6, 2), 1, True),  # q, k, v in one all-to-all
-    ((2, 4, 3, 4, 6), 2, True),
+# Head 0 attends one tile, head 1 densely: rank 1 holds head 1 only, so it must read the
+# window of global head 1 (the head offset `DistributedAttention` sets).
+STA_CONFIG = STAConfig(tile_size=(1, 2, 2),
+                       windows={0: [[(1, 1, 1), None]] * TINY_CONFIG["num_layers"]})
+
+
+@pytest.mark.parametrize(("latent_shape", "sta"), [
+    ((2, 4, 3, 4, 6), False),  # 3 x 2 x 3 = 18 tokens: 9 per rank
+    ((1, 4, 3, 6, 2), False),  # 3 x 3 x 1 = 9 tokens: padded to 10
+    ((1, 4, 3, 8, 8), True),  # sliding tile attention with a window per head
 ])
-def test_sp2_equals_sp1(latent_shape: tuple[int, ...], num_query_chunks: int,
-                        pack_inputs: bool) -> None:
+def test_sp2_equals_sp1(latent_shape: tuple[int, ...], sta: bool) -> None:
     torch.manual_seed(0)
     model = WanTransformer3DModel(**TINY_CONFIG).eval()
     with torch.no_grad():
@@ -61,19 +63,23 @@ def test_sp2_equals_sp1(latent_shape: tuple[int, ...], num_query_chunks: int,
                                              generator=generator),
         "timestep": torch.tensor([999.0, 37.5][:batch]),
     }
+    if sta:
+        request_attention_backend(model, "SLIDING_TILE_ATTN")
+        inputs["attn_metadata"] = AttentionMetadata(sta_config=STA_CONFIG)
     with torch.no_grad():
         expected = model(**inputs)
-    run_on_ranks(_check_sp_equals_one_process, model.state_dict(), inputs, expected,
-                 num_query_chunks, pack_inputs, sp_size=2)
+    if sta:  # the windows make a difference
+        request_attention_backend(model, "TORCH_SDPA")
+        with torch.no_grad():
+            assert (model(**inputs) - expected).abs().max() > 1e-3
+    run_on_ranks(_check_sp_equals_one_process, model.state_dict(), inputs, expected, sta,
+                 sp_size=2)
 
 
 def _check_compiled_sp(state: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
-                       expected: torch.Tensor, pack_inputs: bool) -> None:
+                       expected: torch.Tensor) -> None:
     model = WanTransformer3DModel(**TINY_CONFIG).eval()
     model.load_state_dict(state)
-    for layer in model.modules():
-        if isinstance(layer, DistributedAttention):
-            layer.pack_inputs = pack_inputs
     # As the engine does: the attention layers choose their backends before the trace.
     assert compile_repeated_blocks(model, dtype=torch.float32) == TINY_CONFIG["num_layers"]
     torch._dynamo.config.error_on_recompile = True  # blocks share their graphs, calls too
@@ -85,10 +91,8 @@ def _check_compiled_sp(state: dict[str, torch.Tensor], inputs: dict[str, torch.T
         torch._dynamo.config.error_on_recompile = False
 
 
-@pytest.mark.parametrize("pack_inputs", [False, True])
-def test_compiled_blocks_under_sp2_equal_sp1(pack_inputs: bool) -> None:
-    """`enable_torch_compile` with `num_gpus=2`: the all-to-alls split the compiled graphs
-    (with `pack_inputs`, q, k, v are stacked for their one message inside the graph)."""
+def test_compiled_blocks_under_sp2_equal_sp1() -> None:
+    """`enable_torch_compile` with `num_gpus=2`: the all-to-alls split the compiled graphs."""
     torch.manual_seed(0)
     model = WanTransformer3DModel(**TINY_CONFIG).eval()
     with torch.no_grad():
@@ -101,5 +105,5 @@ def test_compiled_blocks_under_sp2_equal_sp1(pack_inputs: bool) -> None:
               "timestep": torch.tensor([999.0])}
     with torch.no_grad():
         expected = model(**inputs)
-    run_on_ranks(_check_compiled_sp, model.state_dict(), inputs, expected, pack_inputs,
+    run_on_ranks(_check_compiled_sp, model.state_dict(), inputs, expected,
                  sp_size=2, timeout_s=240)

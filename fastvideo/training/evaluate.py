@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastvideo.training.scorer import accuracy
-from fastvideo.training.shapes_data import Attributes, split_combinations
+from fastvideo.training.shapes_data import (
+    Attributes,
+    all_combinations,
+    random_scene,
+    render_batch,
+    split_combinations,
+    to_model_input,
+)
 from fastvideo.training.train import add_config_options
 
 logger = logging.getLogger(__name__)
@@ -46,6 +53,28 @@ def prompts_for(split: str, config: EvalConfig) -> list[Attributes]:
         raise ValueError(f"unknown split {split!r}; use one of {sorted(choices)}")
     rng = random.Random(config.seed)
     return [rng.choice(choices[split]) for _ in range(config.num_prompts)]
+
+
+def vae_accuracy(model_path: str | Path, config: EvalConfig,
+                 device: str = "cpu") -> dict[str, float]:
+    """The scorer on the VAE's reconstructions of rendered clips (both splits): what the
+    VAE lets through is the most the DiT can reach; below ~99% the VAE is the bottleneck."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(Path(model_path) / "vae",
+                                           torch_dtype=torch.float32).to(device).eval()
+    rng = random.Random(config.seed)
+    scenes = [random_scene(rng, all_combinations()) for _ in range(config.num_prompts)]
+    clips = []
+    for start in range(0, len(scenes), config.batch_size):
+        batch = scenes[start:start + config.batch_size]
+        x = to_model_input(render_batch(batch, config.num_frames, config.height, config.width,
+                                        device))
+        with torch.no_grad():
+            recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        clips += list(recon.clamp(-1, 1).permute(0, 2, 3, 4, 1).cpu())  # [T, H, W, 3]
+    return accuracy(clips, scenes, value_range=(-1.0, 1.0))
 
 
 def evaluate(model_path: str | Path, config: EvalConfig, device: str = "cpu",
@@ -80,7 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_config_options(parser, EvalConfig)
     args = vars(parser.parse_args(argv))
     model, device, report_path = args.pop("model"), args.pop("device"), args.pop("report")
-    report = evaluate(model, EvalConfig(**args), device=device)
+    config = EvalConfig(**args)
+    report = {"vae_reconstruction": vae_accuracy(model, config, device=device),
+              **evaluate(model, config, device=device)}
     print(json.dumps(report, indent=2))
     if report_path:
         Path(report_path).write_text(json.dumps(report, indent=2))

@@ -55,7 +55,7 @@ class TrainConfig:
     """Size preset of `tiny_config` ("demo" ships, "cpu" runs on a CPU in seconds)."""
     minutes: float = 8.5
     """This session's wall-clock budget, both stages, export excluded."""
-    vae_minutes: float = 3.0
+    vae_minutes: float = 4.0
     """Stage 1's budget over all sessions."""
     vae_steps: int | None = None
     """Stop stage 1 after this many steps in total (tests, exact reruns); None: by time."""
@@ -65,7 +65,7 @@ class TrainConfig:
     num_frames: int = 17
     vae_batch_size: int = 16
     dit_batch_size: int = 64
-    vae_lr: float = 3e-4
+    vae_lr: float = 1e-3
     dit_lr: float = 5e-4
     warmup_steps: int = 100
     kl_weight: float = 1e-6

@@ -16,7 +16,7 @@ from fastvideo.training.build_model import (
     estimate_size_mb,
     write_pipeline,
 )
-from fastvideo.training.evaluate import EvalConfig, evaluate, prompts_for
+from fastvideo.training.evaluate import EvalConfig, evaluate, prompts_for, vae_accuracy
 from fastvideo.training.shapes_data import split_combinations
 from fastvideo.training.tiny_config import cpu_model, demo_model
 from fastvideo.training.train import (
@@ -199,3 +199,10 @@ def test_engine_modules_match_the_classes_trained(trained):
         theirs = reference_dit(hidden_states=latents, timestep=timestep,
                                encoder_hidden_states=text).sample
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_vae_accuracy_scores_reconstructions(trained):
+    config = EvalConfig(num_prompts=4, height=32, width=32, num_frames=5, batch_size=2)
+    report = vae_accuracy(trained[1], config)
+    assert set(report) == {"colour", "shape", "direction", "background", "all"}
+    assert all(0.0 <= v <= 1.0 for v in report.values())

@@ -2,7 +2,6 @@
 
 from fastvideo.distributed.communication_op import (
     sequence_model_parallel_all_gather,
-    sequence_model_parallel_all_to_all_4D,
     sequence_model_parallel_shard,
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
@@ -42,7 +41,6 @@ __all__ = [
     "maybe_init_distributed_environment_and_model_parallel",
     "model_parallel_is_initialized",
     "sequence_model_parallel_all_gather",
-    "sequence_model_parallel_all_to_all_4D",
     "sequence_model_parallel_shard",
     "tensor_model_parallel_all_gather",
     "tensor_model_parallel_all_reduce",

@@ -32,18 +32,6 @@ def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Te
     return get_tp_group().all_gather(x, dim=dim)
 
 
-def sequence_model_parallel_all_to_all_4D(x: torch.Tensor, scatter_dim: int = 2,
-                                          gather_dim: int = 1) -> torch.Tensor:
-    """Ulysses exchange on `[B, S, H, D]` over the sp group.
-
-    The defaults turn a sequence shard `[B, S/P, H, D]` into a head shard `[B, S, H/P, D]`;
-    `scatter_dim=1, gather_dim=2` turns it back.
-    """
-    if get_sp_world_size() == 1:
-        return x
-    return get_sp_group().all_to_all_4D(x, scatter_dim=scatter_dim, gather_dim=gather_dim)
-
-
 def sequence_model_parallel_all_gather(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Concatenate the sp ranks' `x` along `dim` (by default the sequence dim of `[B, S, ...]`)."""
     if get_sp_world_size() == 1:

@@ -32,8 +32,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from fastvideo.distributed.utils import divide
-
 
 class GroupCoordinator:
     """The processes of one parallel axis (world, tp or sp), as seen from this rank.
@@ -85,27 +83,6 @@ class GroupCoordinator:
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(parts, x, group=self.device_group)
         return torch.cat(parts, dim=dim)
-
-    def all_to_all_4D(self, x: torch.Tensor, scatter_dim: int = 2,
-                      gather_dim: int = 1) -> torch.Tensor:
-        """Split `x` along `scatter_dim`, send chunk j to rank j, concatenate along `gather_dim`.
-
-        On `[B, S, H, D]` this is the Ulysses exchange: `scatter_dim=2, gather_dim=1` turns a
-        sequence shard `[B, S/P, H, D]` into a head shard `[B, S, H/P, D]`;
-        `scatter_dim=1, gather_dim=2` turns it back.
-        """
-        if x.dim() != 4:
-            raise ValueError(f"all_to_all_4D expects a 4-D tensor, got shape {tuple(x.shape)}")
-        if self.world_size == 1:
-            return x
-        divide(x.shape[scatter_dim], self.world_size,
-               f"dim {scatter_dim} of shape {tuple(x.shape)} over the {self.name} group size")
-        # gloo and NCCL both take lists of contiguous chunks; all_to_all_single would need
-        # the scatter dim moved to the front first.
-        inputs = [chunk.contiguous() for chunk in x.chunk(self.world_size, dim=scatter_dim)]
-        outputs = [torch.empty_like(inputs[0]) for _ in range(self.world_size)]
-        dist.all_to_all(outputs, inputs, group=self.device_group)
-        return torch.cat(outputs, dim=gather_dim)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Copy `x` from the group's rank `src` to every rank, in place, and return it."""

@@ -62,7 +62,7 @@ class ModelEntry:
                 f"{mod.__name__} has no class {attr!r} (installed version too old?)") from None
 
 
-def known_class_names() -> list[str]:
+def _known_class_names() -> list[str]:
     names = set(_FASTVIDEO_MODELS)
     for classes in _LIBRARY_CLASSES.values():
         names |= classes
@@ -83,4 +83,4 @@ def resolve_model(class_name: str, library: str | None = None) -> ModelEntry:
     raise ValueError(
         f"unknown model class {class_name!r}"
         + (f" (library {library!r})" if library else "")
-        + f"; known classes: {', '.join(known_class_names())}")
+        + f"; known classes: {', '.join(_known_class_names())}")

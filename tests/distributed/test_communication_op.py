@@ -11,15 +11,13 @@ from fastvideo.distributed import (
     get_sp_world_size,
     get_tp_rank,
     sequence_model_parallel_all_gather,
-    sequence_model_parallel_all_to_all_4D,
     sequence_model_parallel_shard,
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
 
 OPS = [tensor_model_parallel_all_reduce, tensor_model_parallel_all_gather,
-       sequence_model_parallel_all_to_all_4D, sequence_model_parallel_all_gather,
-       sequence_model_parallel_shard]
+       sequence_model_parallel_all_gather, sequence_model_parallel_shard]
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -34,32 +32,18 @@ def test_ops_are_noops_in_a_world_of_one(world_of_one: None, op) -> None:
     assert op(x) is x
 
 
-def _check_ulysses_all_to_all() -> None:
+def _check_sp_shard_and_gather() -> None:
     num_ranks, rank = get_sp_world_size(), get_sp_rank()
     torch.manual_seed(0)  # every rank builds the same full tensor as its reference
     x_full = torch.randn(2, 8, 6, 3)  # [B, S, H, D]
     x_seq = x_full.chunk(num_ranks, dim=1)[rank]
-    assert torch.equal(sequence_model_parallel_shard(x_full, dim=1), x_seq)
-
-    x_heads = sequence_model_parallel_all_to_all_4D(x_seq, scatter_dim=2, gather_dim=1)
     # Data is only moved, never computed on, so the match is exact.
-    assert torch.equal(x_heads, x_full.chunk(num_ranks, dim=2)[rank])  # [B, S, H/P, D]
-    back = sequence_model_parallel_all_to_all_4D(x_heads, scatter_dim=1, gather_dim=2)
-    assert torch.equal(back, x_seq)
-
-    # A non-contiguous input (a transposed view) takes the same path.
-    x_seq_t = x_seq.transpose(0, 3).contiguous().transpose(0, 3)
-    assert torch.equal(sequence_model_parallel_all_to_all_4D(x_seq_t), x_heads)
-
+    assert torch.equal(sequence_model_parallel_shard(x_full, dim=1), x_seq)
     assert torch.equal(sequence_model_parallel_all_gather(x_seq, dim=1), x_full)
-    with pytest.raises(ValueError, match=r"dim 2 of shape \(2, 4, 3, 3\) .* 3 is not divisible by 2"):
-        sequence_model_parallel_all_to_all_4D(x_seq[:, :, :3])
-    with pytest.raises(ValueError, match="expects a 4-D tensor"):
-        sequence_model_parallel_all_to_all_4D(x_seq[0])
 
 
-def test_ulysses_all_to_all_matches_a_reference_reshuffle() -> None:
-    run_on_ranks(_check_ulysses_all_to_all, sp_size=2)
+def test_sp_shard_and_all_gather_are_inverse() -> None:
+    run_on_ranks(_check_sp_shard_and_gather, sp_size=2)
 
 
 def _check_tp_collectives() -> None:

@@ -136,3 +136,30 @@ def test_plain_tensor_pickle_loads_with_weights_only(ckpt: Path) -> None:
     loaded = _load(ckpt, "transformer")
     for (name, a), (_, b) in zip(reference.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_load_renamed_weights_takes_a_rename_table_or_a_name_map_with_shards() -> None:
+    from torch import nn
+
+    from fastvideo.models.loader.weight_utils import load_renamed_weights, regex_name_map
+
+    class Toy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(2, 2, bias=False)
+            self.fused = nn.Parameter(torch.zeros(4, 2))  # gate rows, then up rows
+
+            def load_part(param: torch.Tensor, tensor: torch.Tensor, shard_id: int) -> None:
+                param[2 * shard_id:2 * shard_id + 2].copy_(tensor)
+
+            self.fused.weight_loader = load_part
+
+    model = Toy()
+    proj, gate, up = torch.randn(2, 2), torch.ones(2, 2), 2 * torch.ones(2, 2)
+    missing, unexpected = load_renamed_weights(
+        model, [("layer.proj.weight", proj), ("layer.extra", proj)], {r"^layer\.": ""})
+    assert torch.equal(model.proj.weight, proj)
+    assert (missing, unexpected) == ({"fused"}, {"layer.extra"})
+    name_map = regex_name_map({r"^gate\.weight$": ("fused", "0"), r"^up\.weight$": ("fused", "1")})
+    missing, _ = load_renamed_weights(model, [("gate.weight", gate), ("up.weight", up)], name_map)
+    assert torch.equal(model.fused, torch.cat([gate, up])) and missing == {"proj.weight"}

@@ -22,10 +22,9 @@ from fastvideo.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from fastvideo.models.encoders.common import (
     EncoderOutput,
     attention_bias,
-    load_named_weights,
     local_attention,
-    regex_name_map,
 )
+from fastvideo.models.loader.weight_utils import load_renamed_weights, regex_name_map
 
 # The end-of-text id of configs written before transformers PR #24773, which set it to 2:
 # for those, transformers pools at the highest token id (the end-of-text token has the
@@ -137,7 +136,7 @@ class CLIPTextModel(nn.Module):
                      ) -> tuple[set[str], set[str]]:
         """Load transformers-named tensors; returns (missing parameter names, unexpected
         checkpoint names). Each rank keeps its slice."""
-        return load_named_weights(self, weights, self._name_map, self._ignored_checkpoint_names)
+        return load_renamed_weights(self, weights, self._name_map, self._ignored_checkpoint_names)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 output_hidden_states: bool = False) -> EncoderOutput:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -84,23 +84,53 @@ def _load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+NameMap = Callable[[str], tuple[str, int | str | None]]
+"""A checkpoint name -> (our parameter name, shard id for a fused parameter's
+`weight_loader`, or None)."""
+
+
+def regex_name_map(renames: dict[str, tuple[str, str | None]]) -> NameMap:
+    """A `NameMap` from `pattern -> (replacement, shard)`; the first pattern that matches
+    wins, a name none matches is kept. `shard` (a template like the replacement, e.g.
+    r"\3" or "0") gives the shard id of a fused parameter: "q", "k", "v", or an index."""
+    compiled = [(re.compile(pattern), target) for pattern, target in renames.items()]
+
+    def map_name(name: str) -> tuple[str, int | str | None]:
+        for pattern, (replacement, shard) in compiled:
+            match = pattern.search(name)
+            if match is None:
+                continue
+            mapped = pattern.sub(replacement, name, count=1)
+            if shard is None:
+                return mapped, None
+            shard_id = match.expand(shard)
+            return mapped, int(shard_id) if shard_id.isdigit() else shard_id
+        return name, None
+
+    return map_name
+
+
 def load_renamed_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
-                         names_mapping: dict[str, str],
+                         names: dict[str, str] | NameMap,
                          ignored: re.Pattern[str] | None = None) -> tuple[set[str], set[str]]:
     """Copy checkpoint tensors into `model`'s parameters, through each parameter's
     `weight_loader` (which slices its rank's shard) where it has one.
 
-    `names_mapping`: checkpoint name regex -> parameter name (first match wins; unmatched
-    names are kept). `ignored`: checkpoint names to skip silently. Returns (missing parameter
-    names, unexpected checkpoint names); a shape mismatch raises ValueError naming the tensor.
+    `names`: checkpoint name regex -> parameter name (first match wins; unmatched names are
+    kept), or a `NameMap`, which may also give a shard id for fused parameters (q/k/v,
+    gate/up). `ignored`: checkpoint names to skip silently. Returns (missing parameter
+    names, unexpected checkpoint names); a fused parameter counts as loaded once any of its
+    parts is. A shape mismatch raises ValueError naming the tensor.
     """
+    map_name = names if callable(names) else lambda name: (map_checkpoint_name(name, names),
+                                                           None)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     unexpected: set[str] = set()
     for ckpt_name, tensor in weights:
         if ignored is not None and ignored.search(ckpt_name):
             continue
-        name = map_checkpoint_name(ckpt_name, names_mapping)
+        name, shard_id = map_name(ckpt_name)
         param = params.get(name)
         if param is None:
             unexpected.add(ckpt_name)
@@ -108,7 +138,9 @@ def load_renamed_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Te
         with torch.no_grad():
             weight_loader = getattr(param, "weight_loader", None)
             try:
-                if weight_loader is not None:
+                if shard_id is not None:
+                    weight_loader(param, tensor, shard_id)
+                elif weight_loader is not None:
                     weight_loader(param, tensor)
                 elif param.shape != tensor.shape:
                     raise ValueError(f"shape mismatch: parameter {tuple(param.shape)}, "

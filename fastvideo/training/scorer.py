@@ -44,7 +44,8 @@ class Detection:
     background: str
 
 
-def to_unit_range(clip: torch.Tensor, value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+def to_unit_range(clip: torch.Tensor,
+                  value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
     """`[T, H, W, 3]` float32 in [0, 1]."""
     if clip.ndim != 4 or clip.shape[-1] != 3:
         raise ValueError(f"expected a clip [T, H, W, 3], got shape {list(clip.shape)}")
@@ -80,7 +81,8 @@ def _foreground(clip: torch.Tensor, background: torch.Tensor) -> tuple[torch.Ten
         return mask, mask
     peak = distance[mask].quantile(0.95)
     mask = distance > max(_FOREGROUND_DISTANCE, 0.5 * peak.item())
-    neighbours = F.avg_pool2d(mask[:, None].float(), 3, stride=1, padding=1)[:, 0] * 9.0 - mask.float()
+    window_sum = F.avg_pool2d(mask[:, None].float(), 3, stride=1, padding=1)[:, 0] * 9.0
+    neighbours = window_sum - mask.float()
     mask = mask & (neighbours >= 1.5)
     return mask, mask & (distance > 0.8 * peak)
 

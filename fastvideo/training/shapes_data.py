@@ -58,7 +58,8 @@ class Attributes:
             if value not in known:
                 raise ValueError(f"unknown attribute {value!r}; known: {list(known)}")
         if self.colour == self.background:
-            raise ValueError(f"a {self.colour} shape on a {self.background} background is invisible")
+            raise ValueError(
+                f"a {self.colour} shape on a {self.background} background is invisible")
 
     def caption(self) -> str:
         return (f"a {self.colour} {self.shape} moves {DIRECTION_PHRASES[self.direction]} "

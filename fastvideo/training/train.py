@@ -165,8 +165,8 @@ class Trainer:
     @torch.no_grad()
     def _build_pool(self) -> None:
         """Encode `latent_pool` clips once, so a DiT step neither renders nor runs the VAE
-        (about as costly as the DiT's own step). Drawn from their own seeded generator: a
-        resumed run rebuilds the same pool."""
+        (by FLOPs at 64x64x17, about what the DiT's own step costs). Drawn from their own
+        seeded generator: a resumed run rebuilds the same pool."""
         c = self.config
         rng = random.Random(c.seed + 1)
         latents, captions = [], []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +20,11 @@ from fastvideo.layers.linear import ColumnParallelLinear, QKVParallelLinear, Row
 from fastvideo.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from fastvideo.models.encoders.common import (
     EncoderOutput,
+    TransformersEncoder,
     attention_bias,
     local_attention,
 )
-from fastvideo.models.loader.weight_utils import load_renamed_weights, regex_name_map
+from fastvideo.models.loader.weight_utils import regex_name_map
 
 # The end-of-text id of configs written before transformers PR #24773, which set it to 2:
 # for those, transformers pools at the highest token id (the end-of-text token has the
@@ -100,8 +100,10 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class CLIPTextModel(nn.Module):
+class CLIPTextModel(TransformersEncoder):
     """`forward` returns the final-normed tokens and `pooler_output`, the end-of-text token's."""
+
+    config_class = CLIPTextConfig
 
     # transformers 5 saves without a prefix; earlier versions (and CLIPModel) under `text_model.`.
     _name_map = staticmethod(regex_name_map({
@@ -126,17 +128,6 @@ class CLIPTextModel(nn.Module):
         self.layers = nn.ModuleList(CLIPEncoderLayer(config)
                                     for _ in range(config.num_hidden_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> CLIPTextModel:
-        """Build from a transformers `config.json` dict (parameters uninitialised until loaded)."""
-        return cls(CLIPTextConfig.from_dict(config))
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]
-                     ) -> tuple[set[str], set[str]]:
-        """Load transformers-named tensors; returns (missing parameter names, unexpected
-        checkpoint names). Each rank keeps its slice."""
-        return load_renamed_weights(self, weights, self._name_map, self._ignored_checkpoint_names)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 output_hidden_states: bool = False) -> EncoderOutput:

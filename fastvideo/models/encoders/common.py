@@ -3,10 +3,16 @@ rank's heads, and loading transformers-named checkpoint tensors into sharded par
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from fastvideo.models.loader.weight_utils import NameMap, load_renamed_weights
 
 
 @dataclass
@@ -56,3 +62,25 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads
                                          enable_gqa=num_kv_heads != num_heads)
     return out.transpose(1, 2).reshape(batch, seq_len, -1)
 
+
+
+class TransformersEncoder(nn.Module):
+    """An encoder built from a transformers `config.json` and loaded from the tensors that
+    transformers' `save_pretrained` writes (the loader's `from_config` / `load_weights`)."""
+
+    config_class: ClassVar[Any]
+    """Its typed config; `from_dict` takes the `config.json` dict."""
+    _name_map: ClassVar[NameMap]
+    _ignored_checkpoint_names: ClassVar[re.Pattern[str]]
+    """Checkpoint tensors the encoder has no use for (a decoder, an lm head, a vision tower)."""
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TransformersEncoder:
+        """Build from a `config.json` dict (parameters uninitialised until loaded)."""
+        return cls(cls.config_class.from_dict(config))
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]
+                     ) -> tuple[set[str], set[str]]:
+        """Load transformers-named tensors; returns (missing parameter names, unexpected
+        checkpoint names). Each rank keeps its slice."""
+        return load_renamed_weights(self, weights, self._name_map, self._ignored_checkpoint_names)

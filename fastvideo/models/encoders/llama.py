@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +22,11 @@ from fastvideo.layers.linear import MergedColumnParallelLinear, QKVParallelLinea
 from fastvideo.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from fastvideo.models.encoders.common import (
     EncoderOutput,
+    TransformersEncoder,
     attention_bias,
     local_attention,
 )
-from fastvideo.models.loader.weight_utils import load_renamed_weights, regex_name_map
+from fastvideo.models.loader.weight_utils import regex_name_map
 
 _ROPE_TYPES = ("default", "linear")
 
@@ -164,8 +164,10 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(TransformersEncoder):
     """`forward` returns the final-normed tokens and, on request, transformers' hidden states."""
+
+    config_class = LlamaConfig
 
     # `LlamaModel` saves without a prefix, `LlamaForCausalLM` under `model.`.
     _name_map = staticmethod(regex_name_map({
@@ -185,17 +187,6 @@ class LlamaModel(nn.Module):
                                     for _ in range(config.num_hidden_layers))
         self.norm = T5RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config)
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> LlamaModel:
-        """Build from a transformers `config.json` dict (parameters uninitialised until loaded)."""
-        return cls(LlamaConfig.from_dict(config))
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]
-                     ) -> tuple[set[str], set[str]]:
-        """Load transformers-named tensors; returns (missing parameter names, unexpected
-        checkpoint names). Each rank keeps its slice."""
-        return load_renamed_weights(self, weights, self._name_map, self._ignored_checkpoint_names)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 output_hidden_states: bool = False) -> EncoderOutput:

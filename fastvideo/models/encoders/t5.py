@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,10 +31,11 @@ from fastvideo.layers.linear import (
 from fastvideo.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from fastvideo.models.encoders.common import (
     EncoderOutput,
+    TransformersEncoder,
     attention_bias,
     local_attention,
 )
-from fastvideo.models.loader.weight_utils import load_renamed_weights, regex_name_map
+from fastvideo.models.loader.weight_utils import regex_name_map
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,8 +164,10 @@ class T5Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
-class _T5EncoderBase(nn.Module):
+class _T5EncoderBase(TransformersEncoder):
     """The encoder stack; subclasses say which layers own a relative position bias."""
+
+    config_class = T5EncoderConfig
 
     _relative_bias_in_every_layer: ClassVar[bool]
     _keep_in_fp32_modules: ClassVar[tuple[str, ...]] = ("wo",)
@@ -198,11 +200,6 @@ class _T5EncoderBase(nn.Module):
             for i in range(config.num_layers))
         self.final_norm = T5RMSNorm(config.d_model, config.layer_norm_epsilon)
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> _T5EncoderBase:
-        """Build from a transformers `config.json` dict (parameters uninitialised until loaded)."""
-        return cls(T5EncoderConfig.from_dict(config))
-
     def to_compute_dtype(self, dtype: torch.dtype) -> _T5EncoderBase:
         """Cast parameters to `dtype`; in fp16 `wo` stays fp32 (its outputs overflow fp16),
         as transformers keeps `_keep_in_fp32_modules` for fp16 only."""
@@ -211,12 +208,6 @@ class _T5EncoderBase(nn.Module):
                 part in self._keep_in_fp32_modules for part in name.split("."))
             param.data = param.data.to(torch.float32 if keep else dtype)
         return self
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]
-                     ) -> tuple[set[str], set[str]]:
-        """Load transformers-named tensors; returns (missing parameter names, unexpected
-        checkpoint names). Each rank keeps its slice."""
-        return load_renamed_weights(self, weights, self._name_map, self._ignored_checkpoint_names)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 output_hidden_states: bool = False) -> EncoderOutput:

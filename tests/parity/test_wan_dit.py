@@ -184,7 +184,7 @@ def test_config_checks() -> None:
 def test_forward_rejects_bad_inputs() -> None:
     model = WanTransformer3DModel.from_config(TINY_CONFIG)
     inputs = _inputs()
-    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
         model(**{**inputs, "hidden_states": torch.randn(2, 4, 3, 6, 9)})
     with pytest.raises(ValueError, match="timestep must be"):
         model(**{**inputs, "timestep": torch.ones(2, 3)})

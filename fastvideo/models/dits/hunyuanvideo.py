@@ -28,14 +28,13 @@ from torch import nn
 from fastvideo.attention import DistributedAttention, LocalAttention, _Backend
 from fastvideo.attention.layer import AppendedTokens
 from fastvideo.attention.metadata import AttentionMetadata
-from fastvideo.distributed import sequence_model_parallel_all_gather, sequence_model_parallel_shard
 from fastvideo.layers.activation import get_act_fn, linear_gelu_tanh
 from fastvideo.layers.embeddings import MLPEmbedder, timestep_embedding
 from fastvideo.layers.layernorm import LayerNormScaleShift, RMSNorm
 from fastvideo.layers.linear import ReplicatedLinear
 from fastvideo.layers.mlp import FeedForward
 from fastvideo.layers.rotary_embedding import RotaryEmbedding3D, apply_rotary_emb
-from fastvideo.models.dits.sequence_shard import pad_to_sp_multiple, with_fresh_strides
+from fastvideo.models.dits.sequence_shard import gather_tokens, shard_tokens, token_grid
 from fastvideo.models.loader.weight_utils import load_renamed_weights
 
 _JOINT_ATTN_BACKENDS = (_Backend.TORCH_SDPA, _Backend.FLASH_ATTN, _Backend.SLIDING_TILE_ATTN)
@@ -461,7 +460,7 @@ class HunyuanVideoTransformer3DModel(nn.Module):
         tile config and step (from the denoising stage); the token grid and text length are
         filled in here. None: dense attention only.
         """
-        grid = self._token_grid(hidden_states.shape)
+        grid = token_grid(hidden_states.shape, self.config.patch)
         if timestep.ndim != 1:
             raise ValueError(f"timestep must be [B], got shape {tuple(timestep.shape)}")
         if (guidance is None) == self.config.guidance_embeds:
@@ -481,8 +480,7 @@ class HunyuanVideoTransformer3DModel(nn.Module):
         # Sequence parallel (as Wan): each sp rank keeps one contiguous block of the video
         # tokens (padded to a multiple of the sp size); the text is replicated.
         num_tokens = x.shape[1]
-        x = with_fresh_strides(sequence_model_parallel_shard(pad_to_sp_multiple(x, 1), dim=1))
-        freqs = sequence_model_parallel_shard(pad_to_sp_multiple(freqs, 0), dim=0)
+        x, freqs = shard_tokens(x, freqs)
         # Sliding tile attention tiles this grid; the text follows the video tokens.
         metadata = dataclasses.replace(attn_metadata or AttentionMetadata(), grid=grid,
                                        num_text_tokens=num_text)
@@ -490,17 +488,8 @@ class HunyuanVideoTransformer3DModel(nn.Module):
             x, context = block(x, context, temb, freqs, num_tokens, padded_text, metadata)
 
         x = self.proj_out(self.norm_out(x, temb))
-        x = sequence_model_parallel_all_gather(x, dim=1)[:, :num_tokens]
+        x = gather_tokens(x, num_tokens)
         return self._unpatchify(x, grid)
-
-    def _token_grid(self, shape: torch.Size) -> tuple[int, int, int]:
-        if len(shape) != 5:
-            raise ValueError(f"hidden_states must be [B, C, T, H, W], got {tuple(shape)}")
-        sizes, patch = shape[2:], self.config.patch
-        if any(s % p for s, p in zip(sizes, patch)):
-            raise ValueError(f"latent size (T, H, W) = {tuple(sizes)} is not a multiple of "
-                             f"the patch size {patch}")
-        return sizes[0] // patch[0], sizes[1] // patch[1], sizes[2] // patch[2]
 
     def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """`[B, T'*H'*W', C*p_t*p_h*p_w]` (channels first, unlike Wan) -> `[B, C, T, H, W]`."""

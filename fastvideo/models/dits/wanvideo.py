@@ -22,14 +22,13 @@ from torch import nn
 
 from fastvideo.attention import DistributedAttention, LocalAttention, _Backend
 from fastvideo.attention.metadata import AttentionMetadata
-from fastvideo.distributed import sequence_model_parallel_all_gather, sequence_model_parallel_shard
 from fastvideo.layers.activation import get_act_fn
 from fastvideo.layers.embeddings import MLPEmbedder, timestep_embedding
 from fastvideo.layers.layernorm import FP32LayerNorm, LayerNormScaleShift, RMSNorm
 from fastvideo.layers.linear import ReplicatedLinear
 from fastvideo.layers.mlp import FeedForward
 from fastvideo.layers.rotary_embedding import RotaryEmbedding3D, apply_rotary_emb
-from fastvideo.models.dits.sequence_shard import pad_to_sp_multiple, with_fresh_strides
+from fastvideo.models.dits.sequence_shard import gather_tokens, shard_tokens, token_grid
 from fastvideo.models.loader.weight_utils import load_renamed_weights, map_checkpoint_name
 
 # cuDNN attention behind SDPA beats flash_attn 2 on H100 (11.3 vs 18.3 ms for Wan-1.3B's
@@ -315,7 +314,7 @@ class WanTransformer3DModel(nn.Module):
         `attn_metadata`: the sliding tile config and step (from the denoising stage); the
         token grid is filled in here. None: dense attention only.
         """
-        grid = self._token_grid(hidden_states.shape)
+        grid = token_grid(hidden_states.shape, self.config.patch_size)
         if timestep.ndim != 1:
             raise ValueError(f"timestep must be [B], got shape {tuple(timestep.shape)}")
         if (encoder_hidden_states_image is None) != (self.config.image_dim is None):
@@ -331,11 +330,7 @@ class WanTransformer3DModel(nn.Module):
         # a multiple of the sp size), the text is replicated, and the output is gathered after
         # `proj_out`, where it is narrowest. With one rank each step returns its input.
         num_tokens = x.shape[1]
-        # A copy with the strides of a fresh tensor, as every block's output has: the shard
-        # is a view (a batch of 1 keeps the full tensor's batch stride), and a compiled block
-        # guards on strides, so block 0 would compile apart from the rest.
-        x = with_fresh_strides(sequence_model_parallel_shard(pad_to_sp_multiple(x, 1), dim=1))
-        freqs = sequence_model_parallel_shard(pad_to_sp_multiple(freqs, 0), dim=0)
+        x, freqs = shard_tokens(x, freqs)
         # Sliding tile attention tiles this token grid.
         metadata = dataclasses.replace(attn_metadata or AttentionMetadata(), grid=grid)
         for block in self.blocks:
@@ -343,17 +338,8 @@ class WanTransformer3DModel(nn.Module):
 
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = self.proj_out(self.norm_out(x, shift, scale))
-        x = sequence_model_parallel_all_gather(x, dim=1)[:, :num_tokens]
+        x = gather_tokens(x, num_tokens)
         return self._unpatchify(x, grid)
-
-    def _token_grid(self, shape: torch.Size) -> tuple[int, int, int]:
-        if len(shape) != 5:
-            raise ValueError(f"hidden_states must be [B, C, T, H, W], got {tuple(shape)}")
-        sizes, patch = shape[2:], self.config.patch_size
-        if any(s % p for s, p in zip(sizes, patch)):
-            raise ValueError(f"latent size (T, H, W) = {tuple(sizes)} is not a multiple of "
-                             f"patch_size {patch}")
-        return sizes[0] // patch[0], sizes[1] // patch[1], sizes[2] // patch[2]
 
     def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """`[B, T'*H'*W', p_t*p_h*p_w*C]` -> `[B, C, T'*p_t, H'*p_h, W'*p_w]`."""

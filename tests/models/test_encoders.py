@@ -143,3 +143,11 @@ def test_half_precision_rounds_as_transformers(dtype: torch.dtype, tmp_path: Pat
         assert actual.dtype == expected.dtype == dtype
         diff = (actual.float() - expected.float()).abs().max().item()
         assert torch.equal(actual, expected), f"{name}: max abs diff {diff}"
+        # Unpadded (HunyuanVideo calls CLIP without a mask): transformers then attends with
+        # SDPA's causal flag instead of a mask, and so do we.
+        for given in (None, torch.ones_like(mask)):
+            expected = type(reference).from_pretrained(folder, dtype=dtype).eval()(
+                input_ids=input_ids, attention_mask=given).last_hidden_state
+            actual = ours(input_ids, given).last_hidden_state
+            diff = (actual.float() - expected.float()).abs().max().item()
+            assert torch.equal(actual, expected), f"{name}, no padding: max abs diff {diff}"

@@ -72,7 +72,8 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
-        out = local_attention(q, k, v, self.num_heads, self.num_heads, bias, self.scale)
+        out = local_attention(q, k, v, self.num_heads, self.num_heads, bias, self.scale,
+                              causal=True)
         return self.out_proj(out)
 
 

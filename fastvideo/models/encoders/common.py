@@ -29,11 +29,16 @@ class EncoderOutput:
 def attention_bias(attention_mask: torch.Tensor | None, seq_len: int, dtype: torch.dtype,
                    device: torch.device, causal: bool) -> torch.Tensor | None:
     """Additive `[B or 1, 1, S, S]` bias: 0 where a query may attend, the dtype's minimum
-    where not (padding keys, and future keys when `causal`). None when nothing is masked.
+    where not (padding keys, and future keys when `causal`). None when nothing is masked,
+    or when only the future is (then attend with `causal=True`).
 
     A finite minimum rather than -inf, as transformers' eager path: a query whose keys are
     all masked (a left-padded row under a causal mask) then averages instead of giving NaN.
     """
+    if causal and (attention_mask is None or bool(attention_mask.all())):
+        # SDPA's own causal flag, as transformers uses when nothing is padded: the same
+        # kernel choice (GPU flash/cuDNN kernels take the flag, not an explicit mask).
+        return None
     allowed = None
     if attention_mask is not None:
         if attention_mask.shape[-1] != seq_len:
@@ -50,7 +55,8 @@ def attention_bias(attention_mask: torch.Tensor | None, seq_len: int, dtype: tor
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
-                    num_kv_heads: int, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+                    num_kv_heads: int, bias: torch.Tensor | None, scale: float,
+                    causal: bool = False) -> torch.Tensor:
     """SDPA over this rank's heads: `q` `[B, S, num_heads * D]`, `k`/`v` `[B, S,
     num_kv_heads * D]` (grouped-query when fewer) -> `[B, S, num_heads * D]`."""
     batch, seq_len, _ = q.shape
@@ -59,6 +65,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads
     if bias is not None:
         bias = bias.to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale,
+                                         is_causal=causal and bias is None,
                                          enable_gqa=num_kv_heads != num_heads)
     return out.transpose(1, 2).reshape(batch, seq_len, -1)
 

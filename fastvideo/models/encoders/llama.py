@@ -132,7 +132,8 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = _apply_rotary(q, self.num_heads, *rope)
         k = _apply_rotary(k, self.num_kv_heads, *rope)
-        out = local_attention(q, k, v, self.num_heads, self.num_kv_heads, bias, self.scale)
+        out = local_attention(q, k, v, self.num_heads, self.num_kv_heads, bias, self.scale,
+                              causal=True)
         return self.o_proj(out)
 
 

@@ -158,3 +158,22 @@ def test_compile_hook_finds_both_block_kinds() -> None:
 
     model = HunyuanVideoTransformer3DModel(**TINY_CONFIG)
     assert repeated_blocks(model) == [*model.transformer_blocks, *model.single_transformer_blocks]
+
+
+def test_compiled_blocks_are_one_graph_per_block_kind(checkpoint) -> None:
+    """Two graphs (dual- and single-stream), equal to eager: a block fed a view of another
+    block's output would compile a second graph of its kind (its strides differ)."""
+    import torch._dynamo
+
+    from fastvideo.models.compile import compile_repeated_blocks
+
+    model = load_ours(checkpoint[1])
+    inputs = make_inputs([5])
+    with torch.no_grad():
+        eager = model(**inputs)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        compile_repeated_blocks(model, dtype=torch.float32)
+        compiled = model(**inputs)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)

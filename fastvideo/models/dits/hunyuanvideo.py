@@ -34,7 +34,12 @@ from fastvideo.layers.layernorm import LayerNormScaleShift, RMSNorm
 from fastvideo.layers.linear import ReplicatedLinear
 from fastvideo.layers.mlp import FeedForward
 from fastvideo.layers.rotary_embedding import RotaryEmbedding3D, apply_rotary_emb
-from fastvideo.models.dits.sequence_shard import gather_tokens, shard_tokens, token_grid
+from fastvideo.models.dits.sequence_shard import (
+    gather_tokens,
+    shard_tokens,
+    token_grid,
+    with_fresh_strides,
+)
 from fastvideo.models.loader.weight_utils import load_renamed_weights
 
 _JOINT_ATTN_BACKENDS = (_Backend.TORCH_SDPA, _Backend.FLASH_ATTN, _Backend.SLIDING_TILE_ATTN)
@@ -394,7 +399,10 @@ class HunyuanVideoSingleTransformerBlock(nn.Module):
             v[:, :num_video], text, valid_len=num_tokens, metadata=attn_metadata)
         attn = torch.cat([out, text_out], dim=1).flatten(2)
         h = h + gate * self.proj_out(torch.cat([attn, mlp], dim=2))
-        return h[:, :num_video], h[:, num_video:]
+        # Fresh tensors, not views of `h`: the next block's compiled graph guards on strides,
+        # and a view's differ from a dual-stream block's outputs (a second graph otherwise;
+        # `.contiguous()` keeps a batch-of-1 view, its batch stride being ignored).
+        return with_fresh_strides(h[:, :num_video]), with_fresh_strides(h[:, num_video:])
 
 
 class HunyuanVideoTransformer3DModel(nn.Module):

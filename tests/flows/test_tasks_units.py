@@ -113,3 +113,35 @@ def test_manifest_round_trip_and_labels(tmp_path: Path) -> None:
     assert row["denoise_seconds"] == 1.5 and row["video_uri"] is None
     with pytest.raises(ValueError, match=r"dispatch must be one of \[.inprocess., .worker., .torchrun., .deployment.\], got .slurm."):
         Dispatch(mode="slurm")
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_a_warm_worker_has_shards_queued_beyond_the_one_in_its_post_lane(
+        monkeypatch: pytest.MonkeyPatch, concurrency: int) -> None:
+    """While the flow waits for its oldest shard (decoding on the worker), the worker must
+    already hold the next ones: per GPU one denoising and one queued (with STA a decode
+    outlasts the next denoise, and one shard of look-ahead left the GPU idle)."""
+    import flows.pipeline as pipeline
+
+    items, _ = parse_rows([{"prompt": f"prompt {i}"} for i in range(8)], DEFAULTS)
+    shards = make_shards(items, 1)
+    submitted: list[int] = []
+    in_flight_when_waited: list[int] = []
+
+    class Future:
+        def __init__(self, shard) -> None:
+            self.shard = shard
+            self.state = SimpleNamespace(name="Completed", result=lambda **_: {
+                "write-video": [ItemResult(item_id=i.item_id) for i in shard.items]})
+
+        def wait(self) -> None:
+            in_flight_when_waited.append(len(submitted) - self.shard.index)
+
+    monkeypatch.setattr(pipeline.generate_shard, "submit",
+                        lambda shard, ctx, dispatch: submitted.append(shard.index)
+                        or Future(shard))
+    done = [shard.index for shard, _ in pipeline.process_remote(shards, None, None,
+                                                                 concurrency)]
+    assert done == submitted == list(range(8))
+    expected = 2 * concurrency + 1
+    assert in_flight_when_waited[:8 - expected] == [expected] * (8 - expected)

@@ -3,7 +3,8 @@
 Compiling each block, not the whole model, keeps compile time to one block's worth (all
 blocks share the code, so they share the compiled graph) and leaves the per-call Python
 around them (patchify, RoPE tables, sequence sharding) free to vary. Shapes are static:
-one compile per video shape, none from step to step or item to item.
+one compile per video shape, none from step to step or item to item (a model may declare
+a size that varies per item dynamic, see `compile_repeated_blocks`).
 """
 
 from __future__ import annotations
@@ -47,8 +48,12 @@ def compile_repeated_blocks(model: nn.Module, mode: str | None = None, *,
     blocks = repeated_blocks(model)
     # torch.compile takes a mode or Inductor options, not both.
     tuning = {"options": {"coordinate_descent_tuning": True}} if mode is None else {"mode": mode}
+    # A model whose blocks see a size that varies from item to item (HunyuanVideo's text
+    # length) says `_compile_dynamic = None`: the first change makes that size symbolic (one
+    # recompile) instead of a graph per value.
+    dynamic = getattr(model, "_compile_dynamic", False)
     for block in blocks:
-        block.compile(fullgraph=False, dynamic=False, **tuning)
+        block.compile(fullgraph=False, dynamic=dynamic, **tuning)
     logger.info("compiling %d %s blocks with torch.compile (first call is slow)",
                 len(blocks), type(model).__name__)
     return len(blocks)

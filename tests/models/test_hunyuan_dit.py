@@ -162,18 +162,21 @@ def test_compile_hook_finds_both_block_kinds() -> None:
 
 def test_compiled_blocks_are_one_graph_per_block_kind(checkpoint) -> None:
     """Two graphs (dual- and single-stream), equal to eager: a block fed a view of another
-    block's output would compile a second graph of its kind (its strides differ)."""
+    block's output would compile a second graph of its kind (its strides differ). Prompts of
+    other lengths make the text length symbolic once, not a graph per length."""
     import torch._dynamo
 
     from fastvideo.models.compile import compile_repeated_blocks
 
     model = load_ours(checkpoint[1])
-    inputs = make_inputs([5])
+    inputs = {length: make_inputs([length], seed=length) for length in (5, 6, 7, 3)}
     with torch.no_grad():
-        eager = model(**inputs)
+        eager = {length: model(**given) for length, given in inputs.items()}
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         compile_repeated_blocks(model, dtype=torch.float32)
-        compiled = model(**inputs)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
+        for i, (length, given) in enumerate(inputs.items()):
+            compiled = model(**given)
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            assert graphs == (2 if i == 0 else 4), f"text length {length}: {graphs} graphs"
+            torch.testing.assert_close(compiled, eager[length], rtol=0, atol=1e-4)

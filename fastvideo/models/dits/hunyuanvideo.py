@@ -421,6 +421,10 @@ class HunyuanVideoTransformer3DModel(nn.Module):
     _repeated_blocks: ClassVar[tuple[str, ...]] = (
         "HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock")
     """Block classes `compile_repeated_blocks` compiles."""
+    _compile_dynamic: ClassVar[bool | None] = None
+    """The text length varies per prompt (cut to the longest real one): compiled with
+    automatic dynamic shapes, a second length makes it symbolic instead of a graph per
+    length (dynamo would stop compiling after 8)."""
 
     def __init__(self, **config: Any) -> None:
         super().__init__()

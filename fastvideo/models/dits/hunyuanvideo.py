@@ -34,6 +34,7 @@ from fastvideo.layers.layernorm import LayerNormScaleShift, RMSNorm
 from fastvideo.layers.linear import ReplicatedLinear
 from fastvideo.layers.mlp import FeedForward
 from fastvideo.layers.rotary_embedding import RotaryEmbedding3D, apply_rotary_emb
+from fastvideo.models.config_fields import strict_fields
 from fastvideo.models.dits.sequence_shard import (
     gather_tokens,
     shard_tokens,
@@ -110,13 +111,7 @@ class HunyuanVideoTransformerConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> HunyuanVideoTransformerConfig:
         """From a `config.json` dict; keys starting with `_` (diffusers metadata) are dropped."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        config = {k: v for k, v in config.items() if not k.startswith("_")}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"unknown HunyuanVideoTransformer3DModel config keys {unknown}; "
-                             f"known: {sorted(known)}")
-        return cls(**config)
+        return cls(**strict_fields(cls, config, "HunyuanVideoTransformer3DModel"))
 
 
 def text_lengths(mask: torch.Tensor, num_tokens: int) -> list[int]:

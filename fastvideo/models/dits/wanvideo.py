@@ -28,6 +28,7 @@ from fastvideo.layers.layernorm import FP32LayerNorm, LayerNormScaleShift, RMSNo
 from fastvideo.layers.linear import ReplicatedLinear
 from fastvideo.layers.mlp import FeedForward
 from fastvideo.layers.rotary_embedding import RotaryEmbedding3D, apply_rotary_emb
+from fastvideo.models.config_fields import strict_fields
 from fastvideo.models.dits.sequence_shard import gather_tokens, shard_tokens, token_grid
 from fastvideo.models.loader.weight_utils import load_renamed_weights, map_checkpoint_name
 
@@ -90,13 +91,7 @@ class WanTransformerConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> WanTransformerConfig:
         """From a `config.json` dict; keys starting with `_` (diffusers metadata) are dropped."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        config = {k: v for k, v in config.items() if not k.startswith("_")}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"unknown WanTransformer3DModel config keys {unknown}; "
-                             f"known: {sorted(known)}")
-        return cls(**config)
+        return cls(**strict_fields(cls, config, "WanTransformer3DModel"))
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

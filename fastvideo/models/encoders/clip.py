@@ -7,7 +7,6 @@ final LayerNorm, and `pooler_output` read at each prompt's end-of-text token.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from torch import nn
 from fastvideo.layers.activation import get_act_fn
 from fastvideo.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from fastvideo.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from fastvideo.models.config_fields import used_fields
 from fastvideo.models.encoders.common import (
     EncoderOutput,
     TransformersEncoder,
@@ -55,9 +55,7 @@ class CLIPTextConfig:
     def from_dict(cls, config: dict[str, Any]) -> CLIPTextConfig:
         """From a `config.json` dict: a `CLIPTextConfig`, or a full `CLIPConfig` (its
         `text_config` is taken). Keys the encoder does not use are ignored."""
-        config = config.get("text_config", config)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in known})
+        return cls(**used_fields(cls, config.get("text_config", config)))
 
 
 class CLIPAttention(nn.Module):

@@ -8,7 +8,6 @@ so `hidden_states` follows transformers 5 exactly (see `forward`).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from fastvideo.layers.activation import get_act_fn
 from fastvideo.layers.layernorm import T5RMSNorm
 from fastvideo.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from fastvideo.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from fastvideo.models.config_fields import used_fields
 from fastvideo.models.encoders.common import (
     EncoderOutput,
     TransformersEncoder,
@@ -71,8 +71,7 @@ class LlamaConfig:
         does not use are ignored."""
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         rope.setdefault("rope_theta", config.get("rope_theta", cls.rope_theta))
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in config.items() if k in known}
+        kwargs = used_fields(cls, config)
         kwargs.update(rope_theta=rope["rope_theta"],
                       rope_type=rope.get("rope_type", rope.get("type", "default")),
                       rope_factor=rope.get("factor", 1.0))

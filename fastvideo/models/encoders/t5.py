@@ -9,7 +9,6 @@ fp32 (`to_compute_dtype`), which makes the residual stream fp32 from the first f
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from fastvideo.layers.linear import (
     _load_shard,
 )
 from fastvideo.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from fastvideo.models.config_fields import used_fields
 from fastvideo.models.encoders.common import (
     EncoderOutput,
     TransformersEncoder,
@@ -75,8 +75,7 @@ class T5EncoderConfig:
     def from_dict(cls, config: dict[str, Any]) -> T5EncoderConfig:
         """From a transformers `config.json` dict; keys the encoder does not use (the
         decoder's, generation settings, metadata) are ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in known})
+        return cls(**used_fields(cls, config))
 
 
 class RelativePositionBias(nn.Module):

@@ -33,6 +33,14 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_step_cache_threshold(value: object) -> None:
+    """ValueError unless `value` is None (off) or a finite number > 0."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or value <= 0):
+        raise ValueError(f"step_cache_threshold must be a finite number > 0 (or None: off), "
+                         f"got {value!r}")
+
+
 @dataclass(kw_only=True)
 class FastVideoArgs:
     """How the engine loads and runs a model. Fixed for the life of a pipeline."""
@@ -70,8 +78,16 @@ class FastVideoArgs:
     whose all-to-alls overlap each other's attention under sequence parallelism (Wan 1.3B
     480p on 4 H100s, sp=4: 4% faster per step; no slower at sp=1 or 2). False: two
     forwards, as diffusers' pipeline runs them (half the activation memory)."""
+    step_cache_threshold: float | None = None
+    """Skip the DiT's blocks on a step whose first-block modulated input has changed little
+    since the last computed step, reusing that step's block residual (in the manner of
+    TeaCache): the relative L1 changes are summed from the last computed step, and a step is
+    computed when the sum reaches this threshold. None: every step computed. Larger skips
+    more (docs/attention_and_speed.md has accuracy against speed); the first and last steps
+    are always computed."""
 
     def __post_init__(self) -> None:
+        check_step_cache_threshold(self.step_cache_threshold)
         if self.num_gpus < 1:
             raise ValueError(f"num_gpus must be >= 1, got {self.num_gpus}")
         if self.sp_size is None:
@@ -123,8 +139,15 @@ class SamplingParam:
     embedded_guidance_scale: float | None = None
     """Guidance-distilled DiTs (HunyuanVideo): the guidance strength fed to the DiT as an
     input, at no extra forward; None: the family's (other families refuse a value)."""
+    guidance_end: float = 1.0
+    """Fraction of the denoising steps that use classifier-free guidance; the steps after
+    run the conditional branch alone, one DiT forward instead of two. 1.0: every step."""
 
     def __post_init__(self) -> None:
+        end = self.guidance_end
+        if (isinstance(end, bool) or not isinstance(end, (int, float)) or not math.isfinite(end)
+                or not 0 <= end <= 1):
+            raise ValueError(f"guidance_end must be a number in [0, 1], got {end!r}")
         if self.image is not None and (not isinstance(self.image, str) or not self.image):
             raise ValueError(f"image must be a path or URI string, got {self.image!r}")
         for name in ("height", "width", "num_frames", "max_sequence_length"):

@@ -43,6 +43,8 @@ class ForwardBatch:
     """Image-to-video: where the first frame comes from (a path or store URI)."""
     embedded_guidance_scale: float | None = None
     """Guidance-distilled DiTs (HunyuanVideo): the guidance the DiT takes as an input."""
+    guidance_end: float = 1.0
+    """Fraction of the steps guided (classifier-free); the rest run the conditional branch."""
     request_id: str | None = None
 
     # -- text encoding --

@@ -94,7 +94,7 @@ class VideoGenerator:
 
         `sampling` takes the `SamplingParam` fields (height, width, num_frames,
         num_inference_steps, guidance_scale, seed, max_sequence_length,
-        embedded_guidance_scale); those not given,
+        embedded_guidance_scale, guidance_end); those not given,
         and `fps`, are the model family's defaults (`pipeline_class.default_sampling`). An image-to-video
         model needs `image`, the first frame of every video: a PIL image, a local path or a
         store URI (`s3://bucket/a.png`); other models refuse one. With `output_path` (a
@@ -116,7 +116,8 @@ class VideoGenerator:
             num_inference_steps=params.num_inference_steps,
             guidance_scale=float(params.guidance_scale), seed=params.seed,
             max_sequence_length=params.max_sequence_length, image=params.image,
-            embedded_guidance_scale=params.embedded_guidance_scale)
+            embedded_guidance_scale=params.embedded_guidance_scale,
+            guidance_end=float(params.guidance_end))
         if image is not None:
             # Read here, once: a bad image fails before any model runs, and worker
             # processes need no access to where it is stored.

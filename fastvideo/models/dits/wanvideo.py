@@ -30,6 +30,7 @@ from fastvideo.layers.mlp import FeedForward
 from fastvideo.layers.rotary_embedding import RotaryEmbedding3D, apply_rotary_emb
 from fastvideo.models.config_fields import strict_fields
 from fastvideo.models.dits.sequence_shard import gather_tokens, shard_tokens, token_grid
+from fastvideo.models.dits.step_cache import BranchCache
 from fastvideo.models.loader.weight_utils import load_renamed_weights, map_checkpoint_name
 
 # cuDNN attention behind SDPA beats flash_attn 2 on H100 (11.3 vs 18.3 ms for Wan-1.3B's
@@ -301,13 +302,16 @@ class WanTransformer3DModel(nn.Module):
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 timestep: torch.Tensor,
                 encoder_hidden_states_image: torch.Tensor | None = None,
-                attn_metadata: AttentionMetadata | None = None) -> torch.Tensor:
+                attn_metadata: AttentionMetadata | None = None,
+                step_cache: BranchCache | None = None) -> torch.Tensor:
         """Predict the flow for latents `[B, C, T, H, W]`; returns `[B, out_channels, T, H, W]`.
 
         `timestep` `[B]` may be integer or float. `encoder_hidden_states_image` (CLIP tokens)
         is required by, and only accepted by, I2V configs (`image_dim` set).
         `attn_metadata`: the sliding tile config and step (from the denoising stage); the
         token grid is filled in here. None: dense attention only.
+        `step_cache`: with `reuse`, its residual replaces the blocks; else the blocks' residual
+        is stored in it (`fastvideo.models.dits.step_cache`).
         """
         grid = token_grid(hidden_states.shape, self.config.patch_size)
         if timestep.ndim != 1:
@@ -328,13 +332,34 @@ class WanTransformer3DModel(nn.Module):
         x, freqs = shard_tokens(x, freqs)
         # Sliding tile attention tiles this token grid.
         metadata = dataclasses.replace(attn_metadata or AttentionMetadata(), grid=grid)
-        for block in self.blocks:
-            x = block(x, context, timestep_proj, freqs, context_image, num_tokens, metadata)
+        if step_cache is not None and step_cache.reuse:
+            x = x + step_cache.residual
+        else:
+            blocks_input = x
+            for block in self.blocks:
+                x = block(x, context, timestep_proj, freqs, context_image, num_tokens, metadata)
+            if step_cache is not None:
+                step_cache.residual = x - blocks_input
 
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = self.proj_out(self.norm_out(x, shift, scale))
         x = gather_tokens(x, num_tokens)
         return self._unpatchify(x, grid)
+
+    def step_cache_input(self, hidden_states: torch.Tensor, timestep: torch.Tensor
+                         ) -> torch.Tensor:
+        """The first block's modulated input for latents `[B, C, T, H, W]` at `timestep`
+        `[B]`, over all tokens: what step caching compares from step to step. Costs the patch
+        embedding, the time embedding and one norm."""
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)
+        t_freq = timestep_embedding(timestep, self.config.freq_dim, flip_sin_to_cos=True,
+                                    downscale_freq_shift=0)
+        embedder = self.condition_embedder
+        temb = embedder.time_embedder(t_freq.to(embedder.time_embedder.linear_1.weight.dtype))
+        timestep_proj = embedder.time_proj(embedder.act_fn(temb.type_as(x))).unflatten(1, (6, -1))
+        first = self.blocks[0]
+        shift, scale = (first.scale_shift_table + timestep_proj.float()).chunk(6, dim=1)[:2]
+        return first.norm1(x, shift, scale)
 
     def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """`[B, T'*H'*W', p_t*p_h*p_w*C]` -> `[B, C, T'*p_t, H'*p_h, W'*p_w]`."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,7 @@ from fastvideo.attention.metadata import AttentionMetadata
 from fastvideo.attention.sta_config import STAConfig
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.forward_batch import ForwardBatch
+from fastvideo.models.dits.step_cache import StepCache
 from fastvideo.models.schedulers.state import get_scheduler_state, load_scheduler_state
 from fastvideo.pipelines.stages.base import PipelineStage
 from fastvideo.pipelines.stages.timestep_preparation import SigmaSchedule, set_timesteps
@@ -50,6 +52,10 @@ class DenoisingStage(PipelineStage):
     With `batch_cfg` the conditional and unconditional inputs of classifier-free guidance
     go through the DiT as one batch (conditional first), when their text embeddings have
     the same shape; otherwise, or without it, as two forwards.
+
+    `batch.guidance_end` < 1 guides only the first fraction of the steps (the rest run the
+    conditional branch alone). `fastvideo_args.step_cache_threshold` skips the DiT's blocks
+    on steps whose input changed little (`fastvideo.models.dits.step_cache`).
 
     Image-to-video batches carry more DiT inputs, used by both guidance branches:
     `condition_latents` follow the noisy latents on channels, and `image_embeds` are the
@@ -94,27 +100,42 @@ class DenoisingStage(PipelineStage):
 
     def _predict_noise(self, latents: torch.Tensor, t: torch.Tensor, cond: DiTContext,
                        uncond: DiTContext | None, paired: DiTContext | None,
-                       guidance_scale: float, step: int) -> torch.Tensor:
+                       guidance_scale: float, step: int,
+                       cache: StepCache | None = None) -> torch.Tensor:
         """The DiT's prediction at `t` (step index `step`) given the context keyword
         arguments of each branch, guided when `uncond` is given; `paired` runs both branches
-        as one batch."""
+        as one batch. With a step `cache`, each branch passes its own residual cache."""
         size = latents.shape[0]
         # Only with STA configured: a DiT without the keyword (diffusers') runs dense.
         extra: dict[str, Any] = ({} if self.sta_config is None else {
             "attn_metadata": AttentionMetadata(sta_config=self.sta_config, step=step)})
+
+        def branch(name: str) -> dict[str, Any]:
+            return {**extra, "step_cache": cache.branch(name)} if cache is not None else extra
+
         if paired is not None:
             noise = self.transformer(hidden_states=torch.cat([latents, latents]),
-                                     timestep=t.expand(2 * size), **paired, **extra)
+                                     timestep=t.expand(2 * size), **paired, **branch("paired"))
             noise_cond, noise_uncond = noise[:size], noise[size:]
         else:
             timestep = t.expand(size)
             noise_cond = self.transformer(hidden_states=latents, timestep=timestep, **cond,
-                                          **extra)
+                                          **branch("cond"))
             if uncond is None:
                 return noise_cond
             noise_uncond = self.transformer(hidden_states=latents, timestep=timestep, **uncond,
-                                            **extra)
+                                            **branch("uncond"))
         return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+
+    def _step_cache(self, fastvideo_args: FastVideoArgs) -> StepCache | None:
+        threshold = fastvideo_args.step_cache_threshold
+        if threshold is None:
+            return None
+        if not hasattr(self.transformer, "step_cache_input"):
+            raise ValueError(
+                f"step_cache_threshold={threshold} needs a DiT that supports step caching "
+                f"(WanTransformer3DModel); {type(self.transformer).__name__} does not: unset it")
+        return StepCache(threshold)
 
     def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
         if batch.do_classifier_free_guidance and batch.negative_prompt_embeds is None:
@@ -135,13 +156,23 @@ class DenoisingStage(PipelineStage):
         condition = (batch.condition_latents.to(device, dtype)
                      if batch.condition_latents is not None else None)
         total = len(timesteps)
+        # Guided steps: the first `guidance_end` of the loop; after them the conditional alone.
+        guided_steps = total if uncond is not None else 0
+        if batch.guidance_end < 1:
+            guided_steps = min(guided_steps, math.ceil(batch.guidance_end * total))
+        cache = self._step_cache(fastvideo_args)
         for i in range(batch.step_index, total):
             t = timesteps[i]
             model_input = latents.to(dtype)
             if condition is not None:
                 model_input = torch.cat([model_input, condition], dim=1)
-            noise_pred = self._predict_noise(model_input, t, cond, uncond, paired,
-                                             batch.guidance_scale, i)
+            if cache is not None:
+                cache.decide(i, total, self.transformer.step_cache_input(
+                    model_input, t.expand(model_input.shape[0])))
+            guided = i < guided_steps
+            noise_pred = self._predict_noise(model_input, t, cond, uncond if guided else None,
+                                             paired if guided else None,
+                                             batch.guidance_scale, i, cache)
             latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             batch.latents = latents
             batch.step_index = i + 1
@@ -149,4 +180,7 @@ class DenoisingStage(PipelineStage):
                 batch.extra[SCHEDULER_STATE_KEY] = get_scheduler_state(self.scheduler)
                 self.on_step_end(batch, i + 1, total)
         batch.extra.pop(SCHEDULER_STATE_KEY, None)
+        if cache is not None:
+            logger.info("step cache (threshold %g): blocks ran %d times, reused %d times",
+                        cache.threshold, cache.computed, cache.skipped)
         return batch

@@ -27,6 +27,7 @@ PREPARE_LATENTS = Phase(
     name="prepare-latents", stages=("timestep_preparation_stage", "latent_preparation_stage"),
     writes=("timesteps", "latents", "step_index"), modules=("scheduler",),
     request=("seed", "height", "width", "num_frames", "num_inference_steps", "guidance_scale",
+             "guidance_end",
              "max_sequence_length"))
 DENOISE = Phase(
     name="denoise", stages=("denoising_stage",),

@@ -206,3 +206,25 @@ def test_vae_accuracy_scores_reconstructions(trained):
     report = vae_accuracy(trained[1], config)
     assert set(report) == {"colour", "shape", "direction", "background", "all"}
     assert all(0.0 <= v <= 1.0 for v in report.values())
+
+
+def test_speed_tricks_table_counts_the_work_of_each_trick(trained):
+    from fastvideo.training.speed_tricks import Trick, judge, markdown
+
+    config = EvalConfig(num_prompts=2, height=32, width=32, num_frames=5,
+                        num_inference_steps=4, max_sequence_length=32, batch_size=2)
+    tricks = [Trick("baseline"), Trick("2 steps", sampling={"num_inference_steps": 2}),
+              Trick("guidance half", sampling={"guidance_end": 0.5}),
+              Trick("cache", engine={"step_cache_threshold": 1e9}),
+              Trick("sta", sta_windows=(1, 1, 1))]
+    rows = judge(trained[1], tricks, config)
+    # Per video: 4 steps x (cond + uncond) = 8 branch passes of the blocks.
+    passes = {row["trick"]: row["block_passes_per_video"] for row in rows}
+    assert passes == {"baseline": 8, "2 steps": 4, "guidance half": 6, "cache": 4, "sta": 8}
+    assert [row["work_vs_first"] for row in rows] == [1.0, 0.5, 0.75, 0.5, 1.0]
+    # 32x32x5: a (2, 4, 4) token grid, 2 x 1 x 1 tiles of (1, 4, 4); one of two key tiles.
+    assert rows[-1]["sta_density"] == 0.5
+    assert all(set(row["accuracy"]) == {"colour", "shape", "direction", "background", "all"}
+               for row in rows)
+    table = markdown(rows).splitlines()
+    assert len(table) == 2 + len(tricks) and table[2].startswith("| baseline |")

@@ -107,3 +107,46 @@ def test_compiled_blocks_under_sp2_equal_sp1() -> None:
         expected = model(**inputs)
     run_on_ranks(_check_compiled_sp, model.state_dict(), inputs, expected,
                  sp_size=2, timeout_s=240)
+
+
+def _step_cache_outputs(model: WanTransformer3DModel, inputs: dict[str, Any]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A computed step (storing the residual of this rank's tokens), then a step at another
+    timestep that reuses it."""
+    from fastvideo.models.dits.step_cache import BranchCache
+
+    cache = BranchCache()
+    with torch.no_grad():
+        first = model(**inputs, step_cache=cache)
+        cache.reuse = True
+        second = model(**{**inputs, "timestep": inputs["timestep"] * 0.5}, step_cache=cache)
+    return first, second
+
+
+def _check_step_cache_sp(state: dict[str, torch.Tensor], inputs: dict[str, Any],
+                         expected: tuple[torch.Tensor, torch.Tensor]) -> None:
+    model = WanTransformer3DModel(**TINY_CONFIG).eval()
+    model.load_state_dict(state)
+    for out, ref in zip(_step_cache_outputs(model, inputs), expected):
+        assert_max_abs_diff(out, ref, TOL)
+
+
+def test_step_cache_residual_under_sp2_equals_sp1() -> None:
+    """Each rank keeps the residual of its own (padded) tokens; a reused step gives the
+    one-process output."""
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**TINY_CONFIG).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.2)
+    generator = torch.Generator().manual_seed(1)
+    inputs: dict[str, Any] = {  # 3 x 3 x 1 = 9 tokens: padded to 10 at sp=2
+        "hidden_states": torch.randn((1, 4, 3, 6, 2), generator=generator),
+        "encoder_hidden_states": torch.randn(1, 7, TINY_CONFIG["text_dim"], generator=generator),
+        "timestep": torch.tensor([999.0]),
+    }
+    expected = _step_cache_outputs(model, inputs)
+    with torch.no_grad():  # reusing is not running the blocks
+        computed = model(**{**inputs, "timestep": inputs["timestep"] * 0.5})
+    assert (computed - expected[1]).abs().max() > 1e-3
+    run_on_ranks(_check_step_cache_sp, model.state_dict(), inputs, expected, sp_size=2)

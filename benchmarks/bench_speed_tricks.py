@@ -7,7 +7,7 @@ trained shapes model (docs/attention_and_speed.md, "Speed tricks").
 
 A random-weight Wan2.1-1.3B (`make_random_wan.py`) at 480x832x81, 50 steps, CFG 5, through
 `VideoGenerator` with compiled blocks; one untimed video first (the compile), then one
-video per trick, in this process: the baseline (again last, to show drift), 25 steps,
+video per trick, in this process: the baseline, 25 steps,
 guidance for the first 50% / 25% of the steps, step caching and STA.
 
 Step caching decides from the model's own trajectory, and random weights do not move like
@@ -134,7 +134,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             *((f"step cache, blocks on {float(w):.0%} of the steps",
                {"step_cache_threshold": 1.0}, {}, float(w))
               for w in args.cache_work.split(",") if w),
-            ("baseline again", {}, {}, None),
         ]
         generator = VideoGenerator.from_pretrained(str(model), **engine)
         cached = VideoGenerator.from_pretrained(str(model), step_cache_threshold=1.0, **engine)

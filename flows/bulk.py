@@ -56,6 +56,7 @@ def bulk(
     max_sequence_length: int | None = None,
     image: str | None = None,
     embedded_guidance_scale: float | None = None,
+    guidance_end: float | None = None,
     shard_size: int = 1,
     concurrency: int = 1,
     checkpoint_every: int = 5,
@@ -77,6 +78,7 @@ def bulk(
     batch_cfg: bool = True,
     vae_dtype: str = "float32",
     compile_cache_dir: str | None = None,
+    step_cache_threshold: float | None = None,
     fps: int | None = None,
     training_data: bool = False,
     manifest_interval_s: float = 60.0,
@@ -103,6 +105,8 @@ def bulk(
             `image` column value.
         embedded_guidance_scale: guidance-distilled models (HunyuanVideo): the guidance
             the DiT takes as an input (unset: the family's).
+        guidance_end: fraction of the denoising steps that use classifier-free guidance;
+            later steps run the conditional branch alone (1.0: every step).
         shard_size: items per task run (and per denoise job / GPU model load).
         concurrency: shards in flight together (GPU jobs side by side); a warm worker also
             gets the next shards queued, so its GPU never waits between shards.
@@ -138,6 +142,8 @@ def bulk(
         vae_dtype: dtype of the VAE decode.
         compile_cache_dir: where compiled kernels persist across processes, on the node
             running the stages (default PyTorch's folder under /tmp).
+        step_cache_threshold: skip DiT steps whose modulated input changed little,
+            TeaCache-style (larger skips more; default off; docs/attention_and_speed.md).
         fps: frames per second of the videos (default: the model family's, 16 for Wan2.1).
         training_data: also write prompt embeddings and final latents under training/.
         manifest_interval_s: rewrite the manifest at most this often during the run.
@@ -156,13 +162,13 @@ def bulk(
     run, options = run_settings(dispatch, placement, nproc_per_node, sp_size, deployment,
                                 remote_launcher, worker_idle_timeout_s, attention_backend,
                                 sta_config, enable_torch_compile, batch_cfg, vae_dtype,
-                                compile_cache_dir)
+                                compile_cache_dir, step_cache_threshold)
     # Options left unset take the model family's defaults (its pipeline's).
     defaults, family_fps = request_defaults(model_path, run, dict(
         negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
         max_sequence_length=max_sequence_length, image=local_path(image) if image else None,
-        embedded_guidance_scale=embedded_guidance_scale))
+        embedded_guidance_scale=embedded_guidance_scale, guidance_end=guidance_end))
     fps = fps or family_fps
     plan = plan_items(local_path(dataset), output, defaults, allow_unknown_columns)
     ctx = prepare_run(model_path, local_path(checkpoint_store or output), output, defaults,

@@ -24,7 +24,7 @@ RUN_OPTIONS = ("shard_size", "concurrency", "checkpoint_every", "checkpoint_stor
                "remote_launcher", "worker_idle_timeout_s",
                "device", "dtype", "denoise_device", "denoise_dtype", "fps")
 ENGINE_OPTIONS = ("attention_backend", "sta_config", "enable_torch_compile", "batch_cfg",
-                  "vae_dtype", "compile_cache_dir")
+                  "vae_dtype", "compile_cache_dir", "step_cache_threshold")
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +88,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--compile-cache-dir", metavar="DIR",
                         help="where compiled kernels persist across processes, on the node "
                              "running the stages (default: PyTorch's, under /tmp)")
+    engine.add_argument("--step-cache-threshold", type=float, metavar="X",
+                        help="skip DiT steps whose modulated input changed little, "
+                             "TeaCache-style (default: off; see docs/attention_and_speed.md)")
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -101,8 +104,8 @@ def run_settings(dispatch: str, placement: str | None, nproc_per_node: int,
                  sp_size: int | None, deployment: str | None, remote_launcher: str,
                  worker_idle_timeout_s: float, attention_backend: str | None,
                  sta_config: str | None, enable_torch_compile: bool, batch_cfg: bool,
-                 vae_dtype: str, compile_cache_dir: str | None
-                 ) -> tuple[Dispatch, EngineOptions]:
+                 vae_dtype: str, compile_cache_dir: str | None,
+                 step_cache_threshold: float | None) -> tuple[Dispatch, EngineOptions]:
     """The flows' dispatch and engine parameters as checked objects: a bad value fails the
     run here, at its start, with a message naming the option."""
     return (Dispatch(mode=dispatch, placement=placement, nproc_per_node=nproc_per_node,
@@ -111,7 +114,8 @@ def run_settings(dispatch: str, placement: str | None, nproc_per_node: int,
             EngineOptions.with_sta_file(
                 sta_config, attention_backend=attention_backend,
                 enable_torch_compile=enable_torch_compile, batch_cfg=batch_cfg,
-                vae_dtype=vae_dtype, compile_cache_dir=compile_cache_dir))
+                vae_dtype=vae_dtype, compile_cache_dir=compile_cache_dir,
+                step_cache_threshold=step_cache_threshold))
 
 
 def start_worker_early(flow_fn: Callable[..., Any], model_path: str,

@@ -46,6 +46,7 @@ def generate(
     max_sequence_length: int | None = None,
     image: str | None = None,
     embedded_guidance_scale: float | None = None,
+    guidance_end: float | None = None,
     checkpoint_every: int = 5,
     checkpoint_store: str | None = None,
     dispatch: str = "inprocess",
@@ -65,6 +66,7 @@ def generate(
     batch_cfg: bool = True,
     vae_dtype: str = "float32",
     compile_cache_dir: str | None = None,
+    step_cache_threshold: float | None = None,
     fps: int | None = None,
 ) -> State:
     """Generate one video for `prompt` into `<output>/videos/`; the result is its manifest row.
@@ -76,13 +78,13 @@ def generate(
     run, options = run_settings(dispatch, placement, nproc_per_node, sp_size, deployment,
                                 remote_launcher, worker_idle_timeout_s, attention_backend,
                                 sta_config, enable_torch_compile, batch_cfg, vae_dtype,
-                                compile_cache_dir)
+                                compile_cache_dir, step_cache_threshold)
     # Options left unset take the model family's defaults (its pipeline's).
     defaults, family_fps = request_defaults(model_path, run, dict(
         negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
         max_sequence_length=max_sequence_length, image=local_path(image) if image else None,
-        embedded_guidance_scale=embedded_guidance_scale))
+        embedded_guidance_scale=embedded_guidance_scale, guidance_end=guidance_end))
     fps = fps or family_fps
     items, invalid = parse_rows([{"prompt": prompt, "seed": seed}], defaults)
     if invalid:

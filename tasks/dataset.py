@@ -2,8 +2,8 @@
 
 Each row needs a `prompt`; it may set `negative_prompt`, `seed`, `item_id` and any
 sampling option (`height`, `width`, `num_frames`, `num_inference_steps`,
-`guidance_scale`, `max_sequence_length`, `image`, `embedded_guidance_scale`); the run's
-options fill in the rest.
+`guidance_scale`, `guidance_end`, `max_sequence_length`, `image`,
+`embedded_guidance_scale`); the run's options fill in the rest.
 Cells are read strictly as their column's type (`tasks.dataset_table`).
 
 * `item_id` is kept as the text given (an integer id `1` stays `"1"`). When not given it
@@ -184,14 +184,24 @@ def check_columns(dataset: str, columns: list[str], allow_unknown: bool) -> list
                          "every row needs a prompt")
     unknown = [c for c in columns if c not in COLUMN_TYPES]
     if unknown and not allow_unknown:
-        hints = [f"{c!r} -> {close[0]!r}" for c in unknown
-                 if (close := difflib.get_close_matches(c, ROW_FIELDS, n=1))]
+        hints = [f"{c!r} -> {' or '.join(map(repr, close))}" for c in unknown
+                 if (close := near_names(c))]
         raise ValueError(
             f"dataset {dataset}: unknown columns {unknown}"
             + (f" (did you mean {', '.join(hints)}?)" if hints else "")
             + f"; known columns: {list(ROW_FIELDS)}. Rename them, or ignore them with "
             "--allow-unknown-columns (flow parameter allow_unknown_columns=True)")
     return unknown
+
+
+def near_names(column: str) -> list[str]:
+    """The row fields `column` may be a typo of: the closest, and the next one when about as
+    close (`guidance` -> `guidance_end` or `guidance_scale`)."""
+    def ratio(name: str) -> float:
+        return difflib.SequenceMatcher(None, column, name).ratio()
+
+    close = difflib.get_close_matches(column, ROW_FIELDS, n=2)
+    return [name for name in close if ratio(name) >= ratio(close[0]) - 0.1]
 
 
 @task(name="plan-items", cache_policy=NO_CACHE, persist_result=False, retries=3,

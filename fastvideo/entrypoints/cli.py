@@ -64,6 +64,9 @@ def _build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--no-batch-cfg", dest="batch_cfg", action="store_false", default=None,
                         help="run guidance's conditional and unconditional forwards one after "
                              "the other instead of as one batch of 2 (half the activations)")
+    engine.add_argument("--step-cache-threshold", type=float, default=None, metavar="X",
+                        help="skip DiT steps whose modulated input changed little, "
+                             "TeaCache-style (default: off; see docs/attention_and_speed.md)")
 
     tiny = sub.add_parser("make-tiny-model",
                           help="write a tiny random-weight checkpoint (Diffusers format)")

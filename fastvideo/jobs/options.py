@@ -6,7 +6,8 @@ so a bad value fails before any model loads, naming the option.
 
 The sliding tile attention windows travel as the config's JSON text, not a path: the
 process running the stages may be on another machine. `phase_params` says which options
-enter which stage's checkpoint key: only those that change results.
+enter which stage's checkpoint key: only those that change results (the STA windows, the
+VAE's dtype, the step cache's threshold).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fastvideo.fastvideo_args import FastVideoArgs, parse_dtype
+from fastvideo.fastvideo_args import FastVideoArgs, check_step_cache_threshold, parse_dtype
 from fastvideo.pipelines.phases import Phase
 
 
@@ -39,6 +40,9 @@ class EngineOptions:
     """Dtype of the VAE decode."""
     compile_cache_dir: str | None = None
     """Where compiled kernels are kept across processes, on the node running the stages."""
+    step_cache_threshold: float | None = None
+    """Skip DiT steps whose modulated input changed little (TeaCache-style), up to this
+    accumulated relative change; None: every step computed."""
 
     def __post_init__(self) -> None:
         from fastvideo.attention.selector import backend_from_name
@@ -63,6 +67,9 @@ class EngineOptions:
             parse_dtype(self.vae_dtype)
         except ValueError as exc:
             raise ValueError(f"vae_dtype: {exc}") from None
+        check_step_cache_threshold(self.step_cache_threshold)
+        if self.step_cache_threshold is not None:  # 1 and 1.0: one worker, one key
+            object.__setattr__(self, "step_cache_threshold", float(self.step_cache_threshold))
         if not isinstance(self.enable_torch_compile, bool) or not isinstance(self.batch_cfg, bool):
             raise ValueError(f"enable_torch_compile and batch_cfg must be true or false, got "
                              f"{self.enable_torch_compile!r} and {self.batch_cfg!r}")
@@ -90,16 +97,18 @@ class EngineOptions:
     def phase_params(self, phase: Phase | None) -> dict[str, Any]:
         """What of these options changes the output of `phase`, for its checkpoint key.
 
-        Sparse attention changes the denoise phase's output, and the VAE's dtype that of
-        every phase using the VAE; the backend of dense attention, compiling and batching
-        guidance compute the same thing (to rounding), so they stay out and a run may
-        switch them and reuse work.
+        Sparse attention and skipping steps (the step cache) change the denoise phase's
+        output, and the VAE's dtype that of every phase using the VAE; the backend of dense
+        attention, compiling and batching guidance compute the same thing (to rounding), so
+        they stay out and a run may switch them and reuse work.
         """
         params: dict[str, Any] = {}
         if phase is None:
             return params
         if phase.denoise and self.sta_config is not None:
             params["sta"] = self.sta_digest
+        if phase.denoise and self.step_cache_threshold is not None:
+            params["step_cache"] = float(self.step_cache_threshold)
         if "vae" in phase.modules and parse_dtype(self.vae_dtype) != parse_dtype("float32"):
             params["vae_dtype"] = str(parse_dtype(self.vae_dtype))
         return params

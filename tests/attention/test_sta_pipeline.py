@@ -66,18 +66,26 @@ def test_sta_config_alone_selects_sliding_tile(tiny_wan_path: Path, tmp_path: Pa
         FastVideoArgs(model_path=str(tiny_wan_path), sta_config=str(tmp_path / "missing.json"))
 
 
-def test_command_line_engine_options(tiny_wan_path: Path, tmp_path: Path) -> None:
-    """`fastvideo generate` takes the STA config and the compile switch."""
+def test_command_line_engine_options(tiny_wan_path: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`fastvideo generate` takes the STA config, the compile switch and the step cache."""
     path = STAConfig(tile_size=(1, 2, 2), default_window=(3, 2, 3)).save(tmp_path / "sta.json")
     args = _build_parser().parse_args([
         "generate", "--model-path", str(tiny_wan_path), "--prompt", REQUEST["prompt"],
         "--output-path", str(tmp_path), "--sta-config", str(path), "--enable-torch-compile"])
     assert (args.sta_config, args.enable_torch_compile) == (str(path), True)
     assert args.batch_cfg is None  # unset: FastVideoArgs' default (batched guidance) applies
+    assert args.step_cache_threshold is None and args.guidance_end is None
     no_batch = _build_parser().parse_args([
         "generate", "--model-path", str(tiny_wan_path), "--prompt", REQUEST["prompt"],
-        "--output-path", str(tmp_path), "--no-batch-cfg"])
-    assert no_batch.batch_cfg is False
+        "--output-path", str(tmp_path), "--no-batch-cfg", "--step-cache-threshold", "0.1",
+        "--guidance-end", "0.5"])
+    assert (no_batch.batch_cfg, no_batch.step_cache_threshold, no_batch.guidance_end) == \
+        (False, 0.1, 0.5)
+    # A bad threshold is refused before any model loads, naming the option.
+    assert cli_main(["generate", "--model-path", str(tiny_wan_path), "--prompt", "x",
+                     "--output-path", str(tmp_path), "--step-cache-threshold", "0"]) == 2
+    assert "step_cache_threshold must be a finite number > 0" in capsys.readouterr().err
     assert cli_main(["generate", "--model-path", str(tiny_wan_path), "--prompt",
                      REQUEST["prompt"], "--output-path", str(tmp_path / "videos"),
                      "--device", "cpu", "--sta-config", str(path), "--height", "32",

@@ -87,13 +87,27 @@ def test_each_cell_is_parsed_alone_and_bad_values_fail_their_row(tmp_path: Path)
         "row 3: column 'seed': 7.5 is not an integer"]
 
 
+def test_guidance_end_is_a_row_option_checked_per_row(tmp_path: Path) -> None:
+    items, invalid = parse_rows([{"prompt": "a", "guidance_end": 0.5}, {"prompt": "b"},
+                                 {"prompt": "c", "guidance_end": 2}], DEFAULTS)
+    assert [(i.prompt, i.guidance_end) for i in items] == [("a", 0.5), ("b", 1.0)]
+    assert [e.error for e in invalid] == [
+        "row 2: guidance_end must be a number in [0, 1], got 2.0"]
+    # In CSV too, where the cell is text parsed as the column's type.
+    plan = _plan(tmp_path, "g.csv", "prompt,guidance_end\na cat,0.5\na dog,x\n")
+    assert [i.guidance_end for i in plan.items] == [0.5]
+    assert plan.invalid[0].error == "row 1: column 'guidance_end': 'x' is not a number"
+
+
 def test_unknown_columns_fail_the_run_unless_allowed(tmp_path: Path) -> None:
     text = "prompt,guidance,num_frame\na cat,3,9\n"
     with pytest.raises(ValueError) as refused:
         _plan(tmp_path, "typo.csv", text)
     message = str(refused.value)
     assert "unknown columns ['guidance', 'num_frame']" in message
-    assert "'guidance' -> 'guidance_scale'" in message and "'num_frame' -> 'num_frames'" in message
+    # A name near two fields names both (`guidance_end` is as near as `guidance_scale`).
+    assert "(did you mean 'guidance' -> 'guidance_end' or 'guidance_scale', " \
+           "'num_frame' -> 'num_frames'?)" in message
     assert "known columns: ['prompt', 'item_id', 'negative_prompt'" in message
     assert "--allow-unknown-columns" in message
     plan = _plan(tmp_path, "typo.csv", text, allow_unknown_columns=True)

@@ -13,10 +13,13 @@ import pytest
 
 from fastvideo.fastvideo_args import SamplingParam
 from fastvideo.jobs.denoise import DenoiseJob
-from fastvideo.jobs.item_phases import denoise_item, stage_key
+from fastvideo.jobs.item_phases import _request_params, denoise_item, stage_key
 from fastvideo.jobs.options import EngineOptions
+from fastvideo.pipelines.hunyuan.hunyuan_pipeline import HunyuanVideoPipeline
 from fastvideo.pipelines.wan.wan_pipeline import WanPipeline
 from flows.bulk import bulk
+from flows.generate import generate
+from tasks.dataset import parse_rows
 from tasks.dispatch import Dispatch
 from tasks.prepare import prepare_run
 from tests.flows.helpers import REPO, TINY, task_states, write_dataset
@@ -45,13 +48,65 @@ def test_only_options_that_change_results_enter_checkpoint_keys(tiny_wan_path: P
     assert [s for s in plain if sta[s] != plain[s]] == ["denoise"]
     vae = _keys(ctx(vae_dtype="bfloat16"))
     assert [s for s in plain if vae[s] != plain[s]] == ["decode"]
+    # Skipping steps changes the denoised latents only, and each threshold its own.
+    step = _keys(ctx(step_cache_threshold=0.1))
+    assert [s for s in plain if step[s] != plain[s]] == ["denoise"]
+    assert _keys(ctx(step_cache_threshold=0.2))["denoise"] != step["denoise"]
+    assert _keys(ctx(step_cache_threshold=1)) == _keys(ctx(step_cache_threshold=1.0))
     # Formatting of the STA file is not a different config.
     spaced = _keys(ctx(sta_config=json.dumps(STA, indent=4)))
     assert spaced == sta
 
 
+def test_step_cache_threshold_is_checked_and_keys_the_denoise_phase_only() -> None:
+    for value in (0, -1, float("nan"), float("inf"), "x", True):
+        with pytest.raises(ValueError, match=r"step_cache_threshold must be a finite number "
+                                             r"> 0 \(or None: off\), got "):
+            EngineOptions(step_cache_threshold=value)
+    options = EngineOptions(step_cache_threshold=0.15)
+    assert {p.name: options.phase_params(p) for p in WanPipeline.phases} == {
+        "encode-text": {}, "prepare-latents": {}, "denoise": {"step_cache": 0.15}, "decode": {}}
+    assert EngineOptions().phase_params(WanPipeline.phases[2]) == {}
+    # Checked options are FastVideoArgs' as they are (asdict), the threshold included.
+    assert options.to_args("/m", "cpu", None).step_cache_threshold == 0.15
+
+
+@pytest.mark.parametrize("pipeline", [WanPipeline, HunyuanVideoPipeline])
+def test_guidance_end_keys_prepare_latents_not_text(pipeline, tiny_wan_path: Path,
+                                                    tmp_path: Path) -> None:
+    """`guidance_end` is a request field of prepare-latents (and, through input digests,
+    of the later phases), not of text encoding: a run that changes it reuses the text."""
+    ctx = prepare_run.fn(str(tiny_wan_path), str(tmp_path), str(tmp_path), SamplingParam())
+    items, invalid = parse_rows([{"prompt": "a cat", "seed": 1},
+                                 {"prompt": "a cat", "seed": 1, "guidance_end": 0.5}],
+                                SamplingParam(negative_prompt="blurry"))
+    assert not invalid and [i.guidance_end for i in items] == [1.0, 0.5]
+    phases = {p.name: p for p in pipeline.phases}
+
+    def key(phase: str, item) -> str:
+        return stage_key(ctx, phases[phase], _request_params(phases[phase], item))
+
+    assert key("encode-text", items[0]) == key("encode-text", items[1])
+    assert key("prepare-latents", items[0]) != key("prepare-latents", items[1])
+
+
+def test_every_engine_option_is_a_flow_parameter() -> None:
+    import dataclasses
+    import inspect
+
+    from flows.cli import ENGINE_OPTIONS, run_settings
+
+    assert set(ENGINE_OPTIONS) == {f.name for f in dataclasses.fields(EngineOptions)}
+    for flow_fn in (bulk.fn, generate.fn):
+        names = inspect.signature(flow_fn).parameters
+        assert set(inspect.signature(run_settings).parameters) <= set(names), flow_fn
+        # ... and so is every sampling option (None: the model family's).
+        assert {n for n in SamplingParam.option_names() if n != "seed"} <= {
+            n for n, p in names.items() if p.default is None}, flow_fn
+
+
 def test_denoise_jobs_carry_the_options(tiny_wan_path: Path, tmp_path: Path) -> None:
-    options = EngineOptions(batch_cfg=False,
+    options = EngineOptions(batch_cfg=False, step_cache_threshold=0.25,
                             sta_config=json.dumps(STA), enable_torch_compile=True)
     ctx = prepare_run.fn(str(tiny_wan_path), str(tmp_path), str(tmp_path), SamplingParam(),
                          options=options)
@@ -59,8 +114,8 @@ def test_denoise_jobs_carry_the_options(tiny_wan_path: Path, tmp_path: Path) -> 
                      items=(denoise_item(ctx, WanPipeline.phases[2], "a", []),), options=options)
     # A torchrun worker reads the job from JSON and builds its engine args from it.
     args = DenoiseJob.from_json(job.to_json()).engine_args(world_size=2, sp_size=2)
-    assert (args.attention_backend, args.batch_cfg, args.enable_torch_compile, args.sp_size) == \
-        ("SLIDING_TILE_ATTN", False, True, 2)
+    assert (args.attention_backend, args.batch_cfg, args.enable_torch_compile, args.sp_size,
+            args.step_cache_threshold) == ("SLIDING_TILE_ATTN", False, True, 2, 0.25)
     assert json.loads(Path(args.sta_config).read_text()) == STA
 
 
@@ -69,6 +124,9 @@ def test_denoise_jobs_carry_the_options(tiny_wan_path: Path, tmp_path: Path) -> 
                                   r"valid: \[.*'TORCH_SDPA'"),
     ("vae_dtype", "fp8", r"vae_dtype: unknown dtype 'fp8'; known: \["),
     ("sta_config", "missing.json", r"sta_config 'missing.json' is not a file"),
+    ("step_cache_threshold", 0, r"step_cache_threshold must be a finite number > 0 "
+                                r"\(or None: off\), got 0"),
+    ("guidance_end", 2, r"guidance_end must be a number in \[0, 1\], got 2"),
     ("dispatch", "slurm", r"dispatch must be one of \['inprocess', 'worker', 'torchrun', "
                           r"'deployment'\], got 'slurm'"),
     ("placement", "gpu", r"placement must be 'all' or 'denoise', got 'gpu'"),
@@ -130,12 +188,13 @@ def test_cli_takes_every_engine_option(tmp_path: Path) -> None:
     given = given_options(parser.parse_args([
         "--dispatch", "worker", "--placement", "all", "--attention-backend", "FLASH_ATTN",
         "--sta-config", "sta.json", "--compile", "--no-batch-cfg", "--vae-dtype", "bf16",
-        "--compile-cache-dir", "/cache", "--worker-idle-timeout-s", "60", "--sp-size", "1"]))
+        "--compile-cache-dir", "/cache", "--worker-idle-timeout-s", "60", "--sp-size", "1",
+        "--step-cache-threshold", "0.1", "--guidance-end", "0.5"]))
     assert given == {"dispatch": "worker", "placement": "all",
                      "attention_backend": "FLASH_ATTN", "sta_config": "sta.json",
                      "enable_torch_compile": True, "batch_cfg": False, "vae_dtype": "bf16",
                      "compile_cache_dir": "/cache", "worker_idle_timeout_s": 60.0,
-                     "sp_size": 1}
+                     "sp_size": 1, "step_cache_threshold": 0.1, "guidance_end": 0.5}
     # The command line names the option in its error and exits non-zero before any work.
     dataset = write_dataset(tmp_path / "p.jsonl", [{"prompt": "a cat"}])
     proc = subprocess.run(

@@ -54,12 +54,13 @@ def _bulk(dataset: Path, output: Path, model: Path, **options: Any):
 
 def test_options_reach_the_worker(worker_dir: Path, tiny_wan_path: Path) -> None:
     spec = _spec(tiny_wan_path, attention_backend="TORCH_SDPA", batch_cfg=False,
-                 enable_torch_compile=True, vae_dtype="bfloat16")
+                 enable_torch_compile=True, vae_dtype="bfloat16", step_cache_threshold=0.05)
     ensure_worker(spec)
     info = describe_worker(spec)
     args = info["fastvideo_args"]
     assert (args["attention_backend"], args["batch_cfg"], args["enable_torch_compile"],
-            args["vae_dtype"]) == ("TORCH_SDPA", False, True, "bfloat16")
+            args["vae_dtype"], args["step_cache_threshold"]) == \
+        ("TORCH_SDPA", False, True, "bfloat16", 0.05)
     assert info["attention_backends"]["requested"] == ["TORCH_SDPA"]
     assert info["compiled_blocks"] == 2  # the tiny DiT's two blocks, compiled on first use
     assert info["batch_cfg"] is False and info["sta"] is False

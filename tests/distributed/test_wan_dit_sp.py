@@ -38,6 +38,15 @@ def _check_sp_equals_one_process(state: dict[str, torch.Tensor], inputs: dict[st
     assert inputs_seen and set(inputs_seen) == {HeadExchange}
 
 
+def _random_model() -> WanTransformer3DModel:
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**TINY_CONFIG).eval()
+    with torch.no_grad():
+        for param in model.parameters():  # no zero-initialised parameter hides a bug
+            param.normal_(0, 0.2)
+    return model
+
+
 # Head 0 attends one tile, head 1 densely: rank 1 holds head 1 only, so it must read the
 # window of global head 1 (the head offset `DistributedAttention` sets).
 STA_CONFIG = STAConfig(tile_size=(1, 2, 2),
@@ -50,11 +59,7 @@ STA_CONFIG = STAConfig(tile_size=(1, 2, 2),
     ((1, 4, 3, 8, 8), True),  # sliding tile attention with a window per head
 ])
 def test_sp2_equals_sp1(latent_shape: tuple[int, ...], sta: bool) -> None:
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(**TINY_CONFIG).eval()
-    with torch.no_grad():
-        for param in model.parameters():  # no zero-initialised parameter hides a bug
-            param.normal_(0, 0.2)
+    model = _random_model()
     generator = torch.Generator().manual_seed(1)
     batch = latent_shape[0]
     inputs: dict[str, Any] = {
@@ -93,11 +98,7 @@ def _check_compiled_sp(state: dict[str, torch.Tensor], inputs: dict[str, torch.T
 
 def test_compiled_blocks_under_sp2_equal_sp1() -> None:
     """`enable_torch_compile` with `num_gpus=2`: the all-to-alls split the compiled graphs."""
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(**TINY_CONFIG).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.2)
+    model = _random_model()
     generator = torch.Generator().manual_seed(1)
     inputs = {"hidden_states": torch.randn((1, 4, 3, 6, 2), generator=generator),  # padded
               "encoder_hidden_states": torch.randn(1, 7, TINY_CONFIG["text_dim"],
@@ -134,11 +135,7 @@ def _check_step_cache_sp(state: dict[str, torch.Tensor], inputs: dict[str, Any],
 def test_step_cache_residual_under_sp2_equals_sp1() -> None:
     """Each rank keeps the residual of its own (padded) tokens; a reused step gives the
     one-process output."""
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(**TINY_CONFIG).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.2)
+    model = _random_model()
     generator = torch.Generator().manual_seed(1)
     inputs: dict[str, Any] = {  # 3 x 3 x 1 = 9 tokens: padded to 10 at sp=2
         "hidden_states": torch.randn((1, 4, 3, 6, 2), generator=generator),

@@ -122,6 +122,12 @@ class FastVideoArgs:
         return parse_dtype(self.vae_dtype)
 
 
+NEUTRAL_OPTIONS: dict[str, object] = {"guidance_end": 1.0}
+"""Request options added after outputs were made, each with the value that does what runs
+made before it did: at that value an option stays out of checkpoint keys and a manifest row
+without it counts as the same request, so upgrading redoes no work."""
+
+
 @dataclass(kw_only=True)
 class SamplingParam:
     """Per-request sampling options. Defaults follow the Wan2.1 480p preset."""

@@ -32,7 +32,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from fastvideo.fastvideo_args import SamplingParam
+from fastvideo.fastvideo_args import NEUTRAL_OPTIONS, SamplingParam
 from fastvideo.jobs.items import ItemSpec, Shard
 from fastvideo.storage.uri import split_uri
 from tasks.common import get_store, retry_on_store_unavailable, run_logger
@@ -166,7 +166,9 @@ def parse_rows(records: list[dict[str, Any]], defaults: SamplingParam,
 
 
 def _same_request(row: dict[str, Any], item: ItemSpec) -> bool:
-    return all(row.get(k) == v for k, v in item.request().items())
+    """The manifest row was made with this item's request (an option newer than the row
+    counts at its neutral value, `NEUTRAL_OPTIONS`)."""
+    return all(row.get(k, NEUTRAL_OPTIONS.get(k)) == v for k, v in item.request().items())
 
 
 def make_shards(items: list[ItemSpec], shard_size: int) -> list[Shard]:

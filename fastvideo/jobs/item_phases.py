@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fastvideo.fastvideo_args import NEUTRAL_OPTIONS
 from fastvideo.forward_batch import ForwardBatch
 from fastvideo.jobs.denoise import DenoiseItem, DenoiseOutcome
 from fastvideo.jobs.engine import ENGINE
@@ -189,7 +190,8 @@ def _request_params(phase: Phase, item: ItemSpec) -> dict[str, Any]:
     names = list(request) if phase.request is None else list(phase.request)
     if phase.shared_negative and uses_shared_negative(item):
         names = [n for n in names if n != "negative_prompt"]  # the shared one is an input
-    params = {name: request[name] for name in names}
+    params = {name: request[name] for name in names
+              if name not in NEUTRAL_OPTIONS or request[name] != NEUTRAL_OPTIONS[name]}
     for name in phase.file_fields:
         if request.get(name) is not None:
             params[f"{name}_sha256"] = file_digest(request[name])

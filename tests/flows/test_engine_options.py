@@ -88,6 +88,21 @@ def test_guidance_end_keys_prepare_latents_not_text(pipeline, tiny_wan_path: Pat
 
     assert key("encode-text", items[0]) == key("encode-text", items[1])
     assert key("prepare-latents", items[0]) != key("prepare-latents", items[1])
+    # At its neutral value (what outputs made before the option did) it stays out of the
+    # key, so checkpoints of earlier runs are reused after an upgrade.
+    assert "guidance_end" not in _request_params(phases["prepare-latents"], items[0])
+    assert _request_params(phases["prepare-latents"], items[1])["guidance_end"] == 0.5
+
+
+def test_manifest_rows_older_than_guidance_end_are_the_same_request() -> None:
+    from tasks.dataset import _same_request
+
+    items, _ = parse_rows([{"prompt": "a cat", "seed": 1},
+                           {"prompt": "a cat", "seed": 1, "guidance_end": 0.5}],
+                          SamplingParam(negative_prompt="blurry"))
+    old_row = {k: v for k, v in items[0].request().items() if k != "guidance_end"}
+    assert _same_request(old_row, items[0])
+    assert not _same_request(old_row, items[1])
 
 
 def test_every_engine_option_is_a_flow_parameter() -> None:

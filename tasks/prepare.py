@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ def prepare_run(model_path: str, store_uri: str, output_uri: str, defaults: Samp
         # Fail now, not in the first task: this node runs the stages.
         check_model_folder(model_path)
         check_model_files(path)
+        check_options_fit_model(path, options)
         check_device_available(args.device)
         if not remote_node:
             check_device_available(denoise_args.device)
@@ -80,6 +82,22 @@ def prepare_run(model_path: str, store_uri: str, output_uri: str, defaults: Samp
                       max_sequence_length=defaults.max_sequence_length,
                       checkpoint_every=checkpoint_every, fps=fps, options=options,
                       training_data=training_data)
+
+
+def check_options_fit_model(model_path: str, options: EngineOptions) -> None:
+    """Fail the run at its start when an engine option needs what the model's DiT lacks
+    (step caching), not in every item."""
+    if options.step_cache_threshold is None:
+        return
+    from fastvideo.models.dits.step_cache import check_supported
+    from fastvideo.models.registry import resolve_model
+
+    index = json.loads((Path(model_path) / "model_index.json").read_text())
+    library, class_name = index.get("transformer") or (None, None)
+    if class_name is None:
+        raise ValueError(f"step_cache_threshold is set but {model_path} has no transformer")
+    check_supported(resolve_model(class_name, library).load_class(),
+                    options.step_cache_threshold)
 
 
 def check_writable(uri: str) -> None:

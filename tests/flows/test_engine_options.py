@@ -71,6 +71,19 @@ def test_step_cache_threshold_is_checked_and_keys_the_denoise_phase_only() -> No
     assert options.to_args("/m", "cpu", None).step_cache_threshold == 0.15
 
 
+def test_step_cache_on_a_dit_without_it_fails_at_run_start(tiny_hunyuan_path: Path,
+                                                           tiny_wan_path: Path,
+                                                           tmp_path: Path) -> None:
+    options = EngineOptions(step_cache_threshold=0.1)
+    with pytest.raises(ValueError, match="step_cache_threshold=0.1 needs a DiT that supports "
+                                         "step caching .*HunyuanVideoTransformer3DModel"):
+        prepare_run.fn(str(tiny_hunyuan_path), str(tmp_path), str(tmp_path), SamplingParam(),
+                       options=options)
+    ctx = prepare_run.fn(str(tiny_wan_path), str(tmp_path), str(tmp_path), SamplingParam(),
+                         options=options)
+    assert ctx.options.step_cache_threshold == 0.1
+
+
 @pytest.mark.parametrize("pipeline", [WanPipeline, HunyuanVideoPipeline])
 def test_guidance_end_keys_prepare_latents_not_text(pipeline, tiny_wan_path: Path,
                                                     tmp_path: Path) -> None:

@@ -74,3 +74,11 @@ class StepCache:
         else:
             self.computed += 1
         return entry
+
+
+def check_supported(dit_class: type, threshold: float) -> None:
+    """ValueError unless `dit_class` can skip its blocks (has `step_cache_input`)."""
+    if not hasattr(dit_class, "step_cache_input"):
+        raise ValueError(
+            f"step_cache_threshold={threshold} needs a DiT that supports step caching "
+            f"(WanTransformer3DModel); {dit_class.__name__} does not: unset it")

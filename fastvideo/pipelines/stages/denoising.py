@@ -13,7 +13,7 @@ from fastvideo.attention.metadata import AttentionMetadata
 from fastvideo.attention.sta_config import STAConfig
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.forward_batch import ForwardBatch
-from fastvideo.models.dits.step_cache import StepCache
+from fastvideo.models.dits.step_cache import StepCache, check_supported
 from fastvideo.models.schedulers.state import get_scheduler_state, load_scheduler_state
 from fastvideo.pipelines.stages.base import PipelineStage
 from fastvideo.pipelines.stages.timestep_preparation import SigmaSchedule, set_timesteps
@@ -131,10 +131,7 @@ class DenoisingStage(PipelineStage):
         threshold = fastvideo_args.step_cache_threshold
         if threshold is None:
             return None
-        if not hasattr(self.transformer, "step_cache_input"):
-            raise ValueError(
-                f"step_cache_threshold={threshold} needs a DiT that supports step caching "
-                f"(WanTransformer3DModel); {type(self.transformer).__name__} does not: unset it")
+        check_supported(type(self.transformer), threshold)
         return StepCache(threshold)
 
     def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:

@@ -138,12 +138,60 @@ def test_step_cache_decisions() -> None:
     assert decisions == [False, True, True, False, True, False]
 
 
-def test_step_cache_needs_a_dit_that_supports_it(tiny_hunyuan_path) -> None:
-    generator = VideoGenerator.from_pretrained(tiny_hunyuan_path, device="cpu",
-                                               step_cache_threshold=0.1)
-    with pytest.raises(ValueError, match="step_cache_threshold=0.1 needs a DiT"):
-        generator.generate_video(prompt="a cat", height=32, width=32, num_frames=5,
-                                 num_inference_steps=2)
+HUNYUAN_REQUEST = dict(prompt="a cat walks", height=32, width=32, num_frames=5,
+                       num_inference_steps=6)
+
+
+def test_hunyuan_step_cache_input_is_what_the_first_block_modulates(tiny_hunyuan_path) -> None:
+    generator = VideoGenerator.from_pretrained(tiny_hunyuan_path, device="cpu")
+    dit = generator.pipeline.get_module("transformer")
+    seen: list[torch.Tensor] = []
+    dit.transformer_blocks[0].norm1.register_forward_hook(
+        lambda module, args, out: seen.append(out[0]))
+    cfg = dit.config
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, cfg.in_channels, 2, 4, 4, generator=g),
+                  timestep=torch.tensor([700.0]),
+                  pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+                  guidance=torch.tensor([6000.0]))
+    with torch.no_grad():
+        dit(**inputs, encoder_hidden_states=torch.randn(1, 5, cfg.text_embed_dim, generator=g),
+            encoder_attention_mask=torch.ones(1, 5))
+        indicator = dit.step_cache_input(**inputs)
+    torch.testing.assert_close(indicator, seen[0], rtol=0, atol=0)
+
+
+def test_hunyuan_step_cache(tiny_hunyuan_path) -> None:
+    """HunyuanVideo (embedded guidance: one branch): a threshold no change stays under runs
+    every step as without the cache; one no change reaches runs the first and last."""
+    reference = VideoGenerator.from_pretrained(tiny_hunyuan_path, device="cpu").generate_video(
+        **HUNYUAN_REQUEST, seed=2)
+    counts = {}
+    for threshold in (1e-12, 1e9):
+        generator = VideoGenerator.from_pretrained(tiny_hunyuan_path, device="cpu",
+                                                   step_cache_threshold=threshold)
+        runs: list[int] = []
+        generator.pipeline.get_module("transformer").transformer_blocks[0] \
+            .register_forward_pre_hook(lambda module, args: runs.append(1))
+        result = generator.generate_video(**HUNYUAN_REQUEST, seed=2)
+        counts[threshold] = len(runs)
+        if threshold < 1:
+            assert torch.equal(result.latents, reference.latents)
+        else:
+            assert torch.isfinite(result.latents).all()
+            assert not torch.allclose(result.latents, reference.latents, atol=1e-4)
+    assert counts == {1e-12: 6, 1e9: 2}
+
+
+def test_step_cache_needs_a_dit_that_supports_it() -> None:
+    from fastvideo.models.dits.step_cache import check_supported
+
+    class PlainDiT(torch.nn.Module):
+        pass
+
+    with pytest.raises(ValueError, match="step_cache_threshold=0.1 needs a DiT that supports "
+                                         "step caching .*PlainDiT does not: unset it"):
+        check_supported(PlainDiT, 0.1)
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("inf"), True])

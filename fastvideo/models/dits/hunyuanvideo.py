@@ -41,6 +41,7 @@ from fastvideo.models.dits.sequence_shard import (
     token_grid,
     with_fresh_strides,
 )
+from fastvideo.models.dits.step_cache import BranchCache
 from fastvideo.models.loader.weight_utils import load_renamed_weights
 
 _JOINT_ATTN_BACKENDS = (_Backend.TORCH_SDPA, _Backend.FLASH_ATTN, _Backend.SLIDING_TILE_ATTN)
@@ -456,7 +457,8 @@ class HunyuanVideoTransformer3DModel(nn.Module):
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
                 pooled_projections: torch.Tensor, guidance: torch.Tensor | None = None,
-                attn_metadata: AttentionMetadata | None = None) -> torch.Tensor:
+                attn_metadata: AttentionMetadata | None = None,
+                step_cache: BranchCache | None = None) -> torch.Tensor:
         """Predict the flow for latents `[B, C, T, H, W]`; returns `[B, out_channels, T, H, W]`.
 
         `timestep` `[B]` (0..1000, float or integer); `encoder_hidden_states` `[B, L,
@@ -465,7 +467,9 @@ class HunyuanVideoTransformer3DModel(nn.Module):
         the embedded guidance scale times 1000 (as diffusers' pipeline passes it), required
         by, and only accepted by, configs with `guidance_embeds`. `attn_metadata`: the sliding
         tile config and step (from the denoising stage); the token grid and text length are
-        filled in here. None: dense attention only.
+        filled in here. None: dense attention only. `step_cache`: with `reuse`, its residual
+        (of the video tokens) replaces the blocks; else the blocks' residual is stored in it
+        (`fastvideo.models.dits.step_cache`).
         """
         grid = token_grid(hidden_states.shape, self.config.patch)
         if timestep.ndim != 1:
@@ -491,12 +495,29 @@ class HunyuanVideoTransformer3DModel(nn.Module):
         # Sliding tile attention tiles this grid; the text follows the video tokens.
         metadata = dataclasses.replace(attn_metadata or AttentionMetadata(), grid=grid,
                                        num_text_tokens=num_text)
-        for block in (*self.transformer_blocks, *self.single_transformer_blocks):
-            x, context = block(x, context, temb, freqs, num_tokens, padded_text, metadata)
+        if step_cache is not None and step_cache.reuse:
+            x = x + step_cache.residual  # the text stream only feeds the video tokens
+        else:
+            blocks_input = x
+            for block in (*self.transformer_blocks, *self.single_transformer_blocks):
+                x, context = block(x, context, temb, freqs, num_tokens, padded_text, metadata)
+            if step_cache is not None:
+                step_cache.residual = x - blocks_input
 
         x = self.proj_out(self.norm_out(x, temb))
         x = gather_tokens(x, num_tokens)
         return self._unpatchify(x, grid)
+
+    def step_cache_input(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                         pooled_projections: torch.Tensor, guidance: torch.Tensor | None = None,
+                         **context: Any) -> torch.Tensor:
+        """The first dual-stream block's modulated video input for latents `[B, C, T, H, W]`
+        at `timestep` `[B]`, over all tokens: what step caching compares from step to step.
+        Its modulation depends on the pooled text and the guidance too (the rest of the
+        context does not enter it)."""
+        temb = self.time_text_embed(timestep, pooled_projections, guidance)
+        x = self.x_embedder(hidden_states).flatten(2).transpose(1, 2)
+        return self.transformer_blocks[0].norm1(x, temb)[0]
 
     def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """`[B, T'*H'*W', C*p_t*p_h*p_w]` (channels first, unlike Wan) -> `[B, C, T, H, W]`."""

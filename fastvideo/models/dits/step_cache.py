@@ -13,8 +13,9 @@ The denoising stage owns a `StepCache` per loop and decides per step, on the ful
 every rank holds, so every sequence-parallel rank takes the same decision; each guidance
 branch (cond, uncond, or both as one batch) keeps its own residual, held as the DiT's
 (sharded) tokens are, opaque to the stage. A DiT supports it with two methods:
-`step_cache_input(hidden_states, timestep)` and a `step_cache: BranchCache | None`
-keyword of `forward`.
+`step_cache_input(hidden_states, timestep, **context)` (the conditional branch's DiT
+context: the modulation may depend on it, HunyuanVideo's on the pooled text and guidance)
+and a `step_cache: BranchCache | None` keyword of `forward`.
 """
 
 from __future__ import annotations
@@ -81,4 +82,4 @@ def check_supported(dit_class: type, threshold: float) -> None:
     if not hasattr(dit_class, "step_cache_input"):
         raise ValueError(
             f"step_cache_threshold={threshold} needs a DiT that supports step caching "
-            f"(WanTransformer3DModel); {dit_class.__name__} does not: unset it")
+            f"(the Wan and HunyuanVideo DiTs); {dit_class.__name__} does not: unset it")

@@ -346,11 +346,11 @@ class WanTransformer3DModel(nn.Module):
         x = gather_tokens(x, num_tokens)
         return self._unpatchify(x, grid)
 
-    def step_cache_input(self, hidden_states: torch.Tensor, timestep: torch.Tensor
-                         ) -> torch.Tensor:
+    def step_cache_input(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                         **context: Any) -> torch.Tensor:
         """The first block's modulated input for latents `[B, C, T, H, W]` at `timestep`
         `[B]`, over all tokens: what step caching compares from step to step. Costs the patch
-        embedding, the time embedding and one norm."""
+        embedding, the time embedding and one norm; the text `context` does not enter it."""
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)
         t_freq = timestep_embedding(timestep, self.config.freq_dim, flip_sin_to_cos=True,
                                     downscale_freq_shift=0)

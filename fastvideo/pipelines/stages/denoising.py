@@ -165,7 +165,7 @@ class DenoisingStage(PipelineStage):
                 model_input = torch.cat([model_input, condition], dim=1)
             if cache is not None:
                 cache.decide(i, total, self.transformer.step_cache_input(
-                    model_input, t.expand(model_input.shape[0])))
+                    model_input, t.expand(model_input.shape[0]), **cond))
             guided = i < guided_steps
             noise_pred = self._predict_noise(model_input, t, cond, uncond if guided else None,
                                              paired if guided else None,

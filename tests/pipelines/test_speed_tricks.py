@@ -67,6 +67,15 @@ def test_guidance_end_zero_is_no_guidance(tiny_wan_path) -> None:
     assert torch.equal(off.latents, unguided.latents)
 
 
+def test_guided_step_count() -> None:
+    from fastvideo.pipelines.stages.denoising import guided_step_count
+
+    assert [guided_step_count(end, 10) for end in (0.0, 0.3, 0.25, 0.5, 0.7, 1.0)] == \
+        [0, 3, 3, 5, 7, 10]
+    assert guided_step_count(0.5, 3) == 2 and guided_step_count(1.0, 50) == 50
+    assert guided_step_count(0.1, 30) == 3  # 0.1 x 30 is 3.0000000000000004 in floats
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "half"])
 def test_guidance_end_out_of_range_is_refused(tiny_wan_path, bad) -> None:
     generator = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu")

@@ -39,6 +39,12 @@ def text_image_context(batch: ForwardBatch, negative: bool, device: str,
     return context
 
 
+def guided_step_count(guidance_end: float, total: int) -> int:
+    """How many of the first steps classifier-free guidance runs: `ceil(guidance_end x
+    total)`, the product rounded to 9 decimals first (0.1 x 30 gives 3, not 4)."""
+    return min(total, math.ceil(round(guidance_end * total, 9)))
+
+
 class DenoisingStage(PipelineStage):
     """Runs the DiT over the remaining timesteps, starting at `batch.step_index`.
 
@@ -153,10 +159,7 @@ class DenoisingStage(PipelineStage):
         condition = (batch.condition_latents.to(device, dtype)
                      if batch.condition_latents is not None else None)
         total = len(timesteps)
-        # Guided steps: the first `guidance_end` of the loop; after them the conditional alone.
-        guided_steps = total if uncond is not None else 0
-        if batch.guidance_end < 1:
-            guided_steps = min(guided_steps, math.ceil(batch.guidance_end * total))
+        guided_steps = guided_step_count(batch.guidance_end, total) if uncond is not None else 0
         cache = self._step_cache(fastvideo_args)
         for i in range(batch.step_index, total):
             t = timesteps[i]

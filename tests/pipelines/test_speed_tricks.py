@@ -73,7 +73,7 @@ def test_guided_step_count() -> None:
     assert [guided_step_count(end, 10) for end in (0.0, 0.3, 0.25, 0.5, 0.7, 1.0)] == \
         [0, 3, 3, 5, 7, 10]
     assert guided_step_count(0.5, 3) == 2 and guided_step_count(1.0, 50) == 50
-    assert guided_step_count(0.1, 30) == 3  # 0.1 x 30 is 3.0000000000000004 in floats
+    assert guided_step_count(0.14, 50) == 7  # 0.14 x 50 is 7.000000000000001 in floats
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "half"])

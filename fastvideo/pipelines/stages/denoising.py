@@ -41,7 +41,7 @@ def text_image_context(batch: ForwardBatch, negative: bool, device: str,
 
 def guided_step_count(guidance_end: float, total: int) -> int:
     """How many of the first steps classifier-free guidance runs: `ceil(guidance_end x
-    total)`, the product rounded to 9 decimals first (0.1 x 30 gives 3, not 4)."""
+    total)`, the product rounded to 9 decimals first (0.14 x 50 gives 7, not 8)."""
     return min(total, math.ceil(round(guidance_end * total, 9)))
 
 

@@ -40,7 +40,9 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from make_random_wan import add_video_options  # noqa: E402
 
 from fastvideo.jobs.worker_client import (  # noqa: E402
     WORKER_DIR_ENV,
@@ -246,12 +248,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model-path")
     parser.add_argument("--num-prompts", type=int, default=6)
     parser.add_argument("--phases", default="diffusers,dense,fresh,sta")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
-    parser.add_argument("--num-frames", type=int, default=81)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    add_video_options(parser)
     parser.add_argument("--shard-size", type=int, default=1)
     parser.add_argument("--checkpoint-every", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true",

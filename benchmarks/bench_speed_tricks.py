@@ -33,6 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+from make_random_wan import add_video_options  # noqa: E402
+
 from fastvideo.models.dits import step_cache  # noqa: E402
 
 PROMPT = "a red fox running through fresh snow, golden hour"
@@ -78,12 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-path", type=Path,
                         help="a Wan checkpoint (default: a random 1.3B built here)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
-    parser.add_argument("--num-frames", type=int, default=81)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    add_video_options(parser)
     parser.add_argument("--cache-work", default="0.7,0.5",
                         help="comma-separated shares of the steps whose blocks run")
     parser.add_argument("--no-compile", action="store_true")

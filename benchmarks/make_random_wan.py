@@ -251,6 +251,18 @@ def make_random_wan(output: Path | None, sizes: WanSizes, device: torch.device,
             "output": str(output) if real else None, "device": str(device)}
 
 
+def add_video_options(parser: argparse.ArgumentParser) -> None:
+    """The whole-video benchmarks' workload options: Wan2.1's 480p preset on this machine's
+    device (`--device`, `--height`, `--width`, `--num-frames`, `--steps`,
+    `--guidance-scale`)."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--num-frames", type=int, default=81)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance-scale", type=float, default=5.0)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, help="checkpoint folder (created if needed)")

@@ -113,8 +113,9 @@ def judge(model_path: str | Path, tricks: Sequence[Trick], config: EvalConfig,
             generator = VideoGenerator.from_pretrained(model_path, device=device, **engine)
             passes: list[int] = []
             # Loaded modules may be shared between generators of one model: count, then remove.
-            hook = generator.pipeline.get_module("transformer").blocks[0].register_forward_pre_hook(
-                lambda module, args: passes.append(args[0].shape[0]))
+            first_block = generator.pipeline.get_module("transformer").blocks[0]
+            hook = first_block.register_forward_pre_hook(
+                lambda module, args, passes=passes: passes.append(args[0].shape[0]))
             sampling = {"height": config.height, "width": config.width,
                         "num_frames": config.num_frames,
                         "num_inference_steps": config.num_inference_steps,

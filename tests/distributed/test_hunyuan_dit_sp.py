@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from rank_launcher import assert_max_abs_diff, run_on_ranks
+from step_cache_check import step_cache_outputs
 
 from fastvideo.attention import DistributedAttention
 from fastvideo.attention.layer import AppendedTokens
@@ -84,28 +85,15 @@ def test_dit_sp2_equals_sp1(lengths: list[int]) -> None:
     run_on_ranks(_check_dit, model.state_dict(), inputs, expected, sp_size=2)
 
 
-def _step_cache_outputs(model, inputs):
-    """A computed step (storing the residual of this rank's video tokens), then a step at
-    another timestep that reuses it."""
-    from fastvideo.models.dits.step_cache import BranchCache
-
-    cache = BranchCache()
-    with torch.no_grad():
-        first = model(**inputs, step_cache=cache)
-        cache.reuse = True
-        second = model(**{**inputs, "timestep": inputs["timestep"] * 0.5}, step_cache=cache)
-    return first, second
-
-
 def _check_step_cache(state, inputs, expected) -> None:
     model = HunyuanVideoTransformer3DModel(**TINY_CONFIG).eval()
     model.load_state_dict(state)
-    for out, ref in zip(_step_cache_outputs(model, inputs), expected):
+    for out, ref in zip(step_cache_outputs(model, inputs), expected):
         assert_max_abs_diff(out, ref, TOL)
 
 
 def test_step_cache_residual_under_sp2_equals_sp1() -> None:
     model = _random_model()
     inputs = make_inputs([4, 6])  # 45 video tokens: padded to 46
-    expected = _step_cache_outputs(model, inputs)
+    expected = step_cache_outputs(model, inputs)
     run_on_ranks(_check_step_cache, model.state_dict(), inputs, expected, sp_size=2)

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 from rank_launcher import assert_max_abs_diff, run_on_ranks
+from step_cache_check import step_cache_outputs
 
 from fastvideo.attention import DistributedAttention
 from fastvideo.attention.layer import HeadExchange, request_attention_backend
@@ -110,25 +111,11 @@ def test_compiled_blocks_under_sp2_equal_sp1() -> None:
                  sp_size=2, timeout_s=240)
 
 
-def _step_cache_outputs(model: WanTransformer3DModel, inputs: dict[str, Any]
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A computed step (storing the residual of this rank's tokens), then a step at another
-    timestep that reuses it."""
-    from fastvideo.models.dits.step_cache import BranchCache
-
-    cache = BranchCache()
-    with torch.no_grad():
-        first = model(**inputs, step_cache=cache)
-        cache.reuse = True
-        second = model(**{**inputs, "timestep": inputs["timestep"] * 0.5}, step_cache=cache)
-    return first, second
-
-
 def _check_step_cache_sp(state: dict[str, torch.Tensor], inputs: dict[str, Any],
                          expected: tuple[torch.Tensor, torch.Tensor]) -> None:
     model = WanTransformer3DModel(**TINY_CONFIG).eval()
     model.load_state_dict(state)
-    for out, ref in zip(_step_cache_outputs(model, inputs), expected):
+    for out, ref in zip(step_cache_outputs(model, inputs), expected):
         assert_max_abs_diff(out, ref, TOL)
 
 
@@ -142,7 +129,7 @@ def test_step_cache_residual_under_sp2_equals_sp1() -> None:
         "encoder_hidden_states": torch.randn(1, 7, TINY_CONFIG["text_dim"], generator=generator),
         "timestep": torch.tensor([999.0]),
     }
-    expected = _step_cache_outputs(model, inputs)
+    expected = step_cache_outputs(model, inputs)
     with torch.no_grad():  # reusing is not running the blocks
         computed = model(**{**inputs, "timestep": inputs["timestep"] * 0.5})
     assert (computed - expected[1]).abs().max() > 1e-3

@@ -181,7 +181,7 @@ def test_hunyuan_step_cache(tiny_hunyuan_path) -> None:
                                                    step_cache_threshold=threshold)
         runs: list[int] = []
         generator.pipeline.get_module("transformer").transformer_blocks[0] \
-            .register_forward_pre_hook(lambda module, args: runs.append(1))
+            .register_forward_pre_hook(lambda module, args, runs=runs: runs.append(1))
         result = generator.generate_video(**HUNYUAN_REQUEST, seed=2)
         counts[threshold] = len(runs)
         if threshold < 1:

@@ -61,6 +61,7 @@ def default_tricks() -> list[Trick]:
         Trick("step cache 0.05", engine={"step_cache_threshold": 0.05}),
         Trick("step cache 0.1", engine={"step_cache_threshold": 0.1}),
         Trick("step cache 0.2", engine={"step_cache_threshold": 0.2}),
+        Trick("step cache 0.4", engine={"step_cache_threshold": 0.4}),
         Trick("STA window (3, 2, 2)", sta_windows=(3, 2, 2)),
         Trick("STA window (3, 1, 1)", sta_windows=(3, 1, 1)),
         Trick("STA by sta_search, error <= 0.1", sta_windows="search:0.1"),

@@ -126,6 +126,11 @@ def test_manifest_rows_older_than_guidance_end_are_the_same_request() -> None:
     old_row = {k: v for k, v in items[0].request().items() if k != "guidance_end"}
     assert _same_request(old_row, items[0])
     assert not _same_request(old_row, items[1])
+    # A neutral value is the option's default: what a request that leaves it out gets.
+    from fastvideo.fastvideo_args import NEUTRAL_OPTIONS
+
+    defaults = SamplingParam()
+    assert {name: getattr(defaults, name) for name in NEUTRAL_OPTIONS} == NEUTRAL_OPTIONS
 
 
 def test_every_engine_option_is_a_flow_parameter() -> None:

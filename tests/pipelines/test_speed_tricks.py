@@ -208,3 +208,40 @@ def test_step_cache_threshold_must_be_positive(tiny_wan_path, bad) -> None:
     with pytest.raises(ValueError, match="step_cache_threshold must be a finite number > 0"):
         VideoGenerator.from_pretrained(tiny_wan_path, device="cpu", step_cache_threshold=bad)
 
+
+
+def test_step_cache_resumed_mid_loop_runs_its_first_step(tiny_wan_path) -> None:
+    """A denoise resumed from a mid-loop checkpoint has no residual: its first step runs
+    the blocks, the rest follow the threshold; with a threshold nothing stays under, the
+    resumed loop ends where an uninterrupted one does."""
+    import copy
+
+    from fastvideo.fastvideo_args import FastVideoArgs
+    from fastvideo.forward_batch import ForwardBatch
+    from fastvideo.pipelines.builder import build_pipeline
+
+    request = {k: v for k, v in REQUEST.items() if k != "prompt"}
+    request.update(num_inference_steps=6, negative_prompt=[REQUEST["negative_prompt"]])
+    for threshold, expected_runs in ((1e9, [2, 2]), (1e-12, [2, 2, 2, 2])):
+        args = FastVideoArgs(model_path=str(tiny_wan_path), device="cpu",
+                             step_cache_threshold=threshold)
+        pipeline = build_pipeline(args)
+        batch = ForwardBatch(prompt=[REQUEST["prompt"]], seed=9, **request)
+        for name, stage in pipeline.stages.items():
+            if name == "denoising_stage":
+                break
+            batch = stage(batch, args)
+        denoise = pipeline.get_stage("denoising_stage")
+        snapshots: dict[int, ForwardBatch] = {}
+        denoise.on_step_end = lambda b, step, total, s=snapshots: s.setdefault(
+            step, copy.deepcopy(b))
+        whole = denoise(copy.deepcopy(batch), args)
+        denoise.on_step_end = None
+        runs: list[int] = []
+        handle = denoise.transformer.blocks[0].register_forward_pre_hook(
+            lambda module, a, runs=runs: runs.append(a[0].shape[0]))
+        resumed = denoise(snapshots[2], args)  # steps 2..5
+        handle.remove()
+        assert runs == expected_runs, threshold  # 1e9: the first (step 2) and the last
+        if threshold < 1:
+            torch.testing.assert_close(resumed.latents, whole.latents, rtol=0, atol=0)

@@ -67,9 +67,10 @@ class FastVideoArgs:
     enable_torch_compile: bool = False
     """Compile the DiT's repeated blocks with `torch.compile` (one compile per video shape)."""
     compile_cache_dir: str | None = None
-    """Where torch.compile keeps its caches across processes (Inductor FX graph +
-    AOTAutograd + Triton); None: PyTorch's default, a folder under /tmp. Only used with
-    enable_torch_compile."""
+    """Where compiled code persists across processes: torch.compile's caches (Inductor FX
+    graph + AOTAutograd + Triton; with enable_torch_compile) and FlashAttention's CuTe
+    kernels (compiled or not). None: PyTorch's default folder under /tmp, and CuTe kernels
+    compiled in every process."""
     sta_config: str | None = None
     """JSON of sliding tile attention windows (`python -m fastvideo.entrypoints.sta_search`);
     setting it selects the SLIDING_TILE_ATTN backend when `attention_backend` is unset."""

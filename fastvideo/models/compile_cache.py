@@ -9,7 +9,8 @@ persistent or shared volume (`FastVideoArgs.compile_cache_dir`) keeps them for e
 process, container or node that mounts it.
 
 Dynamo still traces the Python in each process (a few seconds); the caches save the
-lowering, code generation and C++/Triton compiles behind it.
+lowering, code generation and C++/Triton compiles behind it. FlashAttention's CuTe kernels
+have a disk cache of their own (`configure_kernel_cache`), kept under the same folder.
 """
 
 from __future__ import annotations
@@ -74,6 +75,33 @@ def configure_compile_cache(cache_dir: str | Path) -> Path:
                        "(TORCHINDUCTOR_FX_GRAPH_CACHE / TORCHINDUCTOR_AUTOGRAD_CACHE): "
                        "%s will not be used for them", path)
     logger.info("torch.compile caches in %s", path)
+    return path
+
+
+# FlashAttention's CuTe kernels JIT-compile in every process (~6 s of a fresh worker's first
+# Wan video on an H200) unless their own disk cache is on. flash_attn.cute reads these when
+# it is imported, which the engine does lazily, at the first kernel.
+_CUTE_CACHE_ENABLED_ENV = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
+_CUTE_CACHE_DIR_ENV = "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"
+_CUTE_MODULE = "flash_attn.cute.interface"
+
+
+def configure_kernel_cache(cache_dir: str | Path) -> Path | None:
+    """Keep FlashAttention's compiled CuTe kernels in `<cache_dir>/flash-attn-cute`, for
+    every later process. A cache the environment already configures is left alone; returns
+    the folder used, or None when the package was imported before (too late: its kernels
+    stay in memory for this process, and a warning says so)."""
+    if os.environ.get(_CUTE_CACHE_ENABLED_ENV) == "0":
+        return None  # switched off on purpose
+    if _CUTE_MODULE in sys.modules and os.environ.get(_CUTE_CACHE_ENABLED_ENV) != "1":
+        logger.warning("FlashAttention's CuTe kernels were imported before the kernel cache "
+                       "was set up: this process compiles them in memory only")
+        return None
+    path = Path(os.environ.get(_CUTE_CACHE_DIR_ENV)
+                or Path(cache_dir).expanduser().resolve() / "flash-attn-cute")
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ[_CUTE_CACHE_ENABLED_ENV] = "1"
+    os.environ.setdefault(_CUTE_CACHE_DIR_ENV, str(path))
     return path
 
 

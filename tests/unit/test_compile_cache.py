@@ -139,3 +139,31 @@ def test_stats_have_the_counters() -> None:
     assert {"fxgraph_cache_hit", "fxgraph_cache_miss", "autograd_cache_hit",
             "autograd_cache_miss"} <= set(stats)
     assert all(isinstance(v, int) and v >= 0 for v in stats.values())
+
+
+def test_kernel_cache_keeps_cute_kernels_under_the_dir(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """FlashAttention's CuTe kernels get their disk cache under the compile cache folder,
+    unless the environment says otherwise or the package is already imported."""
+    import sys
+
+    from fastvideo.models.compile_cache import configure_kernel_cache
+
+    for name in ("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"):
+        monkeypatch.setenv(name, "")  # recorded, so what the function sets is undone after
+        monkeypatch.delenv(name)
+    monkeypatch.delitem(sys.modules, "flash_attn.cute.interface", raising=False)
+    path = configure_kernel_cache(tmp_path / "cache")
+    assert path == (tmp_path / "cache" / "flash-attn-cute").resolve() and path.is_dir()
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(path)
+    assert configure_kernel_cache(tmp_path / "other") == path  # once set, kept
+    # A folder the user chose wins; a cache switched off stays off.
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(tmp_path / "mine"))
+    assert configure_kernel_cache(tmp_path / "cache") == tmp_path / "mine"
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0")
+    assert configure_kernel_cache(tmp_path / "cache") is None
+    # Imported already without the cache: too late for this process.
+    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED")
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", object())
+    assert configure_kernel_cache(tmp_path / "cache") is None

@@ -14,7 +14,7 @@ from torch import nn
 from fastvideo.attention.layer import request_attention_backend
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.models.compile import compile_repeated_blocks
-from fastvideo.models.compile_cache import configure_compile_cache
+from fastvideo.models.compile_cache import configure_compile_cache, configure_kernel_cache
 from fastvideo.models.loader.weight_utils import WeightFileError, find_weight_files, iterate_weights
 from fastvideo.models.registry import ModelEntry, resolve_model
 
@@ -88,6 +88,10 @@ def load_component(name: str, spec: list[str] | tuple[str, str], model_path: str
              else fastvideo_args.torch_dtype)
     logger.info("loading %s (%s) from %s", name, class_name, folder)
     if entry.library == "fastvideo":
+        if fastvideo_args.compile_cache_dir is not None:
+            # Before any attention layer imports FlashAttention's CuTe kernels, whose JIT
+            # compiles run compiled or not (idempotent: once per process).
+            configure_kernel_cache(fastvideo_args.compile_cache_dir)
         model = _load_fastvideo_model(entry, folder, fastvideo_args.device, dtype)
         if fastvideo_args.attention_backend is not None:
             request_attention_backend(model, fastvideo_args.attention_backend)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from fastvideo.fastvideo_args import FastVideoArgs, SamplingParam
 from fastvideo.jobs.items import ItemSpec, RunContext
 from fastvideo.jobs.options import EngineOptions
-from fastvideo.models.loader.component_loader import check_model_files
+from fastvideo.models.loader.component_loader import check_model_files, read_model_index
 from fastvideo.pipelines.builder import check_device_available, pipeline_class
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
 from fastvideo.storage import StoreError, StoreUnavailableError, model_fingerprint, retry_io
@@ -92,8 +91,7 @@ def check_options_fit_model(model_path: str, options: EngineOptions) -> None:
     from fastvideo.models.dits.step_cache import check_supported
     from fastvideo.models.registry import resolve_model
 
-    index = json.loads((Path(model_path) / "model_index.json").read_text())
-    library, class_name = index.get("transformer") or (None, None)
+    library, class_name = read_model_index(model_path).get("transformer") or (None, None)
     if class_name is None:
         raise ValueError(f"step_cache_threshold is set but {model_path} has no transformer")
     check_supported(resolve_model(class_name, library).load_class(),

@@ -108,7 +108,7 @@ class EngineOptions:
         if phase.denoise and self.sta_config is not None:
             params["sta"] = self.sta_digest
         if phase.denoise and self.step_cache_threshold is not None:
-            params["step_cache"] = float(self.step_cache_threshold)
+            params["step_cache"] = self.step_cache_threshold  # a float since __post_init__
         if "vae" in phase.modules and parse_dtype(self.vae_dtype) != parse_dtype("float32"):
             params["vae_dtype"] = str(parse_dtype(self.vae_dtype))
         return params

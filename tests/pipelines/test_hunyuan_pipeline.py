@@ -69,24 +69,15 @@ def test_pipeline_matches_diffusers(tiny_hunyuan_path: Path, guidance: str) -> N
 def test_resumed_denoise_equals_uninterrupted(tiny_hunyuan_path: Path) -> None:
     """A denoise resumed mid-loop (another process: the scheduler set up again) re-derives
     the family's noise levels, and ends where an uninterrupted loop does."""
-    import copy
-
     from fastvideo.fastvideo_args import FastVideoArgs
     from fastvideo.pipelines.builder import build_pipeline
+    from tests.pipelines.denoise_snapshots import denoise_with_snapshots
 
     args = FastVideoArgs(model_path=str(tiny_hunyuan_path), device="cpu", dtype="fp32")
     pipeline = build_pipeline(args)
     batch = ForwardBatch(prompt=PROMPT, **SIZE, guidance_scale=1.0, seed=5,
                          max_sequence_length=32, embedded_guidance_scale=6.0)
-    for name, stage in pipeline.stages.items():
-        if name == "denoising_stage":
-            break
-        batch = stage(batch, args)
-    denoise = pipeline.get_stage("denoising_stage")
-    snapshots: dict[int, ForwardBatch] = {}
-    denoise.on_step_end = lambda b, step, total: snapshots.setdefault(step, copy.deepcopy(b))
-    whole = denoise(copy.deepcopy(batch), args)
-    denoise.on_step_end = None
+    denoise, whole, snapshots = denoise_with_snapshots(pipeline, batch, args)
     resumed = denoise(snapshots[1], args)
     assert resumed.step_index == whole.step_index == SIZE["num_inference_steps"]
     torch.testing.assert_close(resumed.latents, whole.latents, rtol=0, atol=0)

@@ -214,11 +214,10 @@ def test_step_cache_resumed_mid_loop_runs_its_first_step(tiny_wan_path) -> None:
     """A denoise resumed from a mid-loop checkpoint has no residual: its first step runs
     the blocks, the rest follow the threshold; with a threshold nothing stays under, the
     resumed loop ends where an uninterrupted one does."""
-    import copy
-
     from fastvideo.fastvideo_args import FastVideoArgs
     from fastvideo.forward_batch import ForwardBatch
     from fastvideo.pipelines.builder import build_pipeline
+    from tests.pipelines.denoise_snapshots import denoise_with_snapshots
 
     request = {k: v for k, v in REQUEST.items() if k != "prompt"}
     request.update(num_inference_steps=6, negative_prompt=[REQUEST["negative_prompt"]])
@@ -227,16 +226,7 @@ def test_step_cache_resumed_mid_loop_runs_its_first_step(tiny_wan_path) -> None:
                              step_cache_threshold=threshold)
         pipeline = build_pipeline(args)
         batch = ForwardBatch(prompt=[REQUEST["prompt"]], seed=9, **request)
-        for name, stage in pipeline.stages.items():
-            if name == "denoising_stage":
-                break
-            batch = stage(batch, args)
-        denoise = pipeline.get_stage("denoising_stage")
-        snapshots: dict[int, ForwardBatch] = {}
-        denoise.on_step_end = lambda b, step, total, s=snapshots: s.setdefault(
-            step, copy.deepcopy(b))
-        whole = denoise(copy.deepcopy(batch), args)
-        denoise.on_step_end = None
+        denoise, whole, snapshots = denoise_with_snapshots(pipeline, batch, args)
         runs: list[int] = []
         handle = denoise.transformer.blocks[0].register_forward_pre_hook(
             lambda module, a, runs=runs: runs.append(a[0].shape[0]))

@@ -183,6 +183,11 @@ class WanTransformerBlock(nn.Module):
         self.ffn = FeedForward(dim, config.ffn_dim, dim, "gelu-approximate")
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
+    def modulation(self, timestep_proj: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Shift, scale and gate of the self-attention, then of the FFN, each `[B, 1, D]`
+        (fp32)."""
+        return (self.scale_shift_table + timestep_proj.float()).chunk(6, dim=1)
+
     def forward(self, x: torch.Tensor, context: torch.Tensor, timestep_proj: torch.Tensor,
                 freqs: torch.Tensor, context_image: torch.Tensor | None = None,
                 num_tokens: int | None = None,
@@ -191,8 +196,7 @@ class WanTransformerBlock(nn.Module):
         under sequence parallelism `S` is this rank's block and `num_tokens` the real tokens
         of the whole padded sequence (None: no padding). `attn_metadata`: for the
         self-attention's backend."""
-        shift, scale, gate, c_shift, c_scale, c_gate = (
-            self.scale_shift_table + timestep_proj.float()).chunk(6, dim=1)
+        shift, scale, gate, c_shift, c_scale, c_gate = self.modulation(timestep_proj)
         x = gated_residual(x, self.attn1(self.norm1(x, shift, scale), freqs, num_tokens,
                                            attn_metadata), gate)
         h = x if self.norm2 is None else self.norm2(x.float()).to(x.dtype)
@@ -233,15 +237,20 @@ class WanConditionEmbedder(nn.Module):
         self.image_embedder = (WanImageEmbedding(config.image_dim, dim, config.pos_embed_seq_len)
                                if config.image_dim is not None else None)
 
+    def time(self, timestep: torch.Tensor, dtype: torch.dtype
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(temb `[B, D]`, the blocks' modulation `[B, 6, D]`) in the compute `dtype`."""
+        t_freq = timestep_embedding(timestep, self.freq_dim, flip_sin_to_cos=True,
+                                    downscale_freq_shift=0)
+        # The time embedder keeps fp32 weights; its output joins the compute dtype.
+        t_freq = t_freq.to(self.time_embedder.linear_1.weight.dtype)
+        temb = self.time_embedder(t_freq).to(dtype)
+        return temb, self.time_proj(self.act_fn(temb)).unflatten(1, (6, -1))
+
     def forward(
         self, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        t_freq = timestep_embedding(timestep, self.freq_dim, flip_sin_to_cos=True,
-                                    downscale_freq_shift=0)
-        # The time embedder keeps fp32 weights; its output joins the compute dtype (of the text).
-        t_freq = t_freq.to(self.time_embedder.linear_1.weight.dtype)
-        temb = self.time_embedder(t_freq).type_as(text)
-        timestep_proj = self.time_proj(self.act_fn(temb)).unflatten(1, (6, -1))
+        temb, timestep_proj = self.time(timestep, text.dtype)
         context_image = self.image_embedder(image) if image is not None else None
         return temb, timestep_proj, self.text_embedder(text), context_image
 
@@ -352,14 +361,9 @@ class WanTransformer3DModel(nn.Module):
         `[B]`, over all tokens: what step caching compares from step to step. Costs the patch
         embedding, the time embedding and one norm; the text `context` does not enter it."""
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)
-        t_freq = timestep_embedding(timestep, self.config.freq_dim, flip_sin_to_cos=True,
-                                    downscale_freq_shift=0)
-        embedder = self.condition_embedder
-        temb = embedder.time_embedder(t_freq.to(embedder.time_embedder.linear_1.weight.dtype))
-        timestep_proj = embedder.time_proj(embedder.act_fn(temb.type_as(x))).unflatten(1, (6, -1))
-        first = self.blocks[0]
-        shift, scale = (first.scale_shift_table + timestep_proj.float()).chunk(6, dim=1)[:2]
-        return first.norm1(x, shift, scale)
+        _, timestep_proj = self.condition_embedder.time(timestep, x.dtype)
+        shift, scale = self.blocks[0].modulation(timestep_proj)[:2]
+        return self.blocks[0].norm1(x, shift, scale)
 
     def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """`[B, T'*H'*W', p_t*p_h*p_w*C]` -> `[B, C, T'*p_t, H'*p_h, W'*p_w]`."""

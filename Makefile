@@ -9,7 +9,9 @@ PY := $(VENV)/bin/python
 # or install torch into .venv yourself first (a satisfied requirement is kept).
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= outputs/demo
-MODEL_DIR ?= outputs/tiny-wan
+# The trained shapes model that ships in the repo (docs/training_demo_model.md). Any other
+# Diffusers folder works; a missing one under outputs/ is made as a tiny random-weight Wan.
+MODEL_DIR ?= models/shapes-demo
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export HF_HUB_OFFLINE ?= 1
@@ -25,10 +27,13 @@ $(VENV)/.installed: pyproject.toml
 $(MODEL_DIR)/model_index.json: | $(VENV)/.installed
 	$(VENV)/bin/fastvideo make-tiny-model --output $(MODEL_DIR)
 
+# The shapes model's own settings (64x64, 17 frames, 20 steps, CFG 5), then the scorer
+# says whether each video shows the prompted colour, shape, motion and background.
 demo: $(VENV)/.installed $(MODEL_DIR)/model_index.json
 	$(PY) -m flows.bulk --dataset examples/prompts.jsonl --output $(DEMO_DIR) \
-		--model-path $(MODEL_DIR) --height 64 --width 64 --num-frames 9 \
-		--num-inference-steps 10 --guidance-scale 5.0
+		--model-path $(MODEL_DIR) --height 64 --width 64 --num-frames 17 \
+		--num-inference-steps 20 --guidance-scale 5.0
+	$(PY) -m fastvideo.training.score_videos $(DEMO_DIR)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -ra --durations=15

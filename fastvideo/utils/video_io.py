@@ -51,3 +51,29 @@ def slug(text: str, max_len: int) -> str:
 def video_file_name(prompt: str, seed: int, max_len: int = 48) -> str:
     """A readable, filesystem-safe name such as `a-cat-walks_seed42.mp4`."""
     return f"{slug(prompt, max_len) or 'video'}_seed{seed}.mp4"
+
+
+_STREAM_SIZE = re.compile(r"Stream #\S+.*?Video:.*?, (\d{2,5})x(\d{2,5})[\s,\[]")
+
+
+def read_mp4(path: str | Path) -> torch.Tensor:
+    """The frames of a video file as `[T, H, W, 3]` uint8 (RGB), decoded by imageio-ffmpeg's
+    bundled ffmpeg (the inverse of `write_mp4`, up to H.264's loss)."""
+    import imageio_ffmpeg
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video {path} does not exist")
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path),
+           "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    done = subprocess.run(cmd, capture_output=True, start_new_session=True, check=False)
+    log = done.stderr.decode(errors="replace")
+    size = _STREAM_SIZE.search(log)
+    if done.returncode != 0 or size is None:
+        raise RuntimeError(f"ffmpeg could not read {path}: {log[-500:]}")
+    width, height = int(size[1]), int(size[2])
+    pixels = np.frombuffer(done.stdout, dtype=np.uint8)
+    if pixels.size == 0 or pixels.size % (height * width * 3):
+        raise RuntimeError(f"{path}: {pixels.size} bytes of pixels is not a whole number of "
+                           f"{width}x{height} RGB frames")
+    return torch.from_numpy(pixels.copy()).reshape(-1, height, width, 3)

@@ -135,11 +135,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         generator = VideoGenerator.from_pretrained(str(model), **engine)
         cached = VideoGenerator.from_pretrained(str(model), step_cache_threshold=1.0, **engine)
         result["warmup_s"] = time_video(generator, base, args.device)
+        # Steps past `guidance_end` run the conditional branch alone, a batch of 1 where
+        # batch_cfg runs 2: its own compile, paid here (a first run measured 72 s for the
+        # 50% row, ~40 s of it this compile).
+        result["warmup_guidance_end_s"] = time_video(
+            generator, {**base, "num_inference_steps": 2, "guidance_end": 0.5}, args.device)
         # The second model compiles too (its own blocks): a short video does it.
         result["warmup_cached_s"] = time_video(cached, {**base, "num_inference_steps": 2},
                                                args.device)
         print(f"warm-up (compile) {result['warmup_s']:.1f} s, "
-              f"{result['warmup_cached_s']:.1f} s", flush=True)
+              f"{result['warmup_guidance_end_s']:.1f} s, {result['warmup_cached_s']:.1f} s",
+              flush=True)
         for name, options, sampling, work in runs:
             target = cached if options else generator
             if work is None:

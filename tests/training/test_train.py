@@ -216,15 +216,29 @@ def test_speed_tricks_table_counts_the_work_of_each_trick(trained):
     tricks = [Trick("baseline"), Trick("2 steps", sampling={"num_inference_steps": 2}),
               Trick("guidance half", sampling={"guidance_end": 0.5}),
               Trick("cache", engine={"step_cache_threshold": 1e9}),
-              Trick("sta", sta_windows=(1, 1, 1))]
+              Trick("sta", sta_windows=(1, 1, 1)),
+              Trick("sta, 2 dense steps", sta_windows=(1, 1, 1), sta_full_steps=2)]
     rows = judge(trained[1], tricks, config)
     # Per video: 4 steps x (cond + uncond) = 8 branch passes of the blocks.
     passes = {row["trick"]: row["block_passes_per_video"] for row in rows}
-    assert passes == {"baseline": 8, "2 steps": 4, "guidance half": 6, "cache": 4, "sta": 8}
-    assert [row["work_vs_first"] for row in rows] == [1.0, 0.5, 0.75, 0.5, 1.0]
-    # 32x32x5: a (2, 4, 4) token grid, 2 x 1 x 1 tiles of (1, 4, 4); one of two key tiles.
-    assert rows[-1]["sta_density"] == 0.5
+    assert passes == {"baseline": 8, "2 steps": 4, "guidance half": 6, "cache": 4, "sta": 8,
+                      "sta, 2 dense steps": 8}
+    assert [row["work_vs_first"] for row in rows] == [1.0, 0.5, 0.75, 0.5, 1.0, 1.0]
+    # 32x32x5: a (2, 4, 4) token grid, 2 x 1 x 1 tiles of (1, 4, 4); one of two key tiles,
+    # and with 2 of the 4 steps dense, 3 of 4 on average.
+    assert [row["sta_density"] for row in rows[-2:]] == [0.5, 0.75]
     assert all(set(row["accuracy"]) == {"colour", "shape", "direction", "background", "all"}
                for row in rows)
     table = markdown(rows).splitlines()
     assert len(table) == 2 + len(tricks) and table[2].startswith("| baseline |")
+
+
+def test_speed_tricks_cli_takes_full_names_and_rejects_unknown_ones(capsys):
+    from fastvideo.training.speed_tricks import default_tricks, main
+
+    # Names hold commas, so --only takes one whole name per flag.
+    assert any("," in trick.name for trick in default_tricks())
+    with pytest.raises(SystemExit):
+        main(["--model", "unused", "--only", "STA window (3, 2, 2)", "--only", "fast mode"])
+    err = capsys.readouterr().err
+    assert "unknown tricks ['fast mode']" in err

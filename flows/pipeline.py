@@ -94,6 +94,24 @@ def process_window(shards: list[Shard], ctx: RunContext, phases: tuple[Phase, ..
             task = task.with_options(refresh_cache=True)
         return shard_results(task(**kwargs, return_state=True), shards[i], step)
 
+    def redo_missing_inputs(step: str, i: int) -> None:
+        """A missing or corrupt input names the phase that wrote it: redo that phase (its
+        cache refreshed) and, the same way, whatever of its own inputs is gone too, then
+        this step. So an output folder deleted between runs is made again from the text
+        encoding on, although every stage of the earlier run is in Prefect's cache."""
+        upstream = steps[:steps.index(step)]
+        for _ in range(len(steps) + 1):  # a round redoes at least one upstream step
+            producers = {r.corrupt_input for r in results[step][i] if r.corrupt_input}
+            if not producers:
+                return
+            for producer in sorted(producers):
+                if producer == ENCODE_NEGATIVE:
+                    shared["negative"] = encode_negative(ctx, phases, refresh=True)
+                elif producer in upstream:
+                    results[producer][i] = run_now(producer, i, refresh=True)
+                    redo_missing_inputs(producer, i)
+            results[step][i] = run_now(step, i, refresh=True)
+
     for position, step in enumerate(steps):
         previous = results[steps[position - 1]] if position else None
         futures: dict[int, PrefectFuture] = {}
@@ -110,16 +128,7 @@ def process_window(shards: list[Shard], ctx: RunContext, phases: tuple[Phase, ..
             step_results[i] = shard_results(future.state, shards[i], step)
         results[step] = step_results
         for i in futures:
-            # A missing or corrupt input names the phase that wrote it: redo that, then this.
-            producers = {r.corrupt_input for r in results[step][i] if r.corrupt_input}
-            if not producers:
-                continue
-            for producer in producers:
-                if producer == ENCODE_NEGATIVE:
-                    shared["negative"] = encode_negative(ctx, phases, refresh=True)
-                else:
-                    results[producer][i] = run_now(producer, i, refresh=True)
-            results[step][i] = run_now(step, i)
+            redo_missing_inputs(step, i)
     return results
 
 

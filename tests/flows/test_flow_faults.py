@@ -146,3 +146,33 @@ def test_bad_s3_configuration_fails_clearly_and_writes_nothing(
     error = str(state.result(raise_on_failure=False))
     assert expected in error and "not-the-secret" not in error and s3_env.secret_key not in error
     assert s3_env.client().list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+
+
+def test_an_output_deleted_between_runs_is_made_again_from_the_start(
+        prefect_server, tiny_wan_path: Path, tmp_path: Path) -> None:
+    """Every stage of the first run is in Prefect's cache, pointing at checkpoints that are
+    gone: each missing input sends the flow one phase further up, to the text encoding."""
+    import shutil
+
+    dataset = write_dataset(tmp_path / "prompts.jsonl", [{"prompt": PROMPTS[0]}])
+    output = tmp_path / "out"
+    run = dict(dataset=str(dataset), output=str(output), model_path=str(tiny_wan_path), **TINY)
+    assert bulk(**run, return_state=True).is_completed()
+    (first,) = read_manifest(str(output)).values()
+    shutil.rmtree(output)
+
+    state = bulk(**run, return_state=True)
+    assert state.is_completed(), state.message
+    (again,) = read_manifest(str(output)).values()
+    assert again["status"] == "succeeded"
+    assert again["video_sha256"] == first["video_sha256"]
+    assert Path(again["video_uri"].removeprefix("file://")).is_file()
+    states = task_states(state.state_details.flow_run_id)
+    shard = f"shard-00000-{first['item_id']}"
+    # Cached at first, then each stage redone once its own input was made again.
+    for stage in ("encode-text", "prepare-latents"):
+        assert states[f"{stage}-{shard}"][0] == "Cached" and states[f"{stage}-{shard}"][-1] == "Completed"
+    for stage in ("denoise", "decode"):
+        assert states[f"{stage}-{shard}"][0] == "Cached", states
+        assert states[f"{stage}-{shard}"][-1] == "Completed", states
+    assert states[f"write-video-{shard}"][-1] == "Completed"

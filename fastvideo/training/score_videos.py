@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from fastvideo.training.scorer import ATTRIBUTES, Detection, detect
 from fastvideo.training.shapes_data import Attributes, parse_caption
 
@@ -37,7 +39,7 @@ class ScoredVideo:
         return {**flags, "all": all(flags.values())}
 
 
-def read_video(uri: str):
+def read_video(uri: str) -> torch.Tensor:
     """`[T, H, W, 3]` uint8 frames of a local path or a store URI (s3://, file://)."""
     from fastvideo.storage.uri import read_uri
     from fastvideo.utils.video_io import read_mp4
@@ -73,6 +75,7 @@ def manifest_videos(run: str | Path) -> list[tuple[str, str]]:
     missing = {"prompt", "video_uri", "status"} - set(table.column_names)
     if missing:
         raise ValueError(f"{uri} is not a bulk run's manifest: no {sorted(missing)} column(s)")
+    # "succeeded" is tasks.manifest.SUCCEEDED; the engine reads the file, never imports tasks.
     return [(row["prompt"], row["video_uri"]) for row in table.to_pylist()
             if row["status"] == "succeeded" and row["video_uri"]]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fastvideo.training.scorer import ATTRIBUTES, Detection, detect
+from fastvideo.training.scorer import ATTRIBUTES, Detection, compare, detect
 from fastvideo.training.shapes_data import Attributes, parse_caption
 
 
@@ -34,9 +34,7 @@ class ScoredVideo:
     def right(self) -> dict[str, bool]:
         if self.wanted is None or self.found is None:
             return {}
-        flags = {name: getattr(self.found, name) == getattr(self.wanted, name)
-                 for name in ATTRIBUTES}
-        return {**flags, "all": all(flags.values())}
+        return compare(self.found, self.wanted)
 
 
 def read_video(uri: str) -> torch.Tensor:

@@ -13,7 +13,7 @@ Clips are `[T, H, W, 3]`: uint8 in [0, 255], or float in the range named by
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -151,8 +151,12 @@ def score(clip: torch.Tensor, target: Scene | Attributes | str,
         target = target.attributes
     elif isinstance(target, str):
         target = parse_caption(target)
-    found = asdict(detect(clip, value_range))
-    flags = {name: found[name] == getattr(target, name) for name in ATTRIBUTES}
+    return compare(detect(clip, value_range), target)
+
+
+def compare(found: Detection, wanted: Attributes) -> dict[str, bool]:
+    """Per attribute, whether the detection is what was wanted; "all" when every one is."""
+    flags = {name: getattr(found, name) == getattr(wanted, name) for name in ATTRIBUTES}
     flags["all"] = all(flags.values())
     return flags
 

@@ -99,14 +99,14 @@ def sta_config_file(trick: Trick, model_path: str | Path, config: EvalConfig,
             max_sequence_length=config.max_sequence_length)
 
     def step_density(step: int) -> float:
-        """Mean share of key tiles over the layers and heads of `step` (dense: 1)."""
-        if step < sta.num_full_steps:
-            return 1.0
-        if step not in sta.windows:
-            return (1.0 if sta.default_window is None
-                    else sta_block_density(grid, STA_TILE, sta.default_window))
-        shares = [1.0 if window is None else sta_block_density(grid, STA_TILE, window)
-                  for heads in sta.windows[step] for window in heads]
+        """Mean share of key tiles over the layers and heads of `step` (dense: 1), with
+        the windows the backend would use (`head_windows`)."""
+        layers = sta.windows.get(step)
+        heads_of = ([sta.head_windows(step, layer, len(heads)) for layer, heads in
+                     enumerate(layers)] if layers else [sta.head_windows(step, None, 1)])
+        shares = [1.0 if heads is None else
+                  sum(1.0 if w is None else sta_block_density(grid, STA_TILE, w)
+                      for w in heads) / len(heads) for heads in heads_of]
         return sum(shares) / len(shares)
 
     steps = config.num_inference_steps

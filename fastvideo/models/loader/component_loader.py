@@ -17,6 +17,7 @@ from fastvideo.models.compile import compile_repeated_blocks
 from fastvideo.models.compile_cache import configure_compile_cache, configure_kernel_cache
 from fastvideo.models.loader.weight_utils import WeightFileError, find_weight_files, iterate_weights
 from fastvideo.models.registry import ModelEntry, resolve_model
+from fastvideo.models.vae_speed import speed_up_vae
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,13 @@ def load_component(name: str, spec: list[str] | tuple[str, str], model_path: str
                 configure_compile_cache(fastvideo_args.compile_cache_dir)
             compile_repeated_blocks(model, dtype=dtype)
         return model
-    return _load_library_component(entry, folder, fastvideo_args.device, dtype)
+    component = _load_library_component(entry, folder, fastvideo_args.device, dtype)
+    if name in _VAE_COMPONENTS and fastvideo_args.device.startswith("cuda"):
+        if fastvideo_args.enable_torch_compile and fastvideo_args.compile_cache_dir is not None:
+            configure_compile_cache(fastvideo_args.compile_cache_dir)
+        speed_up_vae(component, channels_last=True,
+                     compile_blocks=fastvideo_args.enable_torch_compile)
+    return component
 
 
 def _load_fastvideo_model(entry: ModelEntry, folder: Path, device: str,

@@ -8,6 +8,7 @@ import torch
 
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.forward_batch import ForwardBatch
+from fastvideo.models.vae_speed import vae_input
 from fastvideo.pipelines.stages.base import PipelineStage
 from fastvideo.pipelines.stages.latent_normalization import LatentNormalization
 
@@ -27,7 +28,8 @@ class DecodingStage(PipelineStage):
     def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
         param = next(self.vae.parameters())
         latents = batch.latents.to(param.device, param.dtype)
-        video = self.vae.decode(self.normalization.denormalize(latents), return_dict=False)[0]
+        latents = vae_input(self.vae, self.normalization.denormalize(latents))
+        video = self.vae.decode(latents, return_dict=False)[0]
         frames = (video * 0.5 + 0.5).clamp(0, 1)
         batch.output = frames.permute(0, 2, 3, 4, 1).float().cpu()
         return batch

@@ -12,7 +12,8 @@
 # `dense sta` measures STA alone on a machine where the baseline and dense are already measured.
 #
 # `prepare` instead of `diffusers` installs and builds the checkpoint without the baseline
-# (for a machine lost mid-way, when the session's baseline is already measured).
+# (for a machine lost mid-way, when the session's baseline is already measured) and runs
+# bench_vae_decode.py instead.
 #
 # Results go to $OUT (bench_<step>.json, the flow and worker logs).
 set -uo pipefail
@@ -45,7 +46,11 @@ diffusers|prepare)
     nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv
     python3 benchmarks/make_random_wan.py --output /tmp/wan --device cuda \
         --json-out "$OUT/build.json" 2>&1 | grep -v -i warn | tail -6
-    [ "$step" = prepare ] || bench --phases diffusers --json-out "$OUT/bench_diffusers.json" ;;
+    if [ "$step" = prepare ]; then  # the VAE decode variants, while the GPU is free
+        python3 benchmarks/bench_vae_decode.py --json-out "$OUT/vae.json" 2>&1 | grep -v -i warn
+    else
+        bench --phases diffusers --json-out "$OUT/bench_diffusers.json"
+    fi ;;
 carry)
     mkdir -p /tmp/cu && cp .gpu2/cu13.part.a /tmp/cu/ && ls -la /tmp/cu ;;
 dense)

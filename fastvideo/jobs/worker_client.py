@@ -102,6 +102,9 @@ def _log_tail(log: Path, num_chars: int = 3000) -> str:
 
 
 _CHILDREN: list[subprocess.Popen] = []
+
+SPAWNED_AT_ENV = "FASTVIDEO_WORKER_SPAWNED_AT"
+"""Wall time a worker was spawned at, so its log can say what its start-up cost."""
 """Workers this process started: kept so their exit status is collected (no zombies)."""
 
 
@@ -154,7 +157,7 @@ def ensure_worker(spec: WorkerSpec, idle_timeout_s: float = 1800.0,
 
 
 def _spawn(spec: WorkerSpec, sock_path: Path, log: Path, idle_timeout_s: float) -> int:
-    env = dict(os.environ)
+    env = {**os.environ, SPAWNED_AT_ENV: repr(time.time())}
     if spec.cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
     with open(log, "ab") as out:

@@ -64,6 +64,9 @@ def test_options_reach_the_worker(worker_dir: Path, tiny_wan_path: Path) -> None
     assert info["attention_backends"]["requested"] == ["TORCH_SDPA"]
     assert info["compiled_blocks"] == 2  # the tiny DiT's two blocks, compiled on first use
     assert info["batch_cfg"] is False and info["sta"] is False
+    # Its log says what its start-up cost, from its spawn (imports) and its load.
+    log = "".join(p.read_text() for p in worker_dir.glob("*.log"))
+    assert "s after its spawn at" in log and "loaded in" in log, log[-2000:]
     # Other options, another worker; the same options, the same worker.
     other = _spec(tiny_wan_path)
     assert describe_worker(other)["pid"] != info["pid"]

@@ -47,7 +47,8 @@ diffusers|prepare)
     python3 benchmarks/make_random_wan.py --output /tmp/wan --device cuda \
         --json-out "$OUT/build.json" 2>&1 | grep -v -i warn | tail -6
     if [ "$step" = prepare ]; then  # the VAE decode variants, while the GPU is free
-        python3 benchmarks/bench_vae_decode.py --json-out "$OUT/vae.json" 2>&1 | grep -v -i warn
+        [ "${VAE_BENCH:-1}" = 0 ] ||
+            python3 benchmarks/bench_vae_decode.py --json-out "$OUT/vae.json" 2>&1 | grep -v -i warn
     else
         bench --phases diffusers --json-out "$OUT/bench_diffusers.json"
     fi ;;

@@ -49,7 +49,6 @@ from fastvideo.jobs.items import (
     shard_from_dict,
     to_jsonable,
 )
-from fastvideo.jobs.options import EngineOptions
 from fastvideo.jobs.shard_runner import ShardRunner
 from fastvideo.jobs.worker_client import SPAWNED_AT_ENV, WorkerSpec
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
@@ -76,27 +75,6 @@ class _Connection:
             self.gone = True  # the caller died or gave up: its items not started are skipped
 
 
-def import_kernels_beside(options: EngineOptions, device: str) -> threading.Thread | None:
-    """On CUDA, import FlashAttention's CuTe package in a thread while CUDA starts and the
-    weights load: choosing the attention backends imports it anyway, and that import took
-    8.5 s of a 21.5 s load on an H200, after everything else. Its kernel cache is set up
-    first (it must be, before the import). Returns the thread, or None on other devices."""
-    if not device.startswith("cuda"):
-        return None
-
-    def work() -> None:
-        from fastvideo.attention.backends.flash_cute import import_package
-        from fastvideo.models.compile_cache import configure_kernel_cache
-
-        if options.compile_cache_dir is not None:
-            configure_kernel_cache(options.compile_cache_dir)
-        import_package()  # a failure is reported where the backend is chosen
-
-    thread = threading.Thread(target=work, name="import-kernels", daemon=True)
-    thread.start()
-    return thread
-
-
 class WarmWorker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
@@ -111,7 +89,6 @@ class WarmWorker:
 
     def _load(self) -> ComposedPipelineBase:
         """Every module of the model, once: each request's stages reuse them."""
-        kernels = import_kernels_beside(self.spec.options, self.spec.device)
         if self.spec.device.startswith("cuda"):
             torch.cuda.set_device(self.spec.device if ":" in self.spec.device else 0)
         from fastvideo.pipelines.builder import build_pipeline
@@ -122,8 +99,6 @@ class WarmWorker:
                                        self.spec.device, self.spec.dtype, stages)
         if self.spec.device.startswith("cuda"):
             torch.cuda.synchronize()  # the lanes' own streams read these weights
-        if kernels is not None:
-            kernels.join()
         return pipeline
 
     def describe(self) -> dict[str, Any]:

@@ -5,15 +5,18 @@ from the DiT. diffusers' `AutoencoderKLWan` at 480x832x81 in fp32 on an H200 spe
 a video: ~1.5 s in cuDNN's channels-last convolutions, 0.24 s converting every activation
 to channels-last and back for them, ~0.9 s in separate element-wise kernels (normalize,
 scale, SiLU, causal-cache copies). Two changes, each within TF32's rounding of the
-reference (`benchmarks/bench_vae_decode.py`, `benchmarks/RESULTS.md`):
+reference (max abs 2.8e-3 on [-1, 1], a third of an 8-bit level; H200 figures from
+`benchmarks/bench_vae_decode.py`, in `benchmarks/RESULTS.md`):
 
 * conv weights and the latents in `channels_last_3d`, so activations stay in the layout
-  cuDNN computes in (2.61 s);
-* with `enable_torch_compile`, each residual block and RMS norm compiled by Inductor,
-  which fuses their element-wise work (2.19 s; about a minute of compiling on the first
-  decode of an empty compile cache, none after).
-
-On the CPU both are slower or not worth their compile, so the loader applies them on CUDA only.
+  cuDNN computes in: 2.60 s. The engine does this on CUDA (on the CPU it is slower).
+* each residual block and RMS norm of the decoder compiled by Inductor as well, which
+  fuses their element-wise work: 1.98 s, after ~70 s of compiling on the first decode of
+  an empty cache. The engine does **not** do this: a warm worker decodes item k on one
+  thread while item k+1's compiled DiT runs on another, and while one thread traces for
+  torch.compile (a global FX-tracing flag) any compiled call on the other fails ("Detected
+  that you are using FX to symbolically trace a dynamo-optimized function"); an H200 bulk
+  run lost 2 of 6 items to it. `compile_blocks=True` is kept for the benchmark.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ CHANNELS_LAST_ATTR = "_fastvideo_channels_last"
 
 def speed_up_vae(vae: nn.Module, *, channels_last: bool, compile_blocks: bool) -> int:
     """Apply the changes above to `vae` in place; returns how many modules were compiled.
-    A VAE class not in `SPED_UP_VAES` is left alone (0)."""
+    A VAE class not in `SPED_UP_VAES` is left alone (0). Compile only where nothing else
+    runs compiled code at the same time (see above)."""
     if type(vae).__name__ not in SPED_UP_VAES:
         return 0
     if channels_last:

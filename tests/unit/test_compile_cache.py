@@ -167,33 +167,3 @@ def test_kernel_cache_keeps_cute_kernels_under_the_dir(tmp_path: Path,
     monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED")
     monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", object())
     assert configure_kernel_cache(tmp_path / "cache") is None
-
-
-def test_the_warm_worker_imports_the_kernels_beside_its_load_with_their_cache_first(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CUDA the worker imports the CuTe package in a thread while it loads, after
-    pointing the package's kernel cache at the compile cache folder; elsewhere it does not."""
-    import sys
-
-    from fastvideo.attention.backends import flash_cute
-    from fastvideo.entrypoints.warm_worker import import_kernels_beside
-    from fastvideo.jobs.options import EngineOptions
-
-    for name in ("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"):
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
-    monkeypatch.delitem(sys.modules, "flash_attn.cute.interface", raising=False)
-    flash_cute._import_failure.cache_clear()
-    options = EngineOptions(compile_cache_dir=str(tmp_path / "cache"))
-    assert import_kernels_beside(options, "cpu") is None
-    assert "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR" not in os.environ
-    thread = import_kernels_beside(options, "cuda:0")
-    assert thread is not None
-    thread.join(timeout=60)
-    assert not thread.is_alive()
-    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == \
-        str((tmp_path / "cache" / "flash-attn-cute").resolve())
-    # The import was tried (and its outcome cached for the backend choice): without the
-    # package, the reason it does not import.
-    assert flash_cute._import_failure.cache_info().currsize == 1
-    assert flash_cute._import_failure() == flash_cute.import_package()

@@ -30,12 +30,6 @@ def _import_failure() -> str | None:
     return None
 
 
-def import_package() -> str | None:
-    """Import the CuTe kernels' package now (seconds: the DSL's compiler bindings), so a
-    caller can do it beside other work; returns why it does not import, or None."""
-    return _import_failure()
-
-
 @torch.compiler.assume_constant_result
 def cute_unavailable_reason(device: torch.device | str, dtype: torch.dtype | None = None,
                             head_size: int | None = None) -> str | None:

@@ -104,10 +104,9 @@ def load_component(name: str, spec: list[str] | tuple[str, str], model_path: str
         return model
     component = _load_library_component(entry, folder, fastvideo_args.device, dtype)
     if name in _VAE_COMPONENTS and fastvideo_args.device.startswith("cuda"):
-        if fastvideo_args.enable_torch_compile and fastvideo_args.compile_cache_dir is not None:
-            configure_compile_cache(fastvideo_args.compile_cache_dir)
-        speed_up_vae(component, channels_last=True,
-                     compile_blocks=fastvideo_args.enable_torch_compile)
+        # Not compiled: a warm worker decodes on one thread while the DiT may compile on
+        # another, and two torch.compile traces at once fail (vae_speed's docstring).
+        speed_up_vae(component, channels_last=True, compile_blocks=False)
     return component
 
 

@@ -102,10 +102,10 @@ def _log_tail(log: Path, num_chars: int = 3000) -> str:
 
 
 _CHILDREN: list[subprocess.Popen] = []
+"""Workers this process started: kept so their exit status is collected (no zombies)."""
 
 SPAWNED_AT_ENV = "FASTVIDEO_WORKER_SPAWNED_AT"
 """Wall time a worker was spawned at, so its log can say what its start-up cost."""
-"""Workers this process started: kept so their exit status is collected (no zombies)."""
 
 
 def _alive(pid_file: Path) -> int | None:

@@ -104,8 +104,8 @@ def load_component(name: str, spec: list[str] | tuple[str, str], model_path: str
         return model
     component = _load_library_component(entry, folder, fastvideo_args.device, dtype)
     if name in _VAE_COMPONENTS and fastvideo_args.device.startswith("cuda"):
-        # Not compiled: a warm worker decodes on one thread while the DiT may compile on
-        # another, and two torch.compile traces at once fail (vae_speed's docstring).
+        # Not compiled: a warm worker decodes on one thread beside the compiled DiT on
+        # another, and a compile trace on one breaks compiled calls on the other.
         speed_up_vae(component, channels_last=True, compile_blocks=False)
     return component
 

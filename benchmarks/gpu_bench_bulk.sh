@@ -15,6 +15,10 @@
 # (for a machine lost mid-way, when the session's baseline is already measured) and runs
 # bench_vae_decode.py instead.
 #
+# The shipped demo model (models/, 24 MB, tracked) travels with every call and puts the
+# .gpu2/.gpu3 carries over the device tool's 64 MiB: move it out of the working tree for
+# the calls (`mv models /tmp/`) and back after.
+#
 # Results go to $OUT (bench_<step>.json, the flow and worker logs).
 set -uo pipefail
 step=$1

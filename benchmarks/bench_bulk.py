@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -226,7 +227,7 @@ def run_flow(args: argparse.Namespace, name: str, prompts: list[str], options: l
                       orchestration_fraction=round(overhead / statistics.mean(cycles), 4))
     result.update(command_wall_s=round(wall, 2), worker_load_s=round(info["load_s"], 2),
                   # Wall clock of the command's start, to read the logs' times against.
-                  started_at=time.strftime("%H:%M:%S", time.localtime(t0)) + f"{t0 % 1:.3f}"[1:],
+                  started_at=datetime.fromtimestamp(t0).strftime("%H:%M:%S.%f")[:-3],
                   peak_memory_gib=info["peak_memory_gib"], compile_cache=info["compile_cache"],
                   attention_backends=info["attention_backends"],
                   post_lane_s_per_video=round(statistics.mean(

@@ -8,8 +8,8 @@ The decode runs beside the next item's denoising in a bulk run, where every mill
 of it is taken from the DiT; this measures what each variant costs and how far its frames
 move from the fp32 reference (`[-1, 1]` range). `--profile` adds a kernel-time breakdown of
 the reference decode. Variants: `diffusers` (the reference), `channels_last` and
-`ours_compiled` (`fastvideo.models.vae_speed`, as the engine loads the VAE on CUDA without
-and with `enable_torch_compile`), `bf16` (for scale only: the engine decodes in fp32).
+`ours_compiled` (`fastvideo.models.vae_speed`: the first is what the engine does on CUDA;
+the second is not used, see that module), `bf16` (for scale only: the engine decodes in fp32).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -26,7 +25,12 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from bench_dit import time_once  # noqa: E402
+from bench_hunyuan_dit import synchronize  # noqa: E402
+
 from fastvideo.models.vae_speed import speed_up_vae, vae_input  # noqa: E402
 
 
@@ -38,35 +42,31 @@ def build_vae(device: str) -> Any:
     return vae.to(device).eval()
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def _decode_into(out: list[torch.Tensor], vae: Any, x: torch.Tensor) -> None:
+    out[:] = [vae.decode(x, return_dict=False)[0]]
 
 
-def timed(fn: Callable[[], torch.Tensor], device: str, iters: int) -> tuple[list[float], torch.Tensor]:
-    out = fn()  # warm-up (and compile)
-    times = []
-    for _ in range(iters):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times, out
+def _channels_last(vae: Any) -> torch.dtype:
+    speed_up_vae(vae, channels_last=True, compile_blocks=False)
+    return torch.float32
 
 
-def _decode(vae: Any, x: torch.Tensor) -> torch.Tensor:
-    return vae.decode(x, return_dict=False)[0]
+def _compiled(vae: Any) -> torch.dtype:
+    speed_up_vae(vae, channels_last=True, compile_blocks=True)
+    return torch.float32
+
+
+def _bf16(vae: Any) -> torch.dtype:
+    vae.to(torch.bfloat16)
+    return torch.bfloat16
 
 
 # name -> set-up of a freshly built fp32 VAE, returning the dtype its input takes.
 VARIANTS: dict[str, Callable[[Any], torch.dtype]] = {
     "diffusers": lambda vae: torch.float32,  # the reference: as the pipeline runs it
-    "channels_last": lambda vae: (speed_up_vae(vae, channels_last=True, compile_blocks=False),
-                                  torch.float32)[1],
-    "ours_compiled": lambda vae: (speed_up_vae(vae, channels_last=True, compile_blocks=True),
-                                  torch.float32)[1],
-    "bf16": lambda vae: (vae.to(torch.bfloat16), torch.bfloat16)[1],  # for scale, not used
+    "channels_last": _channels_last,
+    "ours_compiled": _compiled,
+    "bf16": _bf16,  # for scale only: the engine decodes in fp32
 }
 
 
@@ -81,6 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     t, h, w = (int(v) for v in args.latent.split(","))
     dev = args.device
+    device = torch.device(dev)
     torch.manual_seed(1)
     z = torch.randn(1, 16, t, h, w, device=dev)
     result: dict[str, Any] = {"latent": [1, 16, t, h, w], "device": torch.cuda.get_device_name() if
@@ -93,18 +94,18 @@ def main() -> None:
         vae = base_vae if name == "diffusers" else build_vae(dev)
         dtype = VARIANTS[name](vae)
         x = vae_input(vae, z.to(dtype))
-        sync(dev)
-        t0 = time.perf_counter()
+        out: list[torch.Tensor] = []
+        decode = partial(_decode_into, out, vae, x)
         with torch.no_grad():
-            times, out = timed(partial(_decode, vae, x), dev, args.iters)
-        first = time.perf_counter() - t0 - sum(times)
-        out = out.float()
+            first = time_once(decode, device) / 1e3  # warm-up (and compile)
+            times = [time_once(decode, device) / 1e3 for _ in range(args.iters)]
+        frames = out[0].float()
         entry: dict[str, Any] = {"median_s": statistics.median(times), "all_s": times,
                                  "first_call_s": first}
         if ref is None:
-            ref = out
+            ref = frames
         else:
-            d = (out - ref).abs()
+            d = (frames - ref).abs()
             entry["max_abs_diff"] = d.max().item()
             entry["mean_abs_diff"] = d.mean().item()
         if dev.startswith("cuda"):
@@ -119,7 +120,7 @@ def main() -> None:
         with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA if dev.startswith("cuda")
                                                    else ProfilerActivity.CPU]) as prof:
             base_vae.decode(z, return_dict=False)
-            sync(dev)
+            synchronize(device)
         rows = []
         for e in prof.key_averages():
             us = (e.device_time_total if dev.startswith("cuda") else e.self_cpu_time_total)

@@ -13,7 +13,7 @@
 #
 # `prepare` instead of `diffusers` installs and builds the checkpoint without the baseline
 # (for a machine lost mid-way, when the session's baseline is already measured) and runs
-# bench_vae_decode.py instead.
+# bench_vae_decode.py instead (`VAE_BENCH=0` skips it).
 #
 # The shipped demo model (models/, 24 MB, tracked) travels with every call and puts the
 # .gpu2/.gpu3 carries over the device tool's 64 MiB: move it out of the working tree for

@@ -54,3 +54,11 @@ def test_bench_bulk_smoke(tmp_path: Path) -> None:
     assert sta["attention_backends"]["requested"] == ["SLIDING_TILE_ATTN"]
     assert sta["engine_s_per_video"] > 0 and "orchestration_checkpoint_s_per_video" in sta
     assert {e["lane"] for e in sta["timeline"]} == {"gpu", "post"}
+
+
+def test_bench_vae_decode_smoke(tmp_path: Path) -> None:
+    result = _run("bench_vae_decode.py", "--device", "cpu", "--latent", "2,4,4", "--iters", "1",
+                  "--variants", "diffusers,channels_last,bf16", tmp_path=tmp_path)
+    assert result["channels_last"]["max_abs_diff"] < 1e-5  # the same computation
+    assert 0 < result["bf16"]["max_abs_diff"] < 0.2
+    assert result["diffusers"]["median_s"] > 0

@@ -39,7 +39,7 @@ install() {
         --no-cache-dir --upgrade --target /tmp/site "${others[@]}"
 }
 bench() {
-    python3 benchmarks/bench_bulk.py --model-path /tmp/wan --num-prompts 6 --workdir /tmp/bench \
+    python3 benchmarks/bench_bulk.py --model-path /tmp/wan --num-prompts "${BENCH_PROMPTS:-6}" --workdir /tmp/bench \
         "$@" 2>&1 | grep -v -i warn | tail -40
     cp /tmp/bench/*.log "$OUT"/ 2>/dev/null
     for log in /tmp/bench/workers-*/*.log; do cp "$log" "$OUT/worker-$(basename "$(dirname "$log")").log"; done 2>/dev/null

@@ -183,13 +183,19 @@ def bulk(
     key = artifact_key or output_key(output)
     progress = DatasetProgress(tally, dataset, key)
     last_manifest = time.monotonic()
+    made: dict[int, list[dict[str, Any]]] = {}  # by shard: shards end in any order
+
+    def in_order() -> list[dict[str, Any]]:
+        return rows + [row for index in sorted(made) for row in made[index]]
+
     for shard, results in run_shards(make_shards(plan.items, shard_size), ctx, run, concurrency):
-        rows += shard_rows(shard, results, flow_run.id)
+        made[shard.index] = shard_rows(shard, results, flow_run.id)
         tally.count_shard(results)
         progress.update()
         if time.monotonic() - last_manifest > manifest_interval_s:
-            write_manifest(rows, output)
+            write_manifest(in_order(), output)
             last_manifest = time.monotonic()
+    rows = in_order()
     manifest_uri = write_manifest(rows, output)
     seconds = time.perf_counter() - start
     publish_results(rows, tally, seconds, output, manifest_uri, key, lineage)

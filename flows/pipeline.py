@@ -4,8 +4,8 @@ run over shards: the sequence both flows share. Nothing here knows a pipeline's 
 Placement `all` (`process_remote`): one `generate-shard` task per shard hands it whole to
 a warm worker; `2 * concurrency + 1` shards are kept in flight (per GPU one being
 denoised and one being decoded and written, plus one queued), so a worker always has the
-next shard queued even when decoding takes longer than denoising (STA), and its GPU never
-waits for the flow between shards.
+next shard queued even when decoding takes longer than denoising (STA). The next shard goes
+out as soon as any one ends, so the GPU never waits for the flow between shards.
 
 Otherwise (`process_window`), stage by stage, a window's shards are submitted together
 (the flow's task runner decides how many run at once), so with dispatch `deployment`
@@ -17,13 +17,12 @@ the bad checkpoint), then the stage itself, once.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
 from prefect import Task
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectFuture, as_completed
 from prefect.states import State
 
 from fastvideo.jobs.item_phases import ENCODE_NEGATIVE, WRITE_VIDEO
@@ -135,29 +134,37 @@ def process_window(shards: list[Shard], ctx: RunContext, phases: tuple[Phase, ..
 def in_flight_limit(concurrency: int) -> int:
     """Shards a warm worker's flow keeps in flight: per GPU one denoising and one in the post
     lane (decode, mp4), plus one queued. With fewer, the GPU idles whenever an item's decode
-    outlasts the next item's denoise: the next shard is only submitted when the oldest ends."""
+    outlasts the next item's denoise."""
     return 2 * max(concurrency, 1) + 1
 
 
 def process_remote(shards: list[Shard], ctx: RunContext, dispatch: Dispatch, concurrency: int
                    ) -> Iterator[tuple[Shard, dict[str, list[ItemResult]]]]:
-    """Each shard's results per stage, in shard order, as its `generate-shard` task ends."""
-    in_flight: deque[tuple[Shard, PrefectFuture]] = deque()
+    """Each shard's results per stage, as its `generate-shard` task ends, in the order they
+    end. The next shard goes out as soon as any shard in flight ends: a worker serves shards
+    in the order they reach it, which is not always the order the flow submitted them, and
+    waiting for the oldest left the GPU idle (an H200 STA run: shard 0 reached the worker
+    after shard 2, and shard 3 went out only when shard 0's decode ended, 6 s after the
+    GPU had finished shard 1)."""
     pending = iter(shards)
-    for shard in pending:
-        in_flight.append((shard, generate_shard.submit(shard, ctx, dispatch)))
-        if len(in_flight) >= in_flight_limit(concurrency):
-            break
+    in_flight: dict[PrefectFuture, Shard] = {}
+
+    def submit_next() -> None:
+        shard = next(pending, None)
+        if shard is not None:
+            in_flight[generate_shard.submit(shard, ctx, dispatch)] = shard
+
+    for _ in range(in_flight_limit(concurrency)):
+        submit_next()
     while in_flight:
-        shard, future = in_flight.popleft()
-        future.wait()
+        future = next(as_completed(list(in_flight)))
+        future.wait()  # ended: this keeps its final state, with its data, on the future
+        shard = in_flight.pop(future)
+        submit_next()
         results = future.state.result(raise_on_failure=False)
         if not isinstance(results, dict):
             error = f"{SHARD_TASK} task ended {future.state.name}: {results}"
             results = {SHARD_TASK: [failure(i.item_id, SHARD_TASK, error) for i in shard.items]}
-        following = next(pending, None)
-        if following is not None:
-            in_flight.append((following, generate_shard.submit(following, ctx, dispatch)))
         yield shard, results
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -115,33 +117,75 @@ def test_manifest_round_trip_and_labels(tmp_path: Path) -> None:
         Dispatch(mode="slurm")
 
 
+class _ShardFuture:
+    """A `generate-shard` future that a test's worker thread finishes, as Prefect's
+    `as_completed` waits on one."""
+
+    def __init__(self, shard) -> None:
+        self.shard = shard
+        self._final_state = None
+        self._callbacks: list = []
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+
+    @property
+    def state(self):
+        return self._final_state
+
+    def wait(self) -> None:
+        self._done.wait()
+
+    def add_done_callback(self, callback) -> None:
+        with self._lock:
+            if self._final_state is None:
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def finish(self) -> None:
+        with self._lock:
+            self._final_state = SimpleNamespace(name="Completed", result=lambda **_: {
+                "write-video": [ItemResult(item_id=i.item_id) for i in self.shard.items]})
+            callbacks, self._callbacks = self._callbacks, []
+        self._done.set()
+        for callback in callbacks:
+            callback(self)
+
+
 @pytest.mark.parametrize("concurrency", [1, 2])
-def test_a_warm_worker_has_shards_queued_beyond_the_one_in_its_post_lane(
+def test_a_warm_worker_gets_the_next_shard_when_any_shard_ends(
         monkeypatch: pytest.MonkeyPatch, concurrency: int) -> None:
-    """While the flow waits for its oldest shard (decoding on the worker), the worker must
-    already hold the next ones: per GPU one denoising and one queued (with STA a decode
-    outlasts the next denoise, and one shard of look-ahead left the GPU idle)."""
+    """Shards reach the worker in any order. When the oldest one is still running (here
+    shard 0, served last), the shards after it must end and be replaced at once: waiting
+    for the oldest left the worker's GPU idle between shards."""
     import flows.pipeline as pipeline
 
     items, _ = parse_rows([{"prompt": f"prompt {i}"} for i in range(8)], DEFAULTS)
     shards = make_shards(items, 1)
-    submitted: list[int] = []
-    in_flight_when_waited: list[int] = []
+    futures: list[_ShardFuture] = []
+    oldest_running_at_submit: list[bool] = []
 
-    class Future:
-        def __init__(self, shard) -> None:
-            self.shard = shard
-            self.state = SimpleNamespace(name="Completed", result=lambda **_: {
-                "write-video": [ItemResult(item_id=i.item_id) for i in shard.items]})
+    def submit(shard, ctx, dispatch) -> _ShardFuture:
+        oldest_running_at_submit.append(bool(futures) and futures[0].state is None)
+        futures.append(_ShardFuture(shard))
+        return futures[-1]
 
-        def wait(self) -> None:
-            in_flight_when_waited.append(len(submitted) - self.shard.index)
+    def worker() -> None:  # serves every shard but the oldest, then the oldest
+        late = time.monotonic() + 3  # a flow that waits for the oldest gets it late
+        while len(futures) < len(shards) or any(f.state is None for f in futures):
+            ready = [f for f in futures[1:] if f.state is None]
+            if ready:
+                ready[0].finish()
+            elif futures and futures[0].state is None and (len(futures) == len(shards)
+                                                or time.monotonic() > late):
+                futures[0].finish()
+            time.sleep(0.005)
 
-    monkeypatch.setattr(pipeline.generate_shard, "submit",
-                        lambda shard, ctx, dispatch: submitted.append(shard.index)
-                        or Future(shard))
-    done = [shard.index for shard, _ in pipeline.process_remote(shards, None, None,
-                                                                 concurrency)]
-    assert done == submitted == list(range(8))
-    expected = 2 * concurrency + 1
-    assert in_flight_when_waited[:8 - expected] == [expected] * (8 - expected)
+    monkeypatch.setattr(pipeline.generate_shard, "submit", submit)
+    threading.Thread(target=worker, daemon=True).start()
+    done = [shard.index for shard, results in pipeline.process_remote(
+        shards, None, None, concurrency)]
+    limit = 2 * concurrency + 1
+    assert [f.shard.index for f in futures] == list(range(8))
+    assert oldest_running_at_submit[limit:] == [True] * (8 - limit)
+    assert done == [*range(1, 8), 0]

@@ -19,6 +19,9 @@
 # .gpu2/.gpu3 carries over the device tool's 64 MiB: move it out of the working tree for
 # the calls (`mv models /tmp/`) and back after.
 #
+# `BENCH_PROMPTS=N` runs N prompts instead of 6 (a phase on a machine with little device
+# time left; N >= 3 still gives a steady state).
+#
 # Results go to $OUT (bench_<step>.json, the flow and worker logs).
 set -uo pipefail
 step=$1

@@ -13,9 +13,17 @@ only what is missing. Dataset format and per-row options: `tasks.dataset`.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":
+    # Before Prefect and the stages are imported (seconds): a warm worker's start-up is
+    # the first video's critical path, so it starts first.
+    from flows.cli import start_worker_from_argv
+
+    start_worker_from_argv(sys.argv[1:])
+
 import argparse
 import re
-import sys
 import time
 from typing import Any
 
@@ -223,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="ignore dataset columns that are no request option")
     add_options(parser)
     args = parser.parse_args(argv)
-    start_worker_early(bulk.fn, args.model_path, given_options(args))
+    start_worker_early(args.model_path, given_options(args))  # main(argv) callers
     with prepared_environment():
         state = bulk(dataset=args.dataset, output=args.output, model_path=args.model_path,
                      training_data=args.training_data, artifact_key=args.artifact_key,

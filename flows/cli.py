@@ -1,4 +1,6 @@
-"""Command-line plumbing shared by `python -m flows.<name>`: options and the closing message."""
+"""Command-line plumbing shared by `python -m flows.<name>`: options, the early start of a
+warm worker and the closing message. Imports no Prefect (`start_worker_from_argv` runs
+before the flows import it)."""
 
 from __future__ import annotations
 
@@ -6,12 +8,10 @@ import argparse
 import contextlib
 import inspect
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from uuid import UUID
-
-from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_UI_URL
 
 # Same names, types and help as `fastvideo generate`'s sampling options.
 from fastvideo.entrypoints.cli import add_dataclass_options
@@ -118,29 +118,57 @@ def run_settings(dispatch: str, placement: str | None, nproc_per_node: int,
                 step_cache_threshold=step_cache_threshold))
 
 
-def start_worker_early(flow_fn: Callable[..., Any], model_path: str,
-                       options: dict[str, Any]) -> None:
+FLOW_RUN_DEFAULTS: dict[str, Any] = dict(
+    dispatch="inprocess", placement=None, nproc_per_node=1, sp_size=None, deployment=None,
+    remote_launcher="inprocess", worker_idle_timeout_s=1800.0, device=None, dtype=None,
+    attention_backend=None, sta_config=None, enable_torch_compile=False, batch_cfg=True,
+    vae_dtype="float32", compile_cache_dir=None, step_cache_threshold=None)
+"""The flows' defaults of what picks a warm worker (the flows' signatures repeat them, for
+Prefect's parameter schema; a test keeps the two equal)."""
+
+
+class _QuietParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(message)
+
+
+def start_worker_from_argv(argv: list[str]) -> None:
+    """`python -m flows.<name>`'s first act, before it imports Prefect and the stages (a
+    warm worker's start-up is the first video's critical path): with every stage on this
+    node's warm worker, start it loading the model. The command line is parsed again, and
+    reported on, by the flow's own parser."""
+    parser = _QuietParser(add_help=False)
+    parser.add_argument("--model-path")
+    add_options(parser)
+    try:
+        args, _ = parser.parse_known_args(argv)
+    except ValueError:
+        return
+    if args.model_path:
+        start_worker_early(args.model_path, given_options(args))
+
+
+def start_worker_early(model_path: str, options: dict[str, Any]) -> None:
     """With every stage on this node's warm worker, start it loading the model now, while
-    Prefect starts its server (seconds each, side by side instead of one after the other).
-    Bad options are left for the flow to report."""
-    defaults = {name: p.default for name, p in inspect.signature(flow_fn).parameters.items()}
-    given = {**defaults, **options}
+    this process imports the flow and Prefect starts its server (side by side instead of
+    one after the other). Bad options are left for the flow to report."""
+    given = {**FLOW_RUN_DEFAULTS, **options}
     names = inspect.signature(run_settings).parameters
     try:
         dispatch, engine = run_settings(**{name: given[name] for name in names})
         if dispatch.mode != "worker" or not dispatch.remote_stages:
             return
         from fastvideo.fastvideo_args import FastVideoArgs
-        from fastvideo.jobs.worker_client import ensure_worker
-        from tasks.shard import worker_spec_for
+        from fastvideo.jobs.worker_client import ensure_worker, worker_spec_for
 
         path = str(Path(model_path).resolve())
         args = FastVideoArgs(model_path=path, dtype=given["dtype"],
                              **({"device": given["device"]} if given["device"] else {}))
         for index in range(dispatch.nproc_per_node):
-            ensure_worker(worker_spec_for(path, args.device, args.dtype, engine, dispatch, index),
-                          dispatch.worker_idle_timeout_s, wait=False)
-    except ValueError:
+            spec = worker_spec_for(path, args.device, args.dtype, engine,
+                                   dispatch.nproc_per_node, index)
+            ensure_worker(spec, dispatch.worker_idle_timeout_s, wait=False)
+    except (ValueError, OSError):
         return
 
 
@@ -185,6 +213,8 @@ def local_path(uri: str) -> str:
 
 def ui_hint(flow_run_id: UUID | None) -> str:
     """How to look at the run in the Prefect UI."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_UI_URL
+
     path = f"/runs/flow-run/{flow_run_id}" if flow_run_id else "/runs"
     if PREFECT_API_URL.value():
         return f"Prefect UI: {(PREFECT_UI_URL.value() or '').rstrip('/')}{path}"

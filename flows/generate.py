@@ -6,8 +6,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+if __name__ == "__main__":
+    # Before Prefect and the stages are imported (seconds): a warm worker's start-up is
+    # the first video's critical path, so it starts first.
+    from flows.cli import start_worker_from_argv
+
+    start_worker_from_argv(sys.argv[1:])
+
+import argparse
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -112,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     add_options(parser)
     args = parser.parse_args(argv)
     options = {k: v for k, v in given_options(args).items() if k not in ("shard_size", "concurrency")}
-    start_worker_early(generate.fn, args.model_path, options)
+    start_worker_early(args.model_path, options)  # main(argv) callers
     with prepared_environment():
         state = generate(prompt=args.prompt, output=args.output, model_path=args.model_path,
                          **options, return_state=True)

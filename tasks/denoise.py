@@ -22,7 +22,6 @@ import json
 import subprocess
 import sys
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 from prefect import Task, task
@@ -41,9 +40,9 @@ from fastvideo.jobs.denoise import (
 from fastvideo.jobs.engine import ENGINE
 from fastvideo.jobs.item_phases import denoise_item, denoise_result, phase_inputs
 from fastvideo.jobs.items import ItemResult, RunContext, Shard, failure
-from fastvideo.jobs.worker_client import WorkerSpec, call_worker, replica_gpus
+from fastvideo.jobs.worker_client import call_worker, worker_spec_for
 from fastvideo.pipelines.phases import Phase
-from fastvideo.storage import ArtifactStore, ObjectNotFoundError, model_fingerprint, retry_io
+from fastvideo.storage import ArtifactStore, ObjectNotFoundError, retry_io
 from tasks.common import (
     finish_shard,
     get_store,
@@ -110,10 +109,8 @@ def execute_on_worker(job: DenoiseJob, dispatch: Dispatch, on_progress: Progress
                       index: int = 0) -> list[DenoiseOutcome]:
     """Run a job on this node's warm worker for the job's model, options and device."""
     args = job.engine_args()
-    spec = WorkerSpec(model_path=job.model_path, device=args.device, dtype=args.dtype,
-                      options=job.options,
-                      cuda_visible_devices=replica_gpus(index, dispatch.nproc_per_node),
-                      model_fingerprint=model_fingerprint(Path(job.model_path)))
+    spec = worker_spec_for(job.model_path, args.device, args.dtype, job.options,
+                           dispatch.nproc_per_node, index)
 
     def on_event(event: dict) -> None:
         on_progress(event["item_id"], event["step"], event["total"])

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from fastvideo.jobs.denoise import check_sp_size
+from fastvideo.jobs.replicas import check_sp_size
 
 Mode = Literal["inprocess", "worker", "torchrun", "deployment"]
 Placement = Literal["all", "denoise"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -31,10 +30,9 @@ from fastvideo.jobs.items import (
     shard_from_dict,
     to_jsonable,
 )
-from fastvideo.jobs.options import EngineOptions
 from fastvideo.jobs.shard_runner import ShardResults
-from fastvideo.jobs.worker_client import WorkerSpec, call_worker, replica_gpus
-from fastvideo.storage import ObjectNotFoundError, model_fingerprint, retry_io
+from fastvideo.jobs.worker_client import WorkerSpec, call_worker, worker_spec_for
+from fastvideo.storage import ObjectNotFoundError, retry_io
 from tasks.common import (
     get_store,
     retry_on_store_unavailable,
@@ -50,16 +48,8 @@ SHARD_TASK = "generate-shard"
 def worker_spec(ctx: RunContext, dispatch: Dispatch, shard_index: int = 0) -> WorkerSpec:
     """The warm worker a shard goes to (`ctx` fingerprinted on this node): with N GPUs per
     node, replica `index % N`."""
-    return worker_spec_for(ctx.model_path, ctx.device, ctx.dtype, ctx.options, dispatch,
-                           shard_index, ctx.model_fingerprint)
-
-
-def worker_spec_for(model_path: str, device: str, dtype: str, options: EngineOptions,
-                    dispatch: Dispatch, shard_index: int = 0,
-                    fingerprint: str | None = None) -> WorkerSpec:
-    return WorkerSpec(model_path=model_path, device=device, dtype=dtype, options=options,
-                      model_fingerprint=fingerprint or model_fingerprint(Path(model_path)),
-                      cuda_visible_devices=replica_gpus(shard_index, dispatch.nproc_per_node))
+    return worker_spec_for(ctx.model_path, ctx.device, ctx.dtype, ctx.options,
+                           dispatch.nproc_per_node, shard_index, ctx.model_fingerprint)
 
 
 def results_from_json(doc: dict[str, list[dict[str, Any]]]) -> ShardResults:

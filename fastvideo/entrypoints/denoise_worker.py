@@ -29,10 +29,10 @@ from fastvideo.jobs.denoise import (
     DenoiseJob,
     DenoiseOutcome,
     broadcast_bytes,
-    check_sp_size,
     result_key,
     run_denoise_job,
 )
+from fastvideo.jobs.replicas import check_sp_size
 from fastvideo.storage import open_store, retry_io
 
 logger = logging.getLogger(__name__)

@@ -394,16 +394,6 @@ def _broadcast_batch(group: GroupCoordinator, batch: ForwardBatch | None) -> For
     return decode_batch(EncodedBatch(tensors, fields))
 
 
-def check_sp_size(num_procs: int, sp_size: int | None) -> int:
-    """`sp_size` (None: all `num_procs`), or ValueError unless it divides `num_procs`."""
-    sp_size = num_procs if sp_size is None else sp_size
-    if sp_size < 1 or num_procs % sp_size:
-        valid = [d for d in range(1, num_procs + 1) if num_procs % d == 0]
-        raise ValueError(f"sp size {sp_size} must divide the {num_procs} denoise processes; "
-                         f"sizes that work: {valid}")
-    return sp_size
-
-
 def result_key(job_key: str) -> str:
     """Where the outcomes of the job stored under `job_key` go."""
     return f"{job_key.rsplit('/', 1)[0]}/result.json"

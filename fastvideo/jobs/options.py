@@ -45,9 +45,11 @@ class EngineOptions:
     accumulated relative change; None: every step computed."""
 
     def __post_init__(self) -> None:
-        from fastvideo.attention.selector import backend_from_name
-
         if self.attention_backend is not None:
+            # Here, not at the top: the attention package imports the compiler (~1 s), and
+            # the flows' command line builds options before starting a warm worker.
+            from fastvideo.attention.selector import backend_from_name
+
             try:
                 backend_from_name(self.attention_backend)
             except ValueError as exc:

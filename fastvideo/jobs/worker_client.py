@@ -79,6 +79,18 @@ def replica_gpus(shard_index: int, num_replicas: int) -> str | None:
     return gpus[shard_index % num_replicas]
 
 
+def worker_spec_for(model_path: str, device: str, dtype: str, options: EngineOptions,
+                    num_replicas: int = 1, shard_index: int = 0,
+                    fingerprint: str | None = None) -> WorkerSpec:
+    """The worker that serves shard `shard_index` of a run with `num_replicas` workers on
+    this node (`fingerprint`: the model's, computed here when not given)."""
+    from fastvideo.storage import model_fingerprint
+
+    return WorkerSpec(model_path=model_path, device=device, dtype=dtype, options=options,
+                      model_fingerprint=fingerprint or model_fingerprint(Path(model_path)),
+                      cuda_visible_devices=replica_gpus(shard_index, num_replicas))
+
+
 def _paths(spec: WorkerSpec) -> tuple[Path, Path, Path]:
     stem = worker_dir() / f"w-{spec.digest[:16]}"
     return stem.with_suffix(".sock"), stem.with_suffix(".log"), stem.with_suffix(".lock")

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from fastvideo.fastvideo_args import SamplingParam
+from fastvideo.jobs import worker_client
 from fastvideo.jobs.options import EngineOptions
 from flows.bulk import bulk
-from flows.cli import FLOW_RUN_DEFAULTS
+from flows.cli import FLOW_RUN_DEFAULTS, start_worker_from_argv
 from flows.generate import generate
 from tasks.dispatch import Dispatch
 from tasks.prepare import prepare_run
@@ -93,8 +94,15 @@ def test_the_command_starts_the_worker_its_shards_go_to_before_importing_prefect
     ["--dispatch", "worker", "--placement", "denoise"],  # the flow's process runs the rest
     ["--dispatch", "worker", "--attention-backend", "NOPE"],  # left for the flow to report
     ["--dispatch", "worker", "--height", "not-a-number"],  # argparse's error: the flow's
-], ids=["inprocess", "placement-denoise", "bad-option", "bad-number"])
-def test_no_early_worker_without_a_valid_worker_run(tmp_path: Path, tiny_wan_path: Path,
-                                                    argv: list[str]) -> None:
-    assert _first_act(tmp_path, "flows.bulk", "--dataset", "unused.jsonl", "--output",
-                      str(tmp_path / "out"), "--model-path", str(tiny_wan_path), *argv) is None
+    ["--dispatch", "worker"],  # no --model-path: the flow's parser says so
+], ids=["inprocess", "placement-denoise", "bad-option", "bad-number", "no-model"])
+def test_no_early_worker_without_a_valid_worker_run(tiny_wan_path: Path, argv: list[str],
+                                                    monkeypatch, capsys) -> None:
+    asked = []
+    monkeypatch.setattr(worker_client, "ensure_worker", lambda spec, *_, **__: asked.append(spec))
+    model = [] if argv == ["--dispatch", "worker"] else ["--model-path", str(tiny_wan_path)]
+    start_worker_from_argv(["--dataset", "d.jsonl", *model, *argv])
+    assert asked == [] and capsys.readouterr() == ("", "")  # and it printed nothing
+    start_worker_from_argv(["--dataset", "d.jsonl", "--model-path", str(tiny_wan_path),
+                            "--dispatch", "worker"])
+    assert len(asked) == 1  # the same call with a valid worker run starts one

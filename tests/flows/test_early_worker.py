@@ -50,13 +50,12 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
-def _first_act(tmp_path: Path, module: str, *argv: str) -> dict | None:
-    out = tmp_path / "asked.json"
+def _first_act(tmp_path: Path, module: str, *argv: str) -> dict:
+    out = tmp_path / f"asked-{module}.json"
     proc = subprocess.run([sys.executable, "-c", _RECORD, str(out), module, *argv], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
-    if not out.exists():
-        return None
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0 and out.exists(), f"no warm worker was started:\n" \
+                                                  f"{proc.stderr[-3000:]}"
     return json.loads(out.read_text())
 
 
@@ -72,7 +71,6 @@ def test_the_command_starts_the_worker_its_shards_go_to_before_importing_prefect
                        str(tmp_path / "out"), "--model-path", str(tiny_wan_path),
                        "--dispatch", "worker", "--compile", "--vae-dtype", "bf16",
                        "--worker-idle-timeout-s", "60", "--height", "32")
-    assert asked is not None, "no warm worker was started"
     assert asked["loaded"] == [] and asked["wait"] is False and asked["idle"] == 60.0
     # The flow's own spec for its first shard, as the run computes it.
     ctx = prepare_run.fn(str(tiny_wan_path), str(tmp_path / "out"), str(tmp_path / "out"),
@@ -85,7 +83,7 @@ def test_the_command_starts_the_worker_its_shards_go_to_before_importing_prefect
     asked = _first_act(tmp_path, "flows.generate", "--prompt", "a cat", "--output",
                        str(tmp_path / "out"), "--model-path", str(tiny_wan_path),
                        "--dispatch", "worker", "--compile", "--vae-dtype", "bf16")
-    assert asked is not None and asked["loaded"] == []
+    assert asked["loaded"] == []
     assert json.loads(asked["spec"])["model_fingerprint"] == ctx.model_fingerprint
 
 

@@ -116,7 +116,8 @@ def execute_on_worker(job: DenoiseJob, dispatch: Dispatch, on_progress: Progress
         on_progress(event["item_id"], event["step"], event["total"])
 
     payload = call_worker(spec, {"kind": "denoise", "job": json.loads(job.to_json())},
-                          on_event, idle_timeout_s=dispatch.worker_idle_timeout_s)
+                          on_event, idle_timeout_s=dispatch.worker_idle_timeout_s,
+                          on_wait=run_logger().info)
     return DenoiseOutcome.list_from_json(json.dumps(payload).encode())
 
 

@@ -80,7 +80,7 @@ def run_on_worker(ctx: RunContext, shard: Shard, dispatch: Dispatch) -> ShardRes
     spec = worker_spec(ctx, dispatch, shard.index)
     payload = call_worker(spec, {"kind": "shard", "ctx": to_jsonable(ctx),
                                  "shard": to_jsonable(shard)}, on_event,
-                          idle_timeout_s=dispatch.worker_idle_timeout_s)
+                          idle_timeout_s=dispatch.worker_idle_timeout_s, on_wait=logger.info)
     return results_from_json(payload)
 
 

@@ -116,6 +116,9 @@ def _log_tail(log: Path, num_chars: int = 3000) -> str:
 _CHILDREN: list[subprocess.Popen] = []
 """Workers this process started: kept so their exit status is collected (no zombies)."""
 
+WAIT_NOTE_S = 30.0
+"""How often a caller waiting for a loading worker hears that it still waits."""
+
 SPAWNED_AT_ENV = "FASTVIDEO_WORKER_SPAWNED_AT"
 """Wall time a worker was spawned at, so its log can say what its start-up cost."""
 
@@ -134,11 +137,14 @@ def _alive(pid_file: Path) -> int | None:
 
 
 def ensure_worker(spec: WorkerSpec, idle_timeout_s: float = 1800.0,
-                  start_timeout_s: float = 1800.0, wait: bool = True) -> Path:
+                  start_timeout_s: float = 1800.0, wait: bool = True,
+                  on_wait: Callable[[str], None] | None = None) -> Path:
     """The socket of the worker serving `spec`, started first if none is running.
 
     `wait=False` starts it and returns at once (the socket may not answer yet): a caller
-    that knows it will need the worker lets it load while doing other work.
+    that knows it will need the worker lets it load while doing other work. `on_wait` hears
+    what a wait for a loading worker is about: when it begins (with the worker's log), every
+    `WAIT_NOTE_S` while it lasts (with the log's last line) and when the worker answers.
     """
     sock_path, log, lock = _paths(spec)
     pid_file = sock_path.with_suffix(".pid")
@@ -155,16 +161,29 @@ def ensure_worker(spec: WorkerSpec, idle_timeout_s: float = 1800.0,
             pid_file.write_text(str(pid))
     if not wait:
         return sock_path
-    deadline = time.monotonic() + start_timeout_s
+    started = time.monotonic()
+    next_note = started
     while (probe := _connect(sock_path)) is None:
         if _alive(pid_file) is None:
             raise WorkerError(f"the warm worker for {spec.model_path} on {spec.device} exited "
                               f"while starting; its log ({log}) ends:\n{_log_tail(log)}")
-        if time.monotonic() > deadline:
+        waited = time.monotonic() - started
+        if waited > start_timeout_s:
             raise WorkerError(f"the warm worker did not start in {start_timeout_s:.0f} s; "
                               f"its log ({log}) ends:\n{_log_tail(log)}")
+        if on_wait is not None and time.monotonic() >= next_note:
+            if next_note == started:
+                on_wait(f"waiting for the warm worker to load {spec.model_path} on "
+                        f"{spec.device} (its log: {log})")
+            else:
+                last = _log_tail(log, 400).strip().splitlines()[-1:] or ["(nothing yet)"]
+                on_wait(f"the warm worker is still loading after {waited:.0f} s; its log "
+                        f"ends: {last[0]}")
+            next_note += WAIT_NOTE_S
         time.sleep(0.2)
     probe.close()
+    if on_wait is not None and next_note != started:
+        on_wait(f"the warm worker is ready after {time.monotonic() - started:.1f} s of waiting")
     return sock_path
 
 
@@ -190,12 +209,13 @@ def _events(sock: socket.socket) -> Iterator[Event]:
 
 def call_worker(spec: WorkerSpec, request: dict[str, Any],
                 on_event: Callable[[Event], None] | None = None,
-                idle_timeout_s: float = 1800.0) -> dict[str, Any]:
-    """Send `request` to the worker serving `spec` (started if needed); every event goes
-    to `on_event`; returns the `done` event's payload."""
-    sock_path = ensure_worker(spec, idle_timeout_s)
+                idle_timeout_s: float = 1800.0,
+                on_wait: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Send `request` to the worker serving `spec` (started if needed, `on_wait` hearing
+    about its load); every event goes to `on_event`; returns the `done` event's payload."""
+    sock_path = ensure_worker(spec, idle_timeout_s, on_wait=on_wait)
     if not _answers(sock_path):  # it went idle and exited just now: start another
-        sock_path = ensure_worker(spec, idle_timeout_s)
+        sock_path = ensure_worker(spec, idle_timeout_s, on_wait=on_wait)
     return call_socket(sock_path, request, on_event)
 
 

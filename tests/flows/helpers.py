@@ -102,6 +102,26 @@ def task_states(flow_run_id: UUID | str) -> dict[str, list[str]]:
     return states
 
 
+def run_log_messages(flow_run_id: UUID | str, wanted: str = "",
+                     timeout_s: float = 10.0) -> list[str]:
+    """The messages of a flow run's logs (its tasks' included), in order; logs reach the
+    API in batches, so this waits up to `timeout_s` for one containing `wanted`."""
+    import time
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[UUID(str(flow_run_id))])))
+        messages = [log.message for log in sorted(logs, key=lambda log: log.timestamp)]
+        if any(wanted in m for m in messages) or time.monotonic() > deadline:
+            return messages
+        time.sleep(0.5)
+
+
 def read_manifest(output_uri: str) -> dict[str, dict[str, Any]]:
     from fastvideo.storage import open_store
     from tasks.manifest import read_manifest as read_rows

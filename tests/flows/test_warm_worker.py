@@ -6,6 +6,7 @@ killed worker fails its shard in seconds while the rerun resumes mid-denoise.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import threading
@@ -31,6 +32,7 @@ from tests.flows.helpers import (
     TINY,
     checkpoint_latents,
     read_manifest,
+    run_log_messages,
     task_states,
     write_dataset,
 )
@@ -52,10 +54,23 @@ def _bulk(dataset: Path, output: Path, model: Path, **options: Any):
                 return_state=True, **{**OPTIONS, **options})
 
 
-def test_options_reach_the_worker(worker_dir: Path, tiny_wan_path: Path) -> None:
+def test_options_reach_the_worker(worker_dir: Path, tiny_wan_path: Path, monkeypatch) -> None:
     spec = _spec(tiny_wan_path, attention_backend="TORCH_SDPA", batch_cfg=False,
                  enable_torch_compile=True, vae_dtype="bfloat16", step_cache_threshold=0.05)
-    ensure_worker(spec)
+    monkeypatch.setattr(worker_client, "WAIT_NOTE_S", 0.5)
+    notes: list[str] = []
+    ensure_worker(spec, on_wait=notes.append)
+    # A caller waiting for the load hears of it: its start (with the log), while it lasts
+    # (with the log's last line), its end.
+    log = next(worker_dir.glob("*.log"))
+    assert notes[0] == f"waiting for the warm worker to load {spec.model_path} on cpu " \
+                       f"(its log: {log})", notes
+    assert re.fullmatch(r"the warm worker is still loading after \d+ s; its log ends: .+",
+                        notes[1]), notes
+    assert notes[-1].startswith("the warm worker is ready after "), notes
+    notes.clear()
+    ensure_worker(spec, on_wait=notes.append)
+    assert notes == []  # a running worker: nothing to wait for
     info = describe_worker(spec)
     args = info["fastvideo_args"]
     assert (args["attention_backend"], args["batch_cfg"], args["enable_torch_compile"],
@@ -98,6 +113,10 @@ def test_windows_share_one_model_load_and_equal_inprocess(
         ["scheduler", "text_encoder", "tokenizer", "transformer", "vae"]]
     names = task_states(state.state_details.flow_run_id)
     assert len([n for n in names if n.startswith("generate-shard-")]) == 3
+    # The run's log says when it waited for the worker's load, and for how long.
+    logs = run_log_messages(state.state_details.flow_run_id, "warm worker is ready")
+    assert any(m.startswith("waiting for the warm worker to load") for m in logs), logs
+    assert any(m.startswith("the warm worker is ready after") for m in logs), logs
 
     reference = _bulk(dataset, tmp_path / "inprocess", tiny_wan_path)
     assert reference.is_completed(), reference.message

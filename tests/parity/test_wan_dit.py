@@ -125,6 +125,28 @@ def test_fp32_image_conditioned_forward_matches_diffusers(tmp_path: Path,
     torch.testing.assert_close(actual, expected, atol=FP32_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("config", [TINY_CONFIG, I2V_CONFIG], ids=["t2v", "i2v"])
+def test_prepared_context_gives_the_same_prediction_bit_for_bit(
+        tmp_path: Path, config: dict[str, Any]) -> None:
+    """`prepare_context` computes every block's cross-attention keys and values once (a
+    denoising loop's text is the same at every step); forwards that take them predict
+    exactly what forwards computing them do."""
+    _save_diffusers_model(tmp_path, config)
+    ours = _load_ours(tmp_path)
+    inputs = _inputs(image_tokens=5 if "image_dim" in config else None)
+    context = {k: inputs.pop(k) for k in ("encoder_hidden_states",
+                                          "encoder_hidden_states_image") if k in inputs}
+    del inputs["timestep"]
+    with torch.no_grad():
+        prepared = ours.prepare_context(**context)
+        kv = prepared["context_kv"]
+        assert len(kv) == config["num_layers"] and {len(block) for block in kv} == \
+            {4 if "image_dim" in config else 2}
+        for timestep in (torch.tensor([999.0, 37.5]), torch.tensor([500.0, 1.0])):
+            assert torch.equal(ours(**inputs, **prepared, timestep=timestep),
+                               ours(**{**inputs, **context}, timestep=timestep))
+
+
 def test_bf16_matches_diffusers_bf16(t2v: tuple[torch.nn.Module, Path]) -> None:
     from diffusers import WanTransformer3DModel as DiffusersWan
 
@@ -192,3 +214,13 @@ def test_forward_rejects_bad_inputs() -> None:
         model(**inputs, encoder_hidden_states_image=torch.randn(2, 5, 24))
     with pytest.raises(ValueError, match="rope_max_seq_len"):
         model(**{**inputs, "hidden_states": torch.randn(2, 4, 33, 2, 2)})
+    # The prepared keys and values replace the text, and the image: not both, not neither.
+    prepared = model.prepare_context(inputs["encoder_hidden_states"])
+    with pytest.raises(ValueError, match="exactly one of encoder_hidden_states and context_kv"):
+        model(**inputs, context_kv=prepared["context_kv"])
+    with pytest.raises(ValueError, match="exactly one of encoder_hidden_states and context_kv"):
+        model(**{**inputs, "encoder_hidden_states": None})
+    with pytest.raises(ValueError, match="encoder_hidden_states_image is in context_kv"):
+        model(**{**inputs, **prepared}, encoder_hidden_states_image=torch.randn(2, 5, 24))
+    with pytest.raises(ValueError, match="encoder_hidden_states_image must be given"):
+        model.prepare_context(inputs["encoder_hidden_states"], torch.randn(2, 5, 24))

@@ -114,10 +114,10 @@ def test_batched_guidance_equals_two_forwards(generator: VideoGenerator,
                                               tiny_wan_i2v_path: Path) -> None:
     """With `batch_cfg` both guidance branches, each with the image context and the
     conditioning channels, run as one batch of 2; the video is that of two forwards."""
-    calls: list[tuple[int, int, bool]] = []
+    calls: list[tuple[int, int, int]] = []
     hook = generator.pipeline.get_module("transformer").register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(
-            (*kwargs["hidden_states"].shape[:2], "encoder_hidden_states_image" in kwargs)),
+            (*kwargs["hidden_states"].shape[:2], len(kwargs["context_kv"][0]))),
         with_kwargs=True)
     request = {**REQUEST, "num_inference_steps": 2, "seed": 11, "image": _image()}
     try:
@@ -125,7 +125,9 @@ def test_batched_guidance_equals_two_forwards(generator: VideoGenerator,
     finally:
         hook.remove()
     separate = VideoGenerator.from_pretrained(tiny_wan_i2v_path, device="cpu", batch_cfg=False)
-    assert calls == [(2, 4 + 2 + 4, True)] * 2  # batch of 2; noise + mask + image latents
+    # A batch of 2; noise + mask + image latents; every block's keys and values of the text
+    # and of the image (prepared once for the loop).
+    assert calls == [(2, 4 + 2 + 4, 4)] * 2
     torch.testing.assert_close(paired.latents, separate.generate_video(**request).latents,
                                rtol=0, atol=1e-5)
 

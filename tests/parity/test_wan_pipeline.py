@@ -71,6 +71,26 @@ def test_batched_guidance_equals_two_forwards(tiny_wan_path) -> None:
     assert not torch.equal(a.latents, torch.zeros_like(a.latents))
 
 
+@pytest.mark.parametrize(("guidance_end", "batch_cfg", "expected"), [
+    (1.0, True, [2]),  # the paired context, once
+    (0.5, True, [1, 2]),  # the prompt's alone for the steps after guidance, and paired
+    (1.0, False, [1, 1]),  # each branch's, once
+], ids=["paired", "guidance-end", "two-forwards"])
+def test_the_text_keys_and_values_are_computed_once_per_video(
+        tiny_wan_path, guidance_end: float, batch_cfg: bool, expected: list[int]) -> None:
+    """The denoising loop prepares the blocks' cross-attention keys and values of each
+    context it uses once, not at every step: the first block's `to_k` sees the text that
+    often (batch sizes), whatever the number of steps."""
+    generator = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu",
+                                               batch_cfg=batch_cfg)
+    dit = generator.pipeline.get_module("transformer")
+    batch_sizes: list[int] = []
+    dit.blocks[0].attn2.to_k.register_forward_hook(
+        lambda module, args, out: batch_sizes.append(out.shape[0]))
+    generator.generate_video(**REQUEST, seed=3, guidance_end=guidance_end)
+    assert REQUEST["num_inference_steps"] >= 2 and batch_sizes == expected
+
+
 def test_guidance_texts_of_different_lengths_run_as_two_forwards(tiny_wan_path) -> None:
     """Embeddings that cannot be stacked (here the negative cut to 8 tokens) fall back to
     two forwards per step, with the result of `batch_cfg=False`."""

@@ -133,6 +133,22 @@ class DenoisingStage(PipelineStage):
                                             **branch("uncond"))
         return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
 
+    def _prepare_contexts(self, cond: DiTContext, uncond: DiTContext | None,
+                          paired: DiTContext | None, guided: bool, unguided: bool
+                          ) -> tuple[DiTContext, DiTContext | None, DiTContext | None]:
+        """The branches' context keywords with what the DiT computes from the context alone
+        done once for the loop (`prepare_context`, where the DiT has one), for the branches
+        the remaining steps run: paired (or cond and uncond) while guided, cond after."""
+        prepare = getattr(self.transformer, "prepare_context", None)
+        if prepare is None:
+            return cond, uncond, paired
+
+        def ready(context: DiTContext | None, used: bool) -> DiTContext | None:
+            return prepare(**context) if context is not None and used else context
+
+        return (ready(cond, unguided or (guided and paired is None)),
+                ready(uncond, guided and paired is None), ready(paired, guided))
+
     def _step_cache(self, fastvideo_args: FastVideoArgs) -> StepCache | None:
         threshold = fastvideo_args.step_cache_threshold
         if threshold is None:
@@ -160,6 +176,9 @@ class DenoisingStage(PipelineStage):
                      if batch.condition_latents is not None else None)
         total = len(timesteps)
         guided_steps = guided_step_count(batch.guidance_end, total) if uncond is not None else 0
+        dit_cond, dit_uncond, dit_paired = self._prepare_contexts(
+            cond, uncond, paired, guided=guided_steps > batch.step_index,
+            unguided=total > max(guided_steps, batch.step_index))
         cache = self._step_cache(fastvideo_args)
         for i in range(batch.step_index, total):
             t = timesteps[i]
@@ -170,8 +189,9 @@ class DenoisingStage(PipelineStage):
                 cache.decide(i, total, self.transformer.step_cache_input(
                     model_input, t.expand(model_input.shape[0]), **cond))
             guided = i < guided_steps
-            noise_pred = self._predict_noise(model_input, t, cond, uncond if guided else None,
-                                             paired if guided else None,
+            noise_pred = self._predict_noise(model_input, t, dit_cond,
+                                             dit_uncond if guided else None,
+                                             dit_paired if guided else None,
                                              batch.guidance_scale, i, cache)
             latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             batch.latents = latents

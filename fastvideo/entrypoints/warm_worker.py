@@ -86,6 +86,7 @@ class WarmWorker:
         start = time.perf_counter()
         self.pipeline = self._load()
         self.load_s = time.perf_counter() - start
+        self.compile_logged_s = 0.0
 
     def _load(self) -> ComposedPipelineBase:
         """Every module of the model, once: each request's stages reuse them."""
@@ -103,7 +104,7 @@ class WarmWorker:
 
     def describe(self) -> dict[str, Any]:
         from fastvideo.attention.layer import attention_backends_in_use
-        from fastvideo.models.compile_cache import compile_cache_stats
+        from fastvideo.models.compile_cache import compile_cache_stats, compile_seconds
 
         transformer = self.pipeline.get_module("transformer")
         cuda = self.spec.device.startswith("cuda")
@@ -119,6 +120,7 @@ class WarmWorker:
             "sta": getattr(self._denoise_stage(), "sta_config", None) is not None,
             "phases": [p.to_dict() for p in self.pipeline.phases],
             "compile_cache": compile_cache_stats(),
+            "compile_s": compile_seconds(),
             "timeline": self.runner.timeline.as_list(),
             "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30) if cuda else None,
         }
@@ -154,7 +156,22 @@ class WarmWorker:
         else:
             raise ValueError(f"unknown request kind {kind!r}; known: shard, denoise, "
                              "describe, shutdown")
+        if kind in ("shard", "denoise"):
+            self._log_compiling()
         conn.send({"event": "done", "payload": payload})
+
+    def _log_compiling(self) -> None:
+        """After a request that compiled: how long compiling took so far and where it went,
+        so the log says what this process's first calls paid on top of computing."""
+        from fastvideo.models.compile_cache import compile_seconds
+
+        seconds = compile_seconds()
+        with self.state_lock:
+            if seconds["total"] <= self.compile_logged_s:
+                return
+            self.compile_logged_s = seconds["total"]
+        logger.info("torch.compile so far: %s",
+                    ", ".join(f"{name} {value:.2f} s" for name, value in seconds.items()))
 
     def _denoise(self, job: DenoiseJob, conn: _Connection) -> list[DenoiseOutcome]:
         def on_progress(item_id: str, step: int, total: int) -> None:

@@ -78,6 +78,7 @@ def test_options_reach_the_worker(worker_dir: Path, tiny_wan_path: Path, monkeyp
         ("TORCH_SDPA", False, True, "bfloat16", 0.05)
     assert info["attention_backends"]["requested"] == ["TORCH_SDPA"]
     assert info["compiled_blocks"] == 2  # the tiny DiT's two blocks, compiled on first use
+    assert info["compile_s"]["total"] == 0.0 and "dynamo_tracing" in info["compile_s"]
     assert info["batch_cfg"] is False and info["sta"] is False
     # Its log says what its start-up cost, from its spawn (imports) and its load.
     log = "".join(p.read_text() for p in worker_dir.glob("*.log"))

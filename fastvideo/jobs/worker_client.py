@@ -162,7 +162,7 @@ def ensure_worker(spec: WorkerSpec, idle_timeout_s: float = 1800.0,
     if not wait:
         return sock_path
     started = time.monotonic()
-    next_note = started
+    notes = 0
     while (probe := _connect(sock_path)) is None:
         if _alive(pid_file) is None:
             raise WorkerError(f"the warm worker for {spec.model_path} on {spec.device} exited "
@@ -171,18 +171,18 @@ def ensure_worker(spec: WorkerSpec, idle_timeout_s: float = 1800.0,
         if waited > start_timeout_s:
             raise WorkerError(f"the warm worker did not start in {start_timeout_s:.0f} s; "
                               f"its log ({log}) ends:\n{_log_tail(log)}")
-        if on_wait is not None and time.monotonic() >= next_note:
-            if next_note == started:
+        if on_wait is not None and waited >= notes * WAIT_NOTE_S:
+            if notes == 0:
                 on_wait(f"waiting for the warm worker to load {spec.model_path} on "
                         f"{spec.device} (its log: {log})")
             else:
                 last = _log_tail(log, 400).strip().splitlines()[-1:] or ["(nothing yet)"]
                 on_wait(f"the warm worker is still loading after {waited:.0f} s; its log "
                         f"ends: {last[0]}")
-            next_note += WAIT_NOTE_S
+            notes += 1
         time.sleep(0.2)
     probe.close()
-    if on_wait is not None and next_note != started:
+    if on_wait is not None and notes:
         on_wait(f"the warm worker is ready after {time.monotonic() - started:.1f} s of waiting")
     return sock_path
 

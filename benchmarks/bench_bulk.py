@@ -3,7 +3,7 @@ prompts against `python -m flows.bulk` on a warm worker (embedded Prefect server
 store) over the same prompts, dense compiled and with sliding tile attention.
 
     python benchmarks/bench_bulk.py --model-path DIR --num-prompts 6 \
-        --phases diffusers,dense,fresh,sta --json-out bulk.json
+        --phases diffusers,dense,fresh,sta,fresh_sta --json-out bulk.json
     python benchmarks/bench_bulk.py --smoke --json-out bulk.json     # CPU, tiny model
 
 Phases (each in its own processes, one after the other, the GPU freed in between):
@@ -14,7 +14,8 @@ Phases (each in its own processes, one after the other, the GPU freed in between
   and an empty compile cache (the first video pays the compile);
 * `fresh`: a new worker process over one more prompt with the cache `dense` left:
   what the first video costs a fresh process on a node that compiled before;
-* `sta`: `dense` with sliding tile attention (25.7% of the keys, 10 dense steps first).
+* `sta`: `dense` with sliding tile attention (25.7% of the keys, 10 dense steps first);
+* `fresh_sta`: `fresh` with sliding tile attention, on the cache `sta` left.
 
 Per phase: videos/hour, steady-state seconds per video (between the first and last
 video's completion), first-video latency (from the command's start), GPU busy fraction
@@ -64,6 +65,8 @@ PROMPTS = [
     "a child flying a kite on a windy beach",
     "city traffic at dusk seen from a rooftop",
 ]
+PHASES = ("diffusers", "dense", "fresh", "sta", "fresh_sta")
+"""In the order they run; `fresh` and `fresh_sta` need the cache `dense` and `sta` leave."""
 NEGATIVE = "blurry, static, distorted, low quality"
 # STA as measured in RESULTS.md: window (4, 3, 6) tiles of the auto tile at 480p keeps 25.7%
 # of the keys; the first 10 of 50 steps attend densely.
@@ -251,7 +254,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-path")
     parser.add_argument("--num-prompts", type=int, default=6)
-    parser.add_argument("--phases", default="diffusers,dense,fresh,sta")
+    parser.add_argument("--phases", default="diffusers,dense,fresh,sta,fresh_sta")
     add_video_options(parser)
     parser.add_argument("--shard-size", type=int, default=1)
     parser.add_argument("--checkpoint-every", type=int, default=5)
@@ -274,9 +277,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     phases = args.phases.split(",")
-    unknown = set(phases) - {"diffusers", "dense", "fresh", "sta"}
+    unknown = set(phases) - set(PHASES)
     if unknown:
-        raise SystemExit(f"unknown phases {sorted(unknown)}; known: diffusers, dense, fresh, sta")
+        raise SystemExit(f"unknown phases {sorted(unknown)}; known: {', '.join(PHASES)}")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-bulk-"))
     workdir.mkdir(parents=True, exist_ok=True)
     if args.smoke and not args.model_path:
@@ -322,14 +325,16 @@ def main() -> None:
     if "dense" in phases:
         record("dense", run_flow(args, "dense", prompts, compile_opts, workdir,
                                  workdir / "workers-dense"))
+    more = PROMPTS[len(prompts):len(prompts) + 1] or PROMPTS[:1]
+    sta_opts = [*compile_opts, "--sta-config", str(sta_file)]
     if "fresh" in phases:
-        more = PROMPTS[len(prompts):len(prompts) + 1] or PROMPTS[:1]
         record("fresh", run_flow(args, "fresh", more, compile_opts, workdir,
                                  workdir / "workers-fresh"))
     if "sta" in phases:
-        record("sta", run_flow(args, "sta", prompts,
-                               [*compile_opts, "--sta-config", str(sta_file)], workdir,
-                               workdir / "workers-sta"))
+        record("sta", run_flow(args, "sta", prompts, sta_opts, workdir, workdir / "workers-sta"))
+    if "fresh_sta" in phases:
+        record("fresh_sta", run_flow(args, "fresh_sta", more, sta_opts, workdir,
+                                     workdir / "workers-fresh_sta"))
     save()
     print(json.dumps(result, indent=2))
 

@@ -6,10 +6,11 @@
 #   bash benchmarks/gpu_bench_bulk.sh diffusers   # carry .gpu1: wheels, checkpoint, baseline
 #   bash benchmarks/gpu_bench_bulk.sh carry       # carry .gpu2: the CUTLASS compiler, part 1
 #   bash benchmarks/gpu_bench_bulk.sh dense       # carry .gpu3: Prefect, compiler part 2; dense+fresh
-#   bash benchmarks/gpu_bench_bulk.sh sta         # nothing carried
+#   bash benchmarks/gpu_bench_bulk.sh sta         # nothing carried; sta+fresh_sta
 #
-# `dense` takes the bench phases to run as a second argument (default dense,fresh), so
-# `dense sta` measures STA alone on a machine where the baseline and dense are already measured.
+# `dense` and `sta` take the bench phases to run as a second argument (defaults dense,fresh
+# and sta,fresh_sta), so `dense sta,fresh_sta` measures STA alone on a machine where the
+# baseline and dense are already measured.
 #
 # `prepare` instead of `diffusers` installs and builds the checkpoint without the baseline
 # (for a machine lost mid-way, when the session's baseline is already measured) and runs
@@ -71,7 +72,8 @@ dense)
     phases=${2:-dense,fresh}
     bench --phases "$phases" --json-out "$OUT/bench_${phases//,/_}.json" ;;
 sta)
-    bench --phases sta --json-out "$OUT/bench_sta.json" ;;
+    phases=${2:-sta,fresh_sta}
+    bench --phases "$phases" --json-out "$OUT/bench_${phases//,/_}.json" ;;
 *)
     echo "usage: $0 diffusers|prepare|carry|dense|sta" >&2; exit 2 ;;
 esac

@@ -45,7 +45,7 @@ def test_bench_dit_smoke_with_backends_and_sta(tmp_path: Path) -> None:
 
 def test_bench_bulk_smoke(tmp_path: Path) -> None:
     result = _run("bench_bulk.py", "--smoke", "--no-compile", "--num-prompts", "2",
-                  "--phases", "diffusers,sta", "--workdir", str(tmp_path / "work"),
+                  "--phases", "diffusers,sta,fresh_sta", "--workdir", str(tmp_path / "work"),
                   tmp_path=tmp_path)
     diffusers, sta = result["phases"]["diffusers"], result["phases"]["sta"]
     assert diffusers["videos"] == sta["videos"] == 2
@@ -54,6 +54,10 @@ def test_bench_bulk_smoke(tmp_path: Path) -> None:
     assert sta["attention_backends"]["requested"] == ["SLIDING_TILE_ATTN"]
     assert sta["engine_s_per_video"] > 0 and "orchestration_checkpoint_s_per_video" in sta
     assert {e["lane"] for e in sta["timeline"]} == {"gpu", "post"}
+    # A new worker on the cache `sta` left, one more prompt, STA still requested.
+    fresh = result["phases"]["fresh_sta"]
+    assert fresh["videos"] == 1 and fresh["first_video_s"] > 0
+    assert fresh["attention_backends"]["requested"] == ["SLIDING_TILE_ATTN"]
 
 
 def test_bench_vae_decode_smoke(tmp_path: Path) -> None:

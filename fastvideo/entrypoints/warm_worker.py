@@ -90,16 +90,25 @@ class WarmWorker:
 
     def _load(self) -> ComposedPipelineBase:
         """Every module of the model, once: each request's stages reuse them."""
+        # Each part's time goes to the log: this is a fresh process's first video's
+        # critical path (benchmarks/RESULTS.md, "Bulk generation on one GPU").
+        marks = [("start", time.perf_counter())]
         if self.spec.device.startswith("cuda"):
             torch.cuda.set_device(self.spec.device if ":" in self.spec.device else 0)
+            torch.cuda.init()
+            marks.append(("CUDA", time.perf_counter()))
         from fastvideo.pipelines.builder import build_pipeline
 
         args = self.spec.options.to_args(self.spec.model_path, self.spec.device, self.spec.dtype)
         stages = list(build_pipeline(args, required_modules=()).stages)
+        marks.append(("the pipeline's imports", time.perf_counter()))
         pipeline = ENGINE.options_pipeline(self.spec.model_path, self.spec.options,
                                        self.spec.device, self.spec.dtype, stages)
         if self.spec.device.startswith("cuda"):
             torch.cuda.synchronize()  # the lanes' own streams read these weights
+        marks.append(("the modules", time.perf_counter()))
+        logger.info("load: %s", ", ".join(f"{name} {end - begin:.2f} s" for (_, begin), (name, end)
+                                          in zip(marks, marks[1:])))
         return pipeline
 
     def describe(self) -> dict[str, Any]:
@@ -253,9 +262,10 @@ def main(argv: list[str] | None = None) -> int:
                                "%(message)s")
     spawned_at = os.environ.get(SPAWNED_AT_ENV)
     if spawned_at:
-        logger.info("started %.1f s after its spawn at %s (Python's imports)",
-                    time.time() - float(spawned_at),
-                    time.strftime("%H:%M:%S", time.localtime(float(spawned_at))))
+        spawned = float(spawned_at)
+        logger.info("started %.2f s after its spawn at %s.%03d (Python's imports)",
+                    time.time() - spawned, time.strftime("%H:%M:%S", time.localtime(spawned)),
+                    int(spawned % 1 * 1000))
     worker = WarmWorker(WorkerSpec.from_json(args.spec))
     worker.serve(args.socket, args.idle_timeout_s)
     return 0

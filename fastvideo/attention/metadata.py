@@ -7,7 +7,9 @@ models import it without FlexAttention."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import json
+import threading
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +33,42 @@ class AttentionMetadata:
     head_offset: int = 0
     """Global index of the backend's head 0: under sequence parallelism the first head this
     rank holds after the all-to-all (set by `DistributedAttention`)."""
+    # What a compiled block passes to sliding tile attention's custom op instead of `step`
+    # and `sta_config`: a tensor (a graph input, so a new step recompiles nothing) and an
+    # int naming the config (the same at every step, so one guard for the whole run).
+    step_tensor: torch.Tensor = field(init=False, repr=False, compare=False)
+    sta_key: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "step_tensor", torch.tensor([self.step], dtype=torch.int64))
+        object.__setattr__(self, "sta_key", -1 if self.sta_config is None
+                           else sta_config_key(self.sta_config))
+
+
+_sta_lock = threading.Lock()
+_sta_keys_by_id: dict[int, tuple[STAConfig, int]] = {}
+_sta_keys_by_value: dict[str, int] = {}
+_sta_configs: list[STAConfig] = []
+
+
+def sta_config_key(config: STAConfig) -> int:
+    """A small int for `config`, the same for equal configs within this process."""
+    known = _sta_keys_by_id.get(id(config))
+    if known is not None and known[0] is config:
+        return known[1]
+    value = json.dumps(config.to_dict(), sort_keys=True)
+    with _sta_lock:
+        key = _sta_keys_by_value.get(value)
+        if key is None:
+            key = _sta_keys_by_value[value] = len(_sta_configs)
+            _sta_configs.append(config)
+        _sta_keys_by_id[id(config)] = (config, key)  # holds it: its id stays its own
+    return key
+
+
+def sta_config_for_key(key: int) -> STAConfig | None:
+    """The config `sta_config_key` gave `key` (-1: None)."""
+    return None if key < 0 else _sta_configs[key]
 
 
 @torch.compiler.disable

@@ -46,6 +46,7 @@ def compile_repeated_blocks(model: nn.Module, mode: str | None = None, *,
 
         select_attention_backends(model, dtype)
     blocks = repeated_blocks(model)
+    _skip_first_call_aliasing_check()
     # torch.compile takes a mode or Inductor options, not both.
     tuning = {"options": {"coordinate_descent_tuning": True}} if mode is None else {"mode": mode}
     # A model whose blocks see a size that varies from item to item (HunyuanVideo's text
@@ -58,3 +59,15 @@ def compile_repeated_blocks(model: nn.Module, mode: str | None = None, *,
                 len(blocks), type(model).__name__)
     return len(blocks)
 
+
+
+def _skip_first_call_aliasing_check() -> None:
+    """Newer PyTorch runs each compiled graph's first call under a dispatch mode that checks
+    that custom ops do not alias their inputs. Sliding tile attention's op builds its block
+    masks there (FlexAttention's `create_block_mask`, which uses vmap), and vmap under that
+    mode fails ("NYI: querying is_contiguous inside of vmap"). Our ops' outputs are new
+    tensors (their own tests check it), so the check is off; PyTorch without it is unchanged."""
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "check_custom_op_aliasing"):
+        functorch_config.check_custom_op_aliasing = False

@@ -37,6 +37,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +49,14 @@ from fastvideo.attention.backends.flash_cute import (
     flash_cute_attention,
     flash_cute_block_sparse_attention,
 )
-from fastvideo.attention.metadata import AttentionMetadata
-from fastvideo.attention.sta_config import KERNEL_BLOCK, Window, parse_window, resolve_tile_size
+from fastvideo.attention.metadata import AttentionMetadata, sta_config_for_key
+from fastvideo.attention.sta_config import (
+    KERNEL_BLOCK,
+    STAConfig,
+    Window,
+    parse_window,
+    resolve_tile_size,
+)
 
 Grid = tuple[int, int, int]
 
@@ -376,6 +383,11 @@ class SlidingTileAttentionImpl(AttentionImpl):
 
     Steps and layers whose heads are all dense run dense attention on the unreordered
     tokens (FlashAttention's CuTe kernel where it runs, else SDPA).
+
+    Inside a compiled block (inference) the whole of it is one custom op
+    (`fastvideo::sliding_tile_attention`) that reads the step and looks up its plan when it
+    runs: the block compiles to one graph for dense and sparse steps alike, with no graph
+    break at the attention and no recompile from step to step.
     """
 
     uses_metadata = True
@@ -386,41 +398,82 @@ class SlidingTileAttentionImpl(AttentionImpl):
             raise ValueError("SLIDING_TILE_ATTN is bidirectional; causal=True is not supported")
         super().__init__(num_heads, head_size, softmax_scale, causal)
         self.layer_idx = layer_idx
+        # A tensor, not an int, in the op's call: an int read in a compiled block becomes a
+        # guard, and every block (one shared graph) would recompile for its own index.
+        self._layer_tensor = torch.tensor([-1 if layer_idx is None else layer_idx])
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 metadata: AttentionMetadata | None = None) -> torch.Tensor:
         """`metadata.head_offset`: global index of `query`'s head 0."""
-        plan = self._plan(query, metadata)
-        if plan is None and cute_unavailable_reason(query.device, query.dtype,
-                                                    query.shape[-1]) is None:
-            return flash_cute_attention(query, key, value,
-                                        self.softmax_scale or query.shape[-1] ** -0.5, False)
-        if plan is None:
-            out = F.scaled_dot_product_attention(
-                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                scale=self.softmax_scale)
-            return out.transpose(1, 2)
-        return attend_tiles(query, key, value, *plan, scale=self.softmax_scale)
+        if torch.compiler.is_compiling() and metadata is not None and not (
+                query.requires_grad or key.requires_grad or value.requires_grad):
+            grid = list(metadata.grid) if metadata.grid is not None else []
+            return sliding_tile_attention_op(
+                query, key, value, self._layer_tensor, metadata.step_tensor, metadata.sta_key,
+                grid, metadata.num_text_tokens, metadata.head_offset, self.num_heads,
+                self.softmax_scale)
+        return self._forward_eager(query, key, value, metadata)
 
     @torch.compiler.disable  # reads the step: traced, a compiled block would guard on it
-    def _plan(self, query: torch.Tensor, metadata: AttentionMetadata | None
-              ) -> tuple[BlockMask, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-        """`sta_plan` for this layer and step, or None when all local heads are dense."""
-        if metadata is None or metadata.sta_config is None or metadata.grid is None:
-            raise ValueError("SLIDING_TILE_ATTN needs an STAConfig and the latent grid: pass "
-                             "the DiT attn_metadata=AttentionMetadata(sta_config=..., step=...)"
-                             " (the DiT fills in the grid)")
-        config, num_local, head_offset = metadata.sta_config, query.shape[2], metadata.head_offset
-        windows = config.head_windows(metadata.step, self.layer_idx, self.num_heads)
-        local = None if windows is None else windows[head_offset:head_offset + num_local]
-        if local is None or all(w is None for w in local):
-            return None
-        tile_size = config.tile_for(metadata.grid)
-        layout = TileLayout(metadata.grid, tile_size, metadata.num_text_tokens,
-                            block_size_for(math.prod(tile_size), query.device))
-        return sta_plan(query, layout, tuple(layout.tile_grid if w is None else w for w in local),
-                        video_attends_text=config.video_attends_text,
-                        text_attends_video=config.text_attends_video)
+    def _forward_eager(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       metadata: AttentionMetadata | None) -> torch.Tensor:
+        if metadata is None:
+            _missing_metadata()
+        return _sta_attend(query, key, value, metadata.sta_config, metadata.step,
+                           self.layer_idx, metadata.grid, metadata.num_text_tokens,
+                           metadata.head_offset, self.num_heads, self.softmax_scale)
+
+
+def _missing_metadata() -> NoReturn:
+    raise ValueError("SLIDING_TILE_ATTN needs an STAConfig and the latent grid: pass the DiT "
+                     "attn_metadata=AttentionMetadata(sta_config=..., step=...) (the DiT fills "
+                     "in the grid)")
+
+
+def _sta_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                config: STAConfig | None, step: int, layer_idx: int | None,
+                grid: Grid | None, num_text_tokens: int, head_offset: int, num_heads: int,
+                softmax_scale: float | None) -> torch.Tensor:
+    """One STA layer's attention at `step`: dense where all its local heads are."""
+    if config is None or grid is None:
+        _missing_metadata()
+    windows = config.head_windows(step, layer_idx, num_heads)
+    local = None if windows is None else windows[head_offset:head_offset + query.shape[2]]
+    if local is None or all(w is None for w in local):
+        if cute_unavailable_reason(query.device, query.dtype, query.shape[-1]) is None:
+            return flash_cute_attention(query, key, value,
+                                        softmax_scale or query.shape[-1] ** -0.5, False)
+        out = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            scale=softmax_scale)
+        return out.transpose(1, 2)
+    tile_size = config.tile_for(grid)
+    layout = TileLayout(grid, tile_size, num_text_tokens,
+                        block_size_for(math.prod(tile_size), query.device))
+    plan = sta_plan(query, layout, tuple(layout.tile_grid if w is None else w for w in local),
+                    video_attends_text=config.video_attends_text,
+                    text_attends_video=config.text_attends_video)
+    return attend_tiles(query, key, value, *plan, scale=softmax_scale)
+
+
+@torch.library.custom_op("fastvideo::sliding_tile_attention", mutates_args=())
+def sliding_tile_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              layer: torch.Tensor, step: torch.Tensor, config_key: int,
+                              grid: list[int], num_text_tokens: int, head_offset: int,
+                              num_heads: int, softmax_scale: float | None) -> torch.Tensor:
+    """`SlidingTileAttentionImpl` as one op, for compiled blocks: `layer` and `step` are
+    one-element CPU tensors, `config_key` an `AttentionMetadata.sta_key`."""
+    layer_idx = int(layer[0])
+    out = _sta_attend(query, key, value, sta_config_for_key(config_key), int(step[0]),
+                      None if layer_idx < 0 else layer_idx, tuple(grid) if grid else None,
+                      num_text_tokens, head_offset, num_heads, softmax_scale)
+    return out.contiguous()
+
+
+@sliding_tile_attention_op.register_fake
+def _(query, key, value, layer, step, config_key, grid, num_text_tokens, head_offset,
+      num_heads, softmax_scale):
+    return query.new_empty(*query.shape[:-1], value.shape[-1])
 
 
 BACKEND = AttentionBackend(

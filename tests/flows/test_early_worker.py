@@ -33,7 +33,8 @@ from flows import cli
 out, module, *argv = sys.argv[1:]
 
 def record(spec, idle_timeout_s=1800.0, wait=True, **_):
-    loaded = [m for m in ("prefect", "tasks.shard", "fastvideo.jobs.engine") if m in sys.modules]
+    loaded = [m for m in ("prefect", "tasks.shard", "fastvideo.jobs.engine", "torch._dynamo",
+                          "fastvideo.attention.layer") if m in sys.modules]
     with open(out, "w") as f:
         json.dump({"spec": spec.to_json(), "wait": wait, "idle": idle_timeout_s,
                    "loaded": loaded}, f)
@@ -85,6 +86,18 @@ def test_the_command_starts_the_worker_its_shards_go_to_before_importing_prefect
                        "--dispatch", "worker", "--compile", "--vae-dtype", "bf16")
     assert asked["loaded"] == []
     assert json.loads(asked["spec"])["model_fingerprint"] == ctx.model_fingerprint
+
+    # Sliding tile options are checked before the start without the attention layers (they
+    # import the compiler: ~1 s on 2 cores, seconds on a GPU node, on the critical path).
+    config = tmp_path / "sta.json"
+    config.write_text(json.dumps({"tile_size": [1, 2, 2], "default_window": [1, 1, 1]}))
+    asked = _first_act(tmp_path, "flows.bulk", "--dataset", "unused.jsonl", "--output",
+                       str(tmp_path / "out"), "--model-path", str(tiny_wan_path),
+                       "--dispatch", "worker", "--compile", "--sta-config", str(config),
+                       "--attention-backend", "SLIDING_TILE_ATTN")
+    assert asked["loaded"] == []
+    assert json.loads(json.loads(asked["spec"])["options"]["sta_config"]) == \
+        json.loads(config.read_text())
 
 
 @pytest.mark.parametrize("argv", [

@@ -93,6 +93,10 @@ class WarmWorker:
         # Each part's time goes to the log: this is a fresh process's first video's
         # critical path (benchmarks/RESULTS.md, "Bulk generation on one GPU").
         marks = [("start", time.perf_counter())]
+        from fastvideo.models.loader.weight_utils import prefetch_model_files
+
+        asked = prefetch_model_files(self.spec.model_path)
+        logger.info("reading %.2f GB of weights in the background", asked / 1e9)
         if self.spec.device.startswith("cuda"):
             torch.cuda.set_device(self.spec.device if ":" in self.spec.device else 0)
             torch.cuda.init()

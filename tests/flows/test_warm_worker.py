@@ -83,7 +83,9 @@ def test_options_reach_the_worker(worker_dir: Path, tiny_wan_path: Path, monkeyp
     # Its log says what its start-up cost, from its spawn (imports) and its load.
     log = "".join(p.read_text() for p in worker_dir.glob("*.log"))
     assert "s after its spawn at" in log and "loaded in" in log, log[-2000:]
-    # ... split into the parts of the load (on CPU: no CUDA part).
+    # ... split into the parts of the load (on CPU: no CUDA part), the weights' reading
+    # started first.
+    assert re.search(r"reading \d+\.\d\d GB of weights in the background", log), log[-2000:]
     assert re.search(r"load: the pipeline's imports \d+\.\d\d s, the modules \d+\.\d\d s", log), \
         log[-2000:]
     # Other options, another worker; the same options, the same worker.

@@ -163,3 +163,27 @@ def test_load_renamed_weights_takes_a_rename_table_or_a_name_map_with_shards() -
     name_map = regex_name_map({r"^gate\.weight$": ("fused", "0"), r"^up\.weight$": ("fused", "1")})
     missing, _ = load_renamed_weights(model, [("gate.weight", gate), ("up.weight", up)], name_map)
     assert torch.equal(model.fused, torch.cat([gate, up])) and missing == {"proj.weight"}
+
+
+def test_prefetch_asks_for_every_weight_file_and_skips_the_rest(tiny_wan_path: Path,
+                                                                tmp_path: Path) -> None:
+    """A fresh worker's first act: the page cache starts filling with every component's
+    weights (and nothing else) while CUDA starts and the pipeline imports."""
+    import shutil
+
+    from fastvideo.models.loader.weight_utils import prefetch_model_files
+
+    weights = [path for folder in sorted(tiny_wan_path.iterdir()) if folder.is_dir()
+               and any(folder.glob("*.safetensors"))
+               for path in find_weight_files(folder)]
+    assert {p.parent.name for p in weights} == {"text_encoder", "transformer", "vae"}
+    assert prefetch_model_files(tiny_wan_path) == sum(p.stat().st_size for p in weights)
+    # A component folder without weights, or no model at all: nothing asked, no error (the
+    # load reports those, naming the file).
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_wan_path, copy)
+    for path in (copy / "vae").glob("*.safetensors"):
+        path.unlink()
+    assert prefetch_model_files(copy) == sum(p.stat().st_size for p in weights
+                                             if p.parent.name != "vae")
+    assert prefetch_model_files(tmp_path / "missing") == 0

@@ -40,7 +40,9 @@ class AttentionMetadata:
     sta_key: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "step_tensor", torch.tensor([self.step], dtype=torch.int64))
+        # On the CPU whatever the default device: the op reads it without a GPU sync.
+        object.__setattr__(self, "step_tensor",
+                           torch.tensor([self.step], dtype=torch.int64, device="cpu"))
         object.__setattr__(self, "sta_key", -1 if self.sta_config is None
                            else sta_config_key(self.sta_config))
 

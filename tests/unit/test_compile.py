@@ -196,6 +196,12 @@ def test_compiled_sliding_tile_blocks_match_eager() -> None:
     # The steps really differ (dense, per-layer windows, default windows).
     assert (outputs[0] - outputs[1]).abs().max() > 1e-4
     assert (outputs[1] - outputs[2]).abs().max() > 1e-4
+    # The step and layer tensors stay on the CPU under any default device (the op reads
+    # them without waiting for the GPU).
+    with torch.device("meta"):
+        assert AttentionMetadata(step=4).step_tensor.device.type == "cpu"
+    assert {block.attn1.attn.impl_for(torch.float32, torch.device("cpu"))._layer_tensor.device.type
+            for block in compiled.blocks} == {"cpu"}
     # The op returns a new tensor: the aliasing check PyTorch runs is off for it.
     q = torch.randn(1, 3 * 4 * 4, heads, 16)
     out = sliding_tile_attention_op(q, q, q, torch.tensor([0]), torch.tensor([1]),

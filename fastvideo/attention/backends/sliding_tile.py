@@ -400,7 +400,7 @@ class SlidingTileAttentionImpl(AttentionImpl):
         self.layer_idx = layer_idx
         # A tensor, not an int, in the op's call: an int read in a compiled block becomes a
         # guard, and every block (one shared graph) would recompile for its own index.
-        self._layer_tensor = torch.tensor([-1 if layer_idx is None else layer_idx])
+        self._layer_tensor = torch.tensor([-1 if layer_idx is None else layer_idx], device="cpu")
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 metadata: AttentionMetadata | None = None) -> torch.Tensor:

@@ -7,7 +7,6 @@ models import it without FlexAttention."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 from dataclasses import dataclass, field
 
@@ -48,23 +47,18 @@ class AttentionMetadata:
 
 
 _sta_lock = threading.Lock()
-_sta_keys_by_id: dict[int, tuple[STAConfig, int]] = {}
-_sta_keys_by_value: dict[str, int] = {}
+_sta_keys: dict[str, int] = {}
 _sta_configs: list[STAConfig] = []
 
 
 def sta_config_key(config: STAConfig) -> int:
     """A small int for `config`, the same for equal configs within this process."""
-    known = _sta_keys_by_id.get(id(config))
-    if known is not None and known[0] is config:
-        return known[1]
-    value = json.dumps(config.to_dict(), sort_keys=True)
-    with _sta_lock:
-        key = _sta_keys_by_value.get(value)
-        if key is None:
-            key = _sta_keys_by_value[value] = len(_sta_configs)
-            _sta_configs.append(config)
-        _sta_keys_by_id[id(config)] = (config, key)  # holds it: its id stays its own
+    key = _sta_keys.get(config.canonical)
+    if key is None:
+        with _sta_lock:
+            key = _sta_keys.setdefault(config.canonical, len(_sta_configs))
+            if key == len(_sta_configs):
+                _sta_configs.append(config)
     return key
 
 

@@ -108,6 +108,11 @@ class STAConfig:
                              f"{layer}; the model has {num_heads}")
         return None if all(w is None for w in heads) else heads
 
+    @functools.cached_property
+    def canonical(self) -> str:
+        """The config as sorted JSON, made once per object: equal configs, equal text."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "tile_size": self.tile_size if self.tile_size == "auto" else list(self.tile_size),

@@ -60,7 +60,6 @@ def compile_repeated_blocks(model: nn.Module, mode: str | None = None, *,
     return len(blocks)
 
 
-
 def _skip_first_call_aliasing_check() -> None:
     """Newer PyTorch runs each compiled graph's first call under a dispatch mode that checks
     that custom ops do not alias their inputs. Sliding tile attention's op builds its block

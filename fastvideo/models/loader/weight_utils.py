@@ -62,17 +62,12 @@ def prefetch_model_files(model_path: str | Path) -> int:
             continue  # tokenizers, schedulers: no weights
         for path in files:
             try:
-                fd = os.open(path, os.O_RDONLY)
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    advise(f.fileno(), 0, size, os.POSIX_FADV_WILLNEED)
             except OSError:
                 continue
-            try:
-                size = os.fstat(fd).st_size
-                advise(fd, 0, size, os.POSIX_FADV_WILLNEED)
-                total += size
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            total += size
     return total
 
 

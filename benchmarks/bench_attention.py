@@ -33,15 +33,18 @@ from fastvideo.attention.backends.flash_cute import (
     cute_unavailable_reason,
     flash_cute_attention,
     flash_cute_block_sparse_attention,
+    flash_cute_block_sparse_unmasked,
 )
 from fastvideo.attention.backends.sliding_tile import (
     TileLayout,
     _key_table,
+    _padding_rescale,
     block_size_for,
     get_sta_block_mask,
     sliding_tile_attention,
     sta_block_density,
     sta_mask_mod,
+    unpad_softmax_rows,
 )
 from fastvideo.attention.sta_config import Window, resolve_tile_size
 from fastvideo.fastvideo_args import parse_dtype
@@ -278,8 +281,9 @@ def bench_sta_cute(args: argparse.Namespace, label: str, common: dict[str, Any],
                    layout: TileLayout, window: Window, block_mask: Any, q_l: torch.Tensor,
                    k_l: torch.Tensor, v_l: torch.Tensor, flex_out: torch.Tensor,
                    dense_flops: int) -> dict[str, dict[str, Any]]:
-    """The STA kernel on FlashAttention's CuTe block-sparse kernel, same block mask, and
-    the same kernel with the padding keys left unmasked (wrong output: a speed bound)."""
+    """The STA kernel on FlashAttention's CuTe block-sparse kernel, same block mask: padding
+    keys masked in the kernel (`FASTVIDEO_STA_PADDING=mask`), zeroed and rescaled after
+    (`rescale`, the default), and left unmasked (wrong output: a speed bound)."""
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
     from flash_attn.cute.interface import _flash_attn_fwd
 
@@ -293,13 +297,23 @@ def bench_sta_cute(args: argparse.Namespace, label: str, common: dict[str, Any],
         return flash_cute_block_sparse_attention(q_c, k_c, v_c, *blocks, key_table,
                                                  layout.block_size, scale)
 
+    padding = _padding_rescale(layout, (window,), q_l.device, True, True)
+    every_row = torch.arange(layout.seq_len, device=q_l.device)
+    k_z, v_z = (x.index_fill(1, padding.rows, 0) for x in (k_c, v_c))
+
+    def rescaled() -> torch.Tensor:
+        out, lse = flash_cute_block_sparse_unmasked(q_c, k_z, v_z, *blocks, layout.block_size,
+                                                    scale)
+        return unpad_softmax_rows(out, lse, padding.keys_per_row, every_row)
+
     def unmasked() -> torch.Tensor:
         sparse = BlockSparseTensorsTorch(*blocks, block_size=(layout.block_size,) * 2)
         return _flash_attn_fwd(q_c, k_c, v_c, softmax_scale=scale,
                                block_sparse_tensors=sparse)[0]
 
     rows = {}
-    for name, fn in ((f"{label}_cute_kernel", kernel), (f"{label}_cute_unmasked_bound", unmasked)):
+    for name, fn in ((f"{label}_cute_kernel", kernel), (f"{label}_cute_rescaled", rescaled),
+                     (f"{label}_cute_unmasked_bound", unmasked)):
         try:
             out = fn().transpose(1, 2)
         except Exception as e:  # noqa: BLE001 - report and go on with the other kernels

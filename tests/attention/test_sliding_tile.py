@@ -302,3 +302,68 @@ def test_sta_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     layout = TileLayout((2, 3, 4), (1, 3, 2))
     q = torch.zeros(1, layout.num_video_tokens, 2, 8)
     assert sliding_tile.sta_plan(q, layout, ((1, 1, 1),))[3] is None
+
+
+def _unmasked_kernel(q, k, v, block_mask: BlockMask, scale: float):
+    """What FlashAttention's CuTe kernel computes with no mask_mod, in fp64: every key of
+    each listed block (partial or full) but none past the sequence; `[B, L, H, D]` in,
+    (out, natural-log lse `[B, H, L]`) out."""
+    length, (q_block, kv_block) = q.shape[1], block_mask.BLOCK_SIZE
+    dense = block_mask.to_dense()[0].bool()  # [H, query blocks, key blocks]
+    rows = torch.arange(length) // q_block
+    cols = torch.arange(length) // kv_block
+    allowed = dense[:, rows][:, :, cols]  # [H, L, L]
+    scores = torch.einsum("blhd,bkhd->bhlk", q, k) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.einsum("bhlk,bkhd->blhd", torch.softmax(scores, dim=-1), v)
+    return out, lse
+
+
+@pytest.mark.parametrize("windows, num_text", [(((1, 2, 1),), 0), (((1, 2, 1), (2, 1, 2)), 3)],
+                         ids=["one-window", "per-head-with-text"])
+def test_rescaled_padding_keys_equal_masked_attention(windows, num_text: int) -> None:
+    """The CuTe kernel's rescale mode: padding keys zeroed and attended unmasked (each adds
+    exp(0) to a row's softmax sum), then every row scaled by S / (S - n). With the kernel
+    computed here exactly, the result is STA with the padding masked, and the count of
+    padding keys per row is the brute-force one."""
+    grid, tile, heads = (5, 6, 7), (2, 4, 4), 2
+    layout = TileLayout(grid, tile, num_text, 40)  # 32-position tiles in 40-token blocks
+    cpu = torch.device("cpu")
+    block_mask = get_sta_block_mask(layout, windows, cpu, fused=True)
+    gather, scatter, real = sliding_tile._tile_indices(layout, cpu)
+    plan = sliding_tile._padding_rescale(layout, windows, cpu, True, True)
+    assert torch.equal(plan.rows, torch.nonzero(~real).flatten())
+
+    dense = block_mask.to_dense()[0].bool()
+    index = torch.arange(layout.seq_len)
+    allowed = dense[:, index // 40][:, :, index // 40]
+    expected_counts = (allowed & ~real).sum(-1).float()
+    assert plan.keys_per_row.shape == (len(windows), layout.seq_len)
+    assert torch.equal(plan.keys_per_row, expected_counts)
+    assert plan.keys_per_row.max() > 0
+
+    q, k, v = (x.double() for x in _qkv(layout.num_video_tokens + num_text, heads, dim=8))
+    scale = 8 ** -0.5
+    tiled = [x.index_select(1, gather) for x in (q, k, v)]
+    for x in tiled[1:]:
+        x.index_fill_(1, plan.rows, 0)
+    out, lse = _unmasked_kernel(*tiled, block_mask, scale)
+    got = sliding_tile.unpad_softmax_rows(out, lse, plan.keys_per_row, scatter)
+
+    per_head = windows if len(windows) == heads else windows * heads
+    mask = reference_mask(grid, tile, per_head, num_text)
+    want = _sdpa(q, k, v, mask[None], scale)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    # Without the rescale the padding keys would shift every attended row's weights.
+    assert (out.index_select(1, scatter) - want).abs().max() > 1e-3
+
+
+def test_sta_padding_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(sliding_tile.STA_PADDING_ENV, raising=False)
+    assert sliding_tile.padding_mode() == "rescale"
+    monkeypatch.setenv(sliding_tile.STA_PADDING_ENV, "MASK")
+    assert sliding_tile.padding_mode() == "mask"
+    monkeypatch.setenv(sliding_tile.STA_PADDING_ENV, "zero")
+    with pytest.raises(ValueError, match="FASTVIDEO_STA_PADDING='zero'; allowed: rescale, mask"):
+        sliding_tile.padding_mode()

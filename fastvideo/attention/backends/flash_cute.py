@@ -135,3 +135,30 @@ def flash_cute_block_sparse_attention(query: torch.Tensor, key: torch.Tensor,
 def _(query, key, value, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
       key_is_real, block_size, scale):
     return query.new_empty(*query.shape[:-1], value.shape[-1])
+
+
+@torch.library.custom_op("fastvideo::flash_cute_block_sparse_unmasked", mutates_args=())
+def flash_cute_block_sparse_unmasked(query: torch.Tensor, key: torch.Tensor,
+                                     value: torch.Tensor, kv_num_blocks: torch.Tensor,
+                                     kv_indices: torch.Tensor,
+                                     full_kv_num_blocks: torch.Tensor | None,
+                                     full_kv_indices: torch.Tensor | None, block_size: int,
+                                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention on `[B, L, H, D]` tensors over every key of the listed blocks
+    (no mask inside them; keys past `L` excepted): (out, its log-sum-exp `[B, H, L]`, fp32,
+    natural log). Callers correct for keys they did not want (`sliding_tile`)."""
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    sparse = BlockSparseTensorsTorch(kv_num_blocks, kv_indices, full_kv_num_blocks,
+                                     full_kv_indices, block_size=(block_size, block_size))
+    out, lse = _interface()._flash_attn_fwd(query, key, value, softmax_scale=scale,
+                                            block_sparse_tensors=sparse, return_lse=True)
+    return out, lse
+
+
+@flash_cute_block_sparse_unmasked.register_fake
+def _(query, key, value, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+      block_size, scale):
+    batch, length, heads, _ = query.shape
+    return (query.new_empty(*query.shape[:-1], value.shape[-1]),
+            query.new_empty(batch, heads, length, dtype=torch.float32))

@@ -22,12 +22,19 @@ without requests. It never touches Prefect: progress reaches the UI through the 
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":
+    # Before torch's and the engine's imports (seconds): CUDA's start runs beside them.
+    from fastvideo.utils.cuda_prewarm import prewarm_from_argv
+
+    _CUDA_PREWARM = prewarm_from_argv(sys.argv[1:])
+
 import argparse
 import json
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 from dataclasses import replace
@@ -270,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("started %.2f s after its spawn at %s.%03d (Python's imports)",
                     time.time() - spawned, time.strftime("%H:%M:%S", time.localtime(spawned)),
                     int(spawned % 1 * 1000))
+    prewarm = globals().get("_CUDA_PREWARM")  # set when run as a program
+    if prewarm is not None:
+        logger.info(prewarm.wait(timeout=120))
     worker = WarmWorker(WorkerSpec.from_json(args.spec))
     worker.serve(args.socket, args.idle_timeout_s)
     return 0

@@ -69,6 +69,10 @@ dense)
     reason=$(python3 -c "from fastvideo.attention.backends.flash_cute import cute_unavailable_reason as r; print(r('cuda'))" 2>&1 | tail -1)
     echo "CuTe kernels: ${reason}"
     [ "$reason" = "None" ] || { echo "the CuTe kernels cannot run: not benchmarking"; exit 1; }
+    # STA's two padding modes on the kernel, same inputs (STA_PADDING_CHECK=0 skips it).
+    [ "${STA_PADDING_CHECK:-1}" = 0 ] ||
+        python3 benchmarks/check_gpu_sta_padding.py --json-out "$OUT/sta_padding.json" 2>&1 |
+        grep -v -i warn
     phases=${2:-dense,fresh}
     bench --phases "$phases" --json-out "$OUT/bench_${phases//,/_}.json" ;;
 sta)

@@ -151,7 +151,7 @@ def flash_cute_block_sparse_unmasked(query: torch.Tensor, key: torch.Tensor,
 
     sparse = BlockSparseTensorsTorch(kv_num_blocks, kv_indices, full_kv_num_blocks,
                                      full_kv_indices, block_size=(block_size, block_size))
-    out, lse = _interface()._flash_attn_fwd(query, key, value, softmax_scale=scale,
+    out, lse, *_ = _interface()._flash_attn_fwd(query, key, value, softmax_scale=scale,
                                             block_sparse_tensors=sparse, return_lse=True)
     return out, lse
 

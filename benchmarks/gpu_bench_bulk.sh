@@ -60,6 +60,12 @@ diffusers|prepare)
     else
         bench --phases diffusers --json-out "$OUT/bench_diffusers.json"
     fi ;;
+install1)  # the wheels of .gpu1 alone (kernel work without the checkpoint)
+    install .gpu1/*.whl ;;
+install3)  # after install1 and carry: the CUTLASS compiler's second part and .gpu3
+    cat /tmp/cu/cu13.part.a .gpu3/cu13.part.b \
+        > /tmp/cu/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
+    install .gpu3/*.whl /tmp/cu/*.whl ;;
 carry)
     mkdir -p /tmp/cu && cp .gpu2/cu13.part.a /tmp/cu/ && ls -la /tmp/cu ;;
 dense)
@@ -79,5 +85,5 @@ sta)
     phases=${2:-sta,fresh_sta}
     bench --phases "$phases" --json-out "$OUT/bench_${phases//,/_}.json" ;;
 *)
-    echo "usage: $0 diffusers|prepare|carry|dense|sta" >&2; exit 2 ;;
+    echo "usage: $0 diffusers|prepare|install1|carry|install3|dense|sta" >&2; exit 2 ;;
 esac

@@ -40,7 +40,13 @@ install() {
         esac
     done
     [ ${#others[@]} -eq 0 ] || python3 -m pip install -q --no-index --no-deps --no-compile \
-        --no-cache-dir --upgrade --target /tmp/site "${others[@]}"
+        --no-cache-dir --upgrade --target /tmp/site "${others[@]}" || return 1
+    # Bytecode once, as a normal pip install leaves it: otherwise every process (each fresh
+    # worker: its first video) may compile diffusers', Prefect's and the CuTe DSL's sources
+    # again, where the image keeps Python from writing it.
+    python3 -m compileall -q -j 0 /tmp/site "$PWD/fastvideo" "$PWD/flows" "$PWD/tasks" \
+        >/dev/null 2>&1
+    echo "PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-unset}"
 }
 bench() {
     python3 benchmarks/bench_bulk.py --model-path /tmp/wan --num-prompts "${BENCH_PROMPTS:-6}" --workdir /tmp/bench \

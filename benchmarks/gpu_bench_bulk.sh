@@ -43,7 +43,7 @@ install() {
         --no-cache-dir --upgrade --target /tmp/site "${others[@]}" || return 1
     # Bytecode once, as a normal pip install leaves it: otherwise every process (each fresh
     # worker: its first video) may compile diffusers', Prefect's and the CuTe DSL's sources
-    # again, where the image keeps Python from writing it.
+    # again if the image keeps Python from writing it (the line below says).
     python3 -m compileall -q -j 0 /tmp/site "$PWD/fastvideo" "$PWD/flows" "$PWD/tasks" \
         >/dev/null 2>&1
     echo "PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-unset}"

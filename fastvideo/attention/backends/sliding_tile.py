@@ -421,10 +421,14 @@ def unpad_softmax_rows(out_BLHD: torch.Tensor, lse_BHL: torch.Tensor,
     the output), as if they had not: out * S / (S - n), in `[B, S, H, D]` grid order."""
     lse = lse_BHL.index_select(2, scatter)
     keys = keys_per_row.index_select(1, scatter)
-    real_mass = (1.0 - keys * torch.exp(-lse)).clamp_min(_MIN_REAL_MASS)
+    real_mass = (1.0 - keys * torch.exp(-lse)).clamp_min(_MIN_REAL_MASS)  # (S - n) / S
     rows = out_BLHD.index_select(1, scatter)
-    # In place: one pass over the output, the product computed in fp32.
-    return rows.mul_(real_mass.reciprocal_().transpose(1, 2).unsqueeze(-1))
+    # out * S / (S - n) as out + out * delta, delta = n / (S - n) (~0.01): delta in the
+    # output's dtype loses nothing that matters (bf16 rounds it by 0.4% of itself, not of
+    # the factor), and a pass in one dtype avoids PyTorch's slow mixed-dtype kernel (a
+    # bf16 * fp32 product took 7.9 ms of a 257 ms STA forward on an H200).
+    delta = ((1.0 - real_mass) / real_mass).transpose(1, 2).unsqueeze(-1).to(rows.dtype)
+    return rows.addcmul_(rows, delta)
 
 
 @functools.lru_cache(maxsize=64)

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+from bench_dit import time_once  # the script's folder is on sys.path
 
 from fastvideo.attention.backends.flash_cute import cute_unavailable_reason
 from fastvideo.attention.backends.sliding_tile import STA_PADDING_ENV, sliding_tile_attention
@@ -28,17 +29,10 @@ TOLERANCE = 2e-2  # two bf16 kernels on unit-variance values: a few ulps (check_
 
 
 def time_call(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Median ms of one call on the GPU."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(time_once(fn, torch.device("cuda")) for _ in range(iters))
 
 
 def main() -> int:

@@ -12,9 +12,15 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 CUTE_MODULE = "flash_attn.cute.interface"
 CUTE_ARCHES = (9, 10, 11)
@@ -56,6 +62,26 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+_seen: set[Hashable] = set()
+_seen_lock = threading.Lock()
+
+
+def logged_first_call(kind: str, key: Hashable, call: Callable[[], Any]) -> Any:
+    """`call()`; the first time per (`kind`, `key`) in this process its host time goes to
+    the log: a CuTe kernel compiles (or loads from its disk cache) on its first call for
+    a shape, on a fresh worker's first video's critical path."""
+    with _seen_lock:
+        first = (kind, key) not in _seen
+        _seen.add((kind, key))
+    if not first:
+        return call()
+    start = time.perf_counter()
+    result = call()
+    logger.info("FlashAttention CuTe %s kernel %s: first call %.2f s on the host (its compile, "
+                "or its load from the kernel cache)", kind, key, time.perf_counter() - start)
+    return result
+
+
 def _interface() -> Any:
     return importlib.import_module(CUTE_MODULE)
 
@@ -79,8 +105,10 @@ def flash_cute_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
                          scale: float, causal: bool) -> torch.Tensor:
     """Dense attention on `[B, S, H, D]` tensors."""
     config = dense_kernel_config(_capability(query.device)[0], query.shape[-1], causal)
-    out, *_ = _interface()._flash_attn_fwd(query, key, value, softmax_scale=scale,
-                                           causal=causal, **config)
+    out, *_ = logged_first_call(
+        "dense", (tuple(query.shape), tuple(key.shape), query.dtype, causal),
+        lambda: _interface()._flash_attn_fwd(query, key, value, softmax_scale=scale,
+                                             causal=causal, **config))
     return out
 
 
@@ -125,9 +153,11 @@ def flash_cute_block_sparse_attention(query: torch.Tensor, key: torch.Tensor,
 
     sparse = BlockSparseTensorsTorch(kv_num_blocks, kv_indices, full_kv_num_blocks,
                                      full_kv_indices, block_size=(block_size, block_size))
-    out, *_ = _interface()._flash_attn_fwd(
-        query, key, value, softmax_scale=scale, block_sparse_tensors=sparse,
-        mask_mod=_key_mask_mod(), aux_tensors=[key_is_real])
+    out, *_ = logged_first_call(
+        "block-sparse masked", (tuple(query.shape), query.dtype, block_size),
+        lambda: _interface()._flash_attn_fwd(
+            query, key, value, softmax_scale=scale, block_sparse_tensors=sparse,
+            mask_mod=_key_mask_mod(), aux_tensors=[key_is_real]))
     return out
 
 
@@ -151,8 +181,10 @@ def flash_cute_block_sparse_unmasked(query: torch.Tensor, key: torch.Tensor,
 
     sparse = BlockSparseTensorsTorch(kv_num_blocks, kv_indices, full_kv_num_blocks,
                                      full_kv_indices, block_size=(block_size, block_size))
-    out, lse, *_ = _interface()._flash_attn_fwd(query, key, value, softmax_scale=scale,
-                                            block_sparse_tensors=sparse, return_lse=True)
+    out, lse, *_ = logged_first_call(
+        "block-sparse", (tuple(query.shape), query.dtype, block_size),
+        lambda: _interface()._flash_attn_fwd(query, key, value, softmax_scale=scale,
+                                             block_sparse_tensors=sparse, return_lse=True))
     return out, lse
 
 

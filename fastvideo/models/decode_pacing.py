@@ -11,9 +11,10 @@ of 2.6 s alone costs the DiT beside it ~2 s and takes as long as a whole denoise
 (benchmarks/RESULTS.md, "Bulk generation on one GPU").
 
 `pace_decoder` keeps at most `max_in_flight` calls of a VAE's decoder (one call per
-latent frame chunk for Wan) queued on the GPU: after each call it waits, outside the GIL,
-for the call `max_in_flight` back to end. The results are the same; only when the thread
-launches changes. Nothing happens for tensors off CUDA.
+latent frame chunk for Wan, a few hundred kernels) queued on the GPU when the next call
+starts launching: after each call its thread waits, outside the GIL, for the calls before
+the last `max_in_flight` to end. The results are the same; only when the thread launches
+changes. Nothing happens for tensors off CUDA.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import torch
 from torch import nn
 
 PACED_ATTR = "_fastvideo_decode_pacing"
-DEFAULT_MAX_IN_FLIGHT = 2
+DEFAULT_MAX_IN_FLIGHT = 1
+"""One chunk queued while the next launches: ~2 chunks' kernels at most, far from filling a
+stream's queue, and the GPU still has the decode's next work when a chunk ends."""
 
 
 class _Event(Protocol):

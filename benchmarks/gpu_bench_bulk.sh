@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_bench_bulk.sh carry       # carry .gpu2: the CUTLASS compiler, part 1
 #   bash benchmarks/gpu_bench_bulk.sh dense       # carry .gpu3: Prefect, compiler part 2; dense+fresh
 #   bash benchmarks/gpu_bench_bulk.sh sta         # nothing carried; sta+fresh_sta
+#   bash benchmarks/gpu_bench_bulk.sh overlap     # nothing carried; a decode's cost to the DiT,
+#                                                 # paced and not (bench_decode_overlap.py)
 #
 # `dense` and `sta` take the bench phases to run as a second argument (defaults dense,fresh
 # and sta,fresh_sta), so `dense sta,fresh_sta` measures STA alone on a machine where the
@@ -54,6 +56,9 @@ install() {
     echo "torch bytecode after: $(find "$image_site/torch" -name '*.pyc' | wc -l) files"
 }
 bench() {
+    # A worker left by an earlier call (workers outlive their flow) would serve this one
+    # with the code it loaded then: stop them. The pattern does not match this shell.
+    pkill -f "entrypoints[.]warm_worker --spec" && sleep 2
     python3 benchmarks/bench_bulk.py --model-path /tmp/wan --num-prompts "${BENCH_PROMPTS:-6}" --workdir /tmp/bench \
         "$@" 2>&1 | grep -v -i warn | tail -40
     cp /tmp/bench/*.log "$OUT"/ 2>/dev/null
@@ -71,6 +76,9 @@ diffusers|prepare)
     else
         bench --phases diffusers --json-out "$OUT/bench_diffusers.json"
     fi ;;
+overlap)  # after dense or sta (the CuTe kernels installed): a decode's cost to the DiT
+    python3 benchmarks/bench_decode_overlap.py --compile --compile-cache-dir /tmp/bench/compile-cache \
+        --json-out "$OUT/overlap.json" 2>&1 | grep -v -i warn | tail -5 ;;
 install1)  # the wheels of .gpu1 alone (kernel work without the checkpoint)
     install .gpu1/*.whl ;;
 install3)  # after install1 and carry: the CUTLASS compiler's second part and .gpu3
@@ -96,5 +104,5 @@ sta)
     phases=${2:-sta,fresh_sta}
     bench --phases "$phases" --json-out "$OUT/bench_${phases//,/_}.json" ;;
 *)
-    echo "usage: $0 diffusers|prepare|install1|carry|install3|dense|sta" >&2; exit 2 ;;
+    echo "usage: $0 diffusers|prepare|install1|carry|install3|dense|sta|overlap" >&2; exit 2 ;;
 esac

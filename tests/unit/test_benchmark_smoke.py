@@ -66,3 +66,13 @@ def test_bench_vae_decode_smoke(tmp_path: Path) -> None:
     assert result["channels_last"]["max_abs_diff"] < 1e-5  # the same computation
     assert 0 < result["bf16"]["max_abs_diff"] < 0.2
     assert result["diffusers"]["median_s"] > 0
+
+
+def test_bench_decode_overlap_smoke(tmp_path: Path) -> None:
+    """The DiT's forwards alone, beside an unpaced decode and beside a paced one, in one
+    process (CPU: the figures only show that every part ran)."""
+    result = _run("bench_decode_overlap.py", "--smoke", tmp_path=tmp_path)
+    assert set(result["ms_per_forward"]) == {"alone", "unpaced", "paced"}
+    assert all(ms > 0 for ms in result["ms_per_forward"].values())
+    assert set(result["decode_s"]) == {"unpaced", "paced"}
+    assert all(len(seconds) >= 1 for seconds in result["decode_s"].values())

@@ -30,6 +30,8 @@ set -uo pipefail
 step=$1
 export PYTHONPATH=/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/site:$PWD
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
+# Bytecode in one writable place for every process of the lease (see install below).
+export PYTHONPYCACHEPREFIX=/tmp/pycache
 install() {
     # The CUTLASS DSL's wheels share one top-level folder (nvidia_cutlass_dsl/), which
     # `pip --target` replaces (--upgrade) or skips (without) per wheel, losing the Python
@@ -50,10 +52,12 @@ install() {
     local image_site
     image_site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     echo "PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-unset};" \
-        "torch bytecode before: $(find "$image_site/torch" -name '*.pyc' | wc -l) files"
+        "the image's torch has $(find "$image_site/torch" -name '*.pyc' | wc -l) .pyc files"
+    local start=$SECONDS
     python3 -m compileall -q -j 0 "$image_site" /tmp/site "$PWD/fastvideo" "$PWD/flows" \
         "$PWD/tasks" >/dev/null 2>&1
-    echo "torch bytecode after: $(find "$image_site/torch" -name '*.pyc' | wc -l) files"
+    echo "compiled into $PYTHONPYCACHEPREFIX in $((SECONDS - start)) s:" \
+        "$(find "$PYTHONPYCACHEPREFIX" -name '*.pyc' | wc -l) .pyc files"
 }
 bench() {
     # A worker left by an earlier call (workers outlive their flow) would serve this one

@@ -19,6 +19,7 @@ changes. Nothing happens for tensors off CUDA.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +29,8 @@ import torch
 from torch import nn
 
 PACED_ATTR = "_fastvideo_decode_pacing"
+PACING_ENV = "FASTVIDEO_DECODE_PACING"
+"""1 (default): the engine paces the VAEs it loads onto CUDA; 0: it does not (to compare)."""
 DEFAULT_MAX_IN_FLIGHT = 1
 """One chunk queued while the next launches: ~2 chunks' kernels at most, far from filling a
 stream's queue, and the GPU still has the decode's next work when a chunk ends."""
@@ -58,6 +61,14 @@ class InFlightLimit:
         pending.append(event)
         while len(pending) > self.max_in_flight:
             pending.popleft().synchronize()  # releases the GIL while it waits
+
+
+def pacing_enabled() -> bool:
+    """`PACING_ENV`, checked."""
+    value = os.environ.get(PACING_ENV, "1").strip() or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"{PACING_ENV}={value!r}; allowed: 1 (pace decodes), 0 (do not)")
+    return value == "1"
 
 
 def pace_decoder(vae: nn.Module, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, *,

@@ -87,3 +87,15 @@ def test_paced_wan_vae_decodes_the_same_and_waits_per_latent_frame() -> None:
 
 def test_a_vae_without_a_decoder_module_is_left_alone() -> None:
     assert not pace_decoder(torch.nn.Linear(2, 2))
+
+
+def test_pacing_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastvideo.models.decode_pacing import PACING_ENV, pacing_enabled
+
+    monkeypatch.delenv(PACING_ENV, raising=False)
+    assert pacing_enabled()
+    monkeypatch.setenv(PACING_ENV, "0")
+    assert not pacing_enabled()
+    monkeypatch.setenv(PACING_ENV, "off")
+    with pytest.raises(ValueError, match="FASTVIDEO_DECODE_PACING='off'; allowed: 1"):
+        pacing_enabled()

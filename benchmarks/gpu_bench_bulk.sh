@@ -59,6 +59,12 @@ install() {
     echo "compiled into $PYTHONPYCACHEPREFIX in $((SECONDS - start)) s:" \
         "$(find "$PYTHONPYCACHEPREFIX" -name '*.pyc' | wc -l) .pyc files"
 }
+install_gpu3() {
+    # The CUTLASS compiler's wheel, carried in two parts (`carry`, then .gpu3), and .gpu3.
+    cat /tmp/cu/cu13.part.a .gpu3/cu13.part.b \
+        > /tmp/cu/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
+    install .gpu3/*.whl /tmp/cu/*.whl
+}
 bench() {
     # A worker left by an earlier call (workers outlive their flow) would serve this one
     # with the code it loaded then: stop them. The pattern does not match this shell.
@@ -86,15 +92,11 @@ overlap)  # after dense or sta (the CuTe kernels installed): a decode's cost to 
 install1)  # the wheels of .gpu1 alone (kernel work without the checkpoint)
     install .gpu1/*.whl ;;
 install3)  # after install1 and carry: the CUTLASS compiler's second part and .gpu3
-    cat /tmp/cu/cu13.part.a .gpu3/cu13.part.b \
-        > /tmp/cu/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
-    install .gpu3/*.whl /tmp/cu/*.whl ;;
+    install_gpu3 ;;
 carry)
     mkdir -p /tmp/cu && cp .gpu2/cu13.part.a /tmp/cu/ && ls -la /tmp/cu ;;
 dense)
-    cat /tmp/cu/cu13.part.a .gpu3/cu13.part.b \
-        > /tmp/cu/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
-    install .gpu3/*.whl /tmp/cu/*.whl || exit 1
+    install_gpu3 || exit 1
     reason=$(python3 -c "from fastvideo.attention.backends.flash_cute import cute_unavailable_reason as r; print(r('cuda'))" 2>&1 | tail -1)
     echo "CuTe kernels: ${reason}"
     [ "$reason" = "None" ] || { echo "the CuTe kernels cannot run: not benchmarking"; exit 1; }

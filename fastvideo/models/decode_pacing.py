@@ -10,7 +10,7 @@ kernel ends. That is the likely reason (not yet measured apart) why, on an H200,
 of 2.6 s alone costs the DiT beside it ~2 s and takes as long as a whole denoise
 (benchmarks/RESULTS.md, "Bulk generation on one GPU").
 
-`pace_decoder` keeps at most `max_in_flight` calls of a VAE's decoder (one call per
+`pace_decoder` keeps at most `max_in_flight` (`InFlightLimit`) calls of a VAE's decoder (one call per
 latent frame chunk for Wan, a few hundred kernels) queued on the GPU when the next call
 starts launching: after each call its thread waits, outside the GIL, for the calls before
 the last `max_in_flight` to end. The results are the same; only when the thread launches
@@ -71,15 +71,16 @@ def pacing_enabled() -> bool:
     return value == "1"
 
 
-def pace_decoder(vae: nn.Module, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, *,
-                 limit: InFlightLimit | None = None, device_type: str = "cuda") -> bool:
-    """Install the pacing on `vae.decoder` (once; `limit` defaults to CUDA events) for
-    outputs on `device_type`; False if `vae` has no decoder module."""
+def pace_decoder(vae: nn.Module, limit: InFlightLimit | None = None, *,
+                 device_type: str = "cuda") -> bool:
+    """Install the pacing on `vae.decoder` (once; `limit` defaults to
+    `DEFAULT_MAX_IN_FLIGHT` on CUDA events) for outputs on `device_type`; False if `vae`
+    has no decoder module."""
     decoder = getattr(vae, "decoder", None)
     if not isinstance(decoder, nn.Module):
         return False
     if getattr(vae, PACED_ATTR, None) is None:
-        paced = limit or InFlightLimit(max_in_flight)
+        paced = limit or InFlightLimit(DEFAULT_MAX_IN_FLIGHT)
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             first = output[0] if isinstance(output, (tuple, list)) else output

@@ -70,6 +70,8 @@ def logged_first_call(kind: str, key: Hashable, call: Callable[[], Any]) -> Any:
     """`call()`; the first time per (`kind`, `key`) in this process its host time goes to
     the log: a CuTe kernel compiles (or loads from its disk cache) on its first call for
     a shape, on a fresh worker's first video's critical path."""
+    if (kind, key) in _seen:  # every later call: no lock
+        return call()
     with _seen_lock:
         first = (kind, key) not in _seen
         _seen.add((kind, key))

@@ -6,31 +6,44 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from fastvideo.utils.cuda_probe import default_device
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
+if TYPE_CHECKING:
+    import torch
+
+# Names only: importing torch takes seconds, and a command's first act (starting a warm
+# worker, `flows.cli`) reads these configs before it needs torch.
+_DTYPES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
 }
+
+
+def check_dtype_name(name: str) -> str:
+    """The canonical name of dtype `name` (`"bf16"` -> `"bfloat16"`), without torch."""
+    try:
+        return _DTYPES[name.lower()]
+    except (KeyError, AttributeError):
+        raise ValueError(f"unknown dtype {name!r}; known: {sorted(_DTYPES)}") from None
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """Turn a dtype name (`"bf16"`, `"float32"`, ...) into a `torch.dtype`."""
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
-    try:
-        return _DTYPES[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; known: {sorted(_DTYPES)}") from None
+    return getattr(torch, check_dtype_name(name))
 
 
 def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return default_device()
 
 
 def check_step_cache_threshold(value: object) -> None:
@@ -111,8 +124,11 @@ class FastVideoArgs:
                                  "python -m fastvideo.entrypoints.sta_search)")
         if self.dtype is None:
             self.dtype = "float32" if self.device == "cpu" else "bfloat16"
-        parse_dtype(self.dtype)
-        parse_dtype(self.vae_dtype)
+        for name in (self.dtype, self.vae_dtype):
+            if not isinstance(name, str):  # a torch.dtype: torch is imported already
+                parse_dtype(name)
+            else:
+                check_dtype_name(name)
 
     @property
     def torch_dtype(self) -> torch.dtype:

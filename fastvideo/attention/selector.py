@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from fastvideo.attention.backends.abstract import AttentionBackend, _Backend
+from fastvideo.attention.backends.names import backend_from_name
 
 ATTENTION_BACKEND_ENV = "FASTVIDEO_ATTENTION_BACKEND"
 
@@ -27,17 +28,6 @@ _BACKEND_MODULES: dict[_Backend, str] = {
     _Backend.FLASH_ATTN: "fastvideo.attention.backends.flash_attn",
     _Backend.SLIDING_TILE_ATTN: "fastvideo.attention.backends.sliding_tile",
 }
-
-
-def backend_from_name(name: str | _Backend) -> _Backend:
-    """The enum member for `name` (case-insensitive); ValueError listing the valid names."""
-    if isinstance(name, _Backend):
-        return name
-    try:
-        return _Backend[name.strip().upper()]
-    except KeyError:
-        raise ValueError(f"unknown attention backend {name!r}; valid: "
-                         f"{[b.name for b in _Backend]}") from None
 
 
 def _unavailable_reason(name: _Backend, head_size: int, dtype: torch.dtype,

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fastvideo.fastvideo_args import FastVideoArgs, check_step_cache_threshold, parse_dtype
+from fastvideo.fastvideo_args import FastVideoArgs, check_dtype_name, check_step_cache_threshold
 from fastvideo.pipelines.phases import Phase
 
 
@@ -46,9 +46,9 @@ class EngineOptions:
 
     def __post_init__(self) -> None:
         if self.attention_backend is not None:
-            # Here, not at the top: the attention package imports the compiler (~1 s), and
+            # The names alone: the backends import torch and the compiler (seconds), and
             # the flows' command line builds options before starting a warm worker.
-            from fastvideo.attention.selector import backend_from_name
+            from fastvideo.attention.backends.names import backend_from_name
 
             try:
                 backend_from_name(self.attention_backend)
@@ -66,7 +66,7 @@ class EngineOptions:
                 raise ValueError(f"sta_config is not a valid sliding tile attention config: "
                                  f"{exc}") from None
         try:
-            parse_dtype(self.vae_dtype)
+            check_dtype_name(self.vae_dtype)
         except ValueError as exc:
             raise ValueError(f"vae_dtype: {exc}") from None
         check_step_cache_threshold(self.step_cache_threshold)
@@ -111,8 +111,9 @@ class EngineOptions:
             params["sta"] = self.sta_digest
         if phase.denoise and self.step_cache_threshold is not None:
             params["step_cache"] = self.step_cache_threshold  # a float since __post_init__
-        if "vae" in phase.modules and parse_dtype(self.vae_dtype) != parse_dtype("float32"):
-            params["vae_dtype"] = str(parse_dtype(self.vae_dtype))
+        vae_dtype = check_dtype_name(self.vae_dtype)
+        if "vae" in phase.modules and vae_dtype != "float32":
+            params["vae_dtype"] = f"torch.{vae_dtype}"  # as str(torch.bfloat16) writes it
         return params
 
     def to_args(self, model_path: str, device: str, dtype: str | None,

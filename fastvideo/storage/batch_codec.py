@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from fastvideo.forward_batch import ForwardBatch
+from fastvideo.storage.schema import SCHEMA_VERSION
 
-SCHEMA_VERSION = 1
 SCHEMA_VERSION_COLUMN = "schema_version"
 _EXTRA = "extra"
 _SEP = "/"  # joins extra's keys into tensor names, so extra's tensor keys must not hold it

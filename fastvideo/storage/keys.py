@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fastvideo.storage.batch_codec import SCHEMA_VERSION
 from fastvideo.storage.file_digests import cached_sha256s, file_sha256
+from fastvideo.storage.schema import SCHEMA_VERSION
 
 _STAGE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 # Weights are gigabytes: their digests are remembered per file version (`file_digests`).

@@ -1,5 +1,5 @@
-"""`python -m flows.bulk --dispatch worker` starts its warm worker before it imports Prefect
-and the stages, and asks for the very worker its shards then go to (the same spec: a
+"""`python -m flows.bulk --dispatch worker` starts its warm worker before it imports Prefect,
+torch and the stages, and asks for the very worker its shards then go to (the same spec: a
 different one would load a second model on the GPU)."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from flows import cli
 out, module, *argv = sys.argv[1:]
 
 def record(spec, idle_timeout_s=1800.0, wait=True, **_):
-    loaded = [m for m in ("prefect", "tasks.shard", "fastvideo.jobs.engine", "torch._dynamo",
+    loaded = [m for m in ("prefect", "tasks.shard", "fastvideo.jobs.engine", "torch",
                           "fastvideo.attention.layer") if m in sys.modules]
     with open(out, "w") as f:
         json.dump({"spec": spec.to_json(), "wait": wait, "idle": idle_timeout_s,

@@ -1,8 +1,7 @@
-"""The attention backend interface and the enum naming every backend."""
+"""The attention backend interface (the enum naming every backend: `names`)."""
 
 from __future__ import annotations
 
-import enum
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -11,14 +10,12 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from fastvideo.attention.backends.names import _Backend
+
 if TYPE_CHECKING:
     from fastvideo.attention.metadata import AttentionMetadata
 
-
-class _Backend(enum.Enum):
-    TORCH_SDPA = enum.auto()
-    FLASH_ATTN = enum.auto()
-    SLIDING_TILE_ATTN = enum.auto()
+__all__ = ["AttentionBackend", "AttentionImpl", "_Backend"]
 
 
 class AttentionImpl(ABC):

@@ -232,7 +232,7 @@ def run_flow(args: argparse.Namespace, name: str, prompts: list[str], options: l
                   # Wall clock of the command's start, to read the logs' times against.
                   started_at=datetime.fromtimestamp(t0).strftime("%H:%M:%S.%f")[:-3],
                   peak_memory_gib=info["peak_memory_gib"], compile_cache=info["compile_cache"],
-                  compile_s=info["compile_s"],
+                  compile_s=info["compile_s"], warm_up=info.get("warm_up"),
                   attention_backends=info["attention_backends"],
                   post_lane_s_per_video=round(statistics.mean(
                       e["end"] - e["start"] for e in info["timeline"] if e["lane"] == "post"), 2),

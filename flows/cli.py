@@ -159,7 +159,7 @@ def start_worker_early(model_path: str, options: dict[str, Any]) -> None:
         if dispatch.mode != "worker" or not dispatch.remote_stages:
             return
         from fastvideo.fastvideo_args import FastVideoArgs
-        from fastvideo.jobs.worker_client import ensure_worker, worker_spec_for
+        from fastvideo.jobs.worker_client import ensure_worker, warm_up_hints, worker_spec_for
 
         path = str(Path(model_path).resolve())
         args = FastVideoArgs(model_path=path, dtype=given["dtype"],
@@ -167,7 +167,8 @@ def start_worker_early(model_path: str, options: dict[str, Any]) -> None:
         for index in range(dispatch.nproc_per_node):
             spec = worker_spec_for(path, args.device, args.dtype, engine,
                                    dispatch.nproc_per_node, index)
-            ensure_worker(spec, dispatch.worker_idle_timeout_s, wait=False)
+            ensure_worker(spec, dispatch.worker_idle_timeout_s, wait=False,
+                          warm_up=warm_up_hints(given))
     except (ValueError, OSError):
         return
 

@@ -57,6 +57,7 @@ from fastvideo.jobs.items import (
     to_jsonable,
 )
 from fastvideo.jobs.shard_runner import ShardRunner
+from fastvideo.jobs.warm_up import warm_up_enabled, warm_up_pipeline
 from fastvideo.jobs.worker_client import SPAWNED_AT_ENV, WorkerSpec
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
 from fastvideo.pipelines.phases import denoise_phase
@@ -83,7 +84,7 @@ class _Connection:
 
 
 class WarmWorker:
-    def __init__(self, spec: WorkerSpec) -> None:
+    def __init__(self, spec: WorkerSpec, warm_up: dict[str, Any] | None = None) -> None:
         self.spec = spec
         self.runner = ShardRunner(overlap=True)
         self.active = 0
@@ -94,6 +95,23 @@ class WarmWorker:
         self.pipeline = self._load()
         self.load_s = time.perf_counter() - start
         self.compile_logged_s = 0.0
+        self.warm_up: dict[str, Any] | None = None
+        if warm_up is not None and warm_up_enabled():
+            # First on the GPU lane: requests arriving meanwhile queue behind it.
+            self.runner.submit_on_gpu_lane(lambda: self._warm_up(warm_up))
+
+    def _warm_up(self, hints: dict[str, Any]) -> None:
+        try:
+            self.warm_up = warm_up_pipeline(self.pipeline, hints)
+        except Exception as exc:  # the first item then pays its first calls, as without
+            logger.warning("warm-up failed, so the first item makes the first calls: %s: %s",
+                           type(exc).__name__, exc)
+            self.warm_up = {"error": f"{type(exc).__name__}: {exc}"}
+            return
+        logger.info("warm-up on a dummy request (%s frames x %sx%s, DiT at steps %s of "
+                    "%s): %.1f s", *self.warm_up["shape"], self.warm_up["dit_steps"],
+                    self.warm_up["steps"], self.warm_up["seconds"])
+        self._log_compiling()
 
     def _load(self) -> ComposedPipelineBase:
         """Every module of the model, once: each request's stages reuse them."""
@@ -137,6 +155,7 @@ class WarmWorker:
                                    m._compiled_call_impl is not None
                                    for m in transformer.modules()),
             "batch_cfg": getattr(self._denoise_stage(), "batch_cfg", None),
+            "warm_up": self.warm_up,
             "sta": getattr(self._denoise_stage(), "sta_config", None) is not None,
             "phases": [p.to_dict() for p in self.pipeline.phases],
             "compile_cache": compile_cache_stats(),
@@ -267,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", required=True, help="WorkerSpec as JSON")
     parser.add_argument("--socket", required=True, type=Path)
     parser.add_argument("--idle-timeout-s", type=float, default=1800.0)
+    parser.add_argument("--warm-up", type=json.loads, metavar="JSON",
+                        help="request options shaping the run's videos: run the model once "
+                             "on a dummy request of that shape before the first item "
+                             "(fastvideo.jobs.warm_up)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format=f"%(asctime)s worker {os.getpid()} %(levelname)s %(name)s: "
@@ -280,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     prewarm = globals().get("_CUDA_PREWARM")  # set when run as a program
     if prewarm is not None:
         logger.info(prewarm.wait(timeout=120))
-    worker = WarmWorker(WorkerSpec.from_json(args.spec))
+    worker = WarmWorker(WorkerSpec.from_json(args.spec), warm_up=args.warm_up)
     worker.serve(args.socket, args.idle_timeout_s)
     return 0
 

@@ -92,7 +92,11 @@ class ShardRunner:
 
     def on_gpu_lane(self, work: Callable[[], T]) -> T:
         """Run `work` on the GPU lane, after the items queued before it."""
-        return self._gpu.submit(work).result()
+        return self.submit_on_gpu_lane(work).result()
+
+    def submit_on_gpu_lane(self, work: Callable[[], T]) -> Future[T]:
+        """Queue `work` on the GPU lane, after the items queued before it."""
+        return self._gpu.submit(work)
 
     def store(self, uri: str) -> ArtifactStore:
         if uri not in self._stores:

@@ -36,6 +36,17 @@ from fastvideo.jobs.options import EngineOptions
 Event = dict[str, Any]
 
 
+WARM_UP_OPTIONS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale",
+                   "guidance_end", "max_sequence_length", "embedded_guidance_scale")
+"""The request options that decide which compiled graphs and kernels a video uses."""
+
+
+def warm_up_hints(options: dict[str, Any]) -> dict[str, Any]:
+    """Of a run's request options, those shaping its videos, for a new worker's warm-up
+    (`fastvideo.jobs.warm_up`); the ones not given are the model family's defaults."""
+    return {name: options[name] for name in WARM_UP_OPTIONS if options.get(name) is not None}
+
+
 class WorkerError(RuntimeError):
     """The warm worker could not be started, died, or failed the request."""
 
@@ -138,13 +149,16 @@ def _alive(pid_file: Path) -> int | None:
 
 def ensure_worker(spec: WorkerSpec, idle_timeout_s: float = 1800.0,
                   start_timeout_s: float = 1800.0, wait: bool = True,
-                  on_wait: Callable[[str], None] | None = None) -> Path:
+                  on_wait: Callable[[str], None] | None = None,
+                  warm_up: dict[str, Any] | None = None) -> Path:
     """The socket of the worker serving `spec`, started first if none is running.
 
     `wait=False` starts it and returns at once (the socket may not answer yet): a caller
     that knows it will need the worker lets it load while doing other work. `on_wait` hears
     what a wait for a loading worker is about: when it begins (with the worker's log), every
     `WAIT_NOTE_S` while it lasts (with the log's last line) and when the worker answers.
+    `warm_up` (`warm_up_hints`): a worker started here runs the model once on a dummy
+    request of that shape, before its first item.
     """
     sock_path, log, lock = _paths(spec)
     pid_file = sock_path.with_suffix(".pid")
@@ -157,7 +171,7 @@ def ensure_worker(spec: WorkerSpec, idle_timeout_s: float = 1800.0,
         pid = _alive(pid_file)
         if pid is None:
             sock_path.unlink(missing_ok=True)  # a dead worker's socket
-            pid = _spawn(spec, sock_path, log, idle_timeout_s)
+            pid = _spawn(spec, sock_path, log, idle_timeout_s, warm_up)
             pid_file.write_text(str(pid))
     if not wait:
         return sock_path
@@ -187,7 +201,8 @@ def ensure_worker(spec: WorkerSpec, idle_timeout_s: float = 1800.0,
     return sock_path
 
 
-def _spawn(spec: WorkerSpec, sock_path: Path, log: Path, idle_timeout_s: float) -> int:
+def _spawn(spec: WorkerSpec, sock_path: Path, log: Path, idle_timeout_s: float,
+           warm_up: dict[str, Any] | None = None) -> int:
     env = {**os.environ, SPAWNED_AT_ENV: repr(time.time())}
     if spec.cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
@@ -195,7 +210,8 @@ def _spawn(spec: WorkerSpec, sock_path: Path, log: Path, idle_timeout_s: float) 
         proc = subprocess.Popen(
             [sys.executable, "-m", "fastvideo.entrypoints.warm_worker", "--spec",
              spec.to_json(), "--socket", str(sock_path), "--idle-timeout-s",
-             str(idle_timeout_s)], stdout=out, stderr=subprocess.STDOUT, env=env,
+             str(idle_timeout_s), *(["--warm-up", json.dumps(warm_up)] if warm_up is not None else [])],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
             start_new_session=True)  # outlives this process and its process group
     _CHILDREN[:] = [p for p in _CHILDREN if p.poll() is None] + [proc]
     return proc.pid

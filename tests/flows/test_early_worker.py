@@ -32,12 +32,12 @@ from flows import cli
 
 out, module, *argv = sys.argv[1:]
 
-def record(spec, idle_timeout_s=1800.0, wait=True, **_):
+def record(spec, idle_timeout_s=1800.0, wait=True, warm_up=None, **_):
     loaded = [m for m in ("prefect", "tasks.shard", "fastvideo.jobs.engine", "torch",
                           "fastvideo.attention.layer") if m in sys.modules]
     with open(out, "w") as f:
         json.dump({"spec": spec.to_json(), "wait": wait, "idle": idle_timeout_s,
-                   "loaded": loaded}, f)
+                   "loaded": loaded, "warm_up": warm_up}, f)
     os._exit(0)
 
 def first_act_only(argv, start=cli.start_worker_from_argv):
@@ -73,6 +73,8 @@ def test_the_command_starts_the_worker_its_shards_go_to_before_importing_prefect
                        "--dispatch", "worker", "--compile", "--vae-dtype", "bf16",
                        "--worker-idle-timeout-s", "60", "--height", "32")
     assert asked["loaded"] == [] and asked["wait"] is False and asked["idle"] == 60.0
+    # The run's video shape as given (the family has the rest): the worker warms up on it.
+    assert asked["warm_up"] == {"height": 32}
     # The flow's own spec for its first shard, as the run computes it.
     ctx = prepare_run.fn(str(tiny_wan_path), str(tmp_path / "out"), str(tmp_path / "out"),
                          SamplingParam(), dispatch=Dispatch(mode="worker"),
@@ -84,7 +86,7 @@ def test_the_command_starts_the_worker_its_shards_go_to_before_importing_prefect
     asked = _first_act(tmp_path, "flows.generate", "--prompt", "a cat", "--output",
                        str(tmp_path / "out"), "--model-path", str(tiny_wan_path),
                        "--dispatch", "worker", "--compile", "--vae-dtype", "bf16")
-    assert asked["loaded"] == []
+    assert asked["loaded"] == [] and asked["warm_up"] == {}
     assert json.loads(asked["spec"])["model_fingerprint"] == ctx.model_fingerprint
 
     # Sliding tile options are checked before the start without the attention layers (they

@@ -137,6 +137,42 @@ def test_windows_share_one_model_load_and_equal_inprocess(
                            checkpoint_latents(row["denoise_checkpoint_uri"]))
 
 
+def test_a_warm_up_before_the_first_item_changes_no_output(
+        prefect_server, worker_dir: Path, tiny_wan_path: Path, tmp_path: Path) -> None:
+    # The worker a command starts early, told the run's video shape: it runs the model once
+    # on a dummy request (the DiT at the first step of each kind) before the first item.
+    ensure_worker(_spec(tiny_wan_path), warm_up={**TINY, "num_inference_steps": 12,
+                                                 "guidance_end": 0.5})
+    deadline = time.monotonic() + 120
+    while (warm_up := describe_worker(_spec(tiny_wan_path))["warm_up"]) is None:
+        assert time.monotonic() < deadline, "no warm-up within 120 s"
+        time.sleep(0.2)
+    assert "error" not in warm_up, warm_up
+    assert warm_up["shape"] == [5, 32, 32] and warm_up["steps"] == 12, warm_up
+    assert warm_up["dit_steps"] == [0, 6], warm_up  # guided, then the conditional alone
+    log = "".join(p.read_text() for p in worker_dir.glob("*.log"))
+    assert re.search(r"warm-up on a dummy request \(5 frames x 32x32, DiT at steps \[0, 6\] "
+                     r"of 12\): \d+\.\d s", log), log[-2000:]
+
+    dataset = write_dataset(tmp_path / "prompts.jsonl", [{"prompt": PROMPTS[1]}])
+    state = _bulk(dataset, tmp_path / "worker", tiny_wan_path, dispatch="worker",
+                  guidance_end=0.5)
+    assert state.is_completed(), state.message
+    assert describe_worker(_spec(tiny_wan_path))["pid"] == warm_up_pid(worker_dir)
+    reference = _bulk(dataset, tmp_path / "inprocess", tiny_wan_path, guidance_end=0.5)
+    assert reference.is_completed(), reference.message
+    (worker_row,) = read_manifest(str(tmp_path / "worker")).values()
+    (row,) = read_manifest(str(tmp_path / "inprocess")).values()
+    assert worker_row["video_sha256"] == row["video_sha256"]
+    assert torch.equal(checkpoint_latents(worker_row["denoise_checkpoint_uri"]),
+                       checkpoint_latents(row["denoise_checkpoint_uri"]))
+
+
+def warm_up_pid(folder: Path) -> int:
+    (pid,) = running_workers(folder)
+    return pid
+
+
 def test_killed_worker_fails_its_shard_fast_and_rerun_resumes(
         prefect_server, worker_dir: Path, tiny_wan_path: Path, tmp_path: Path) -> None:
     dataset = write_dataset(tmp_path / "prompts.jsonl", [{"prompt": PROMPTS[0]}])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,6 +44,22 @@ def guided_step_count(guidance_end: float, total: int) -> int:
     """How many of the first steps classifier-free guidance runs: `ceil(guidance_end x
     total)`, the product rounded to 9 decimals first (0.14 x 50 gives 7, not 8)."""
     return min(total, math.ceil(round(guidance_end * total, 9)))
+
+
+@dataclass(frozen=True)
+class _Loop:
+    """A denoising loop's inputs, on the device, prepared once per call."""
+
+    timesteps: torch.Tensor
+    latents: torch.Tensor
+    condition: torch.Tensor | None
+    cond: DiTContext
+    """The conditional branch's context as given (what a step cache compares)."""
+    dit_cond: DiTContext | None
+    dit_uncond: DiTContext | None
+    dit_paired: DiTContext | None
+    guided_steps: int
+    dtype: torch.dtype
 
 
 class DenoisingStage(PipelineStage):
@@ -156,7 +173,8 @@ class DenoisingStage(PipelineStage):
         check_supported(type(self.transformer), threshold)
         return StepCache(threshold)
 
-    def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
+    def _loop(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> _Loop:
+        """What every step of the loop over `batch` reads, prepared once."""
         if batch.do_classifier_free_guidance and batch.negative_prompt_embeds is None:
             raise ValueError(
                 f"guidance_scale={batch.guidance_scale} > 1 needs negative_prompt_embeds")
@@ -164,7 +182,6 @@ class DenoisingStage(PipelineStage):
         dtype = fastvideo_args.torch_dtype
         self._prepare_scheduler(batch, device)
         timesteps = batch.timesteps.to(device)
-        latents = batch.latents.to(device)
         cond = self.dit_inputs(batch, False, device, dtype)
         uncond = (self.dit_inputs(batch, True, device, dtype)
                   if batch.do_classifier_free_guidance else None)
@@ -179,20 +196,59 @@ class DenoisingStage(PipelineStage):
         dit_cond, dit_uncond, dit_paired = self._prepare_contexts(
             cond, uncond, paired, guided=guided_steps > batch.step_index,
             unguided=total > max(guided_steps, batch.step_index))
+        return _Loop(timesteps, batch.latents.to(device), condition, cond, dit_cond,
+                     dit_uncond, dit_paired, guided_steps, dtype)
+
+    def _model_input(self, loop: _Loop, latents: torch.Tensor) -> torch.Tensor:
+        model_input = latents.to(loop.dtype)
+        if loop.condition is not None:
+            model_input = torch.cat([model_input, loop.condition], dim=1)
+        return model_input
+
+    def _step_prediction(self, loop: _Loop, model_input: torch.Tensor, i: int,
+                         guidance_scale: float, cache: StepCache | None = None
+                         ) -> torch.Tensor:
+        guided = i < loop.guided_steps
+        return self._predict_noise(model_input, loop.timesteps[i], loop.dit_cond,
+                                   loop.dit_uncond if guided else None,
+                                   loop.dit_paired if guided else None,
+                                   guidance_scale, i, cache)
+
+    def first_steps_of_each_kind(self, batch: ForwardBatch) -> list[int]:
+        """The steps where the loop over `batch` first calls the DiT in a new way: its
+        first step, the first without guidance, the first with sparse attention."""
+        total = batch.num_inference_steps
+        guided = (guided_step_count(batch.guidance_end, total)
+                  if batch.do_classifier_free_guidance else 0)
+        firsts = {0, guided}
+        if self.sta_config is not None:
+            firsts.add(self.sta_config.num_full_steps)
+        return sorted(step for step in firsts if step < total)
+
+    def warm_up(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> list[int]:
+        """One DiT prediction at each of `first_steps_of_each_kind(batch)`, outputs
+        dropped and `batch` unchanged: a fresh process's compiles and first kernel loads,
+        made before its first item. Returns the steps run."""
+        steps = self.first_steps_of_each_kind(batch)
+        loop = self._loop(batch, fastvideo_args)
+        model_input = self._model_input(loop, loop.latents)
+        with torch.no_grad():
+            for i in steps:
+                self._step_prediction(loop, model_input, i, batch.guidance_scale)
+        return steps
+
+    def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
+        loop = self._loop(batch, fastvideo_args)
+        latents, total = loop.latents, len(loop.timesteps)
         cache = self._step_cache(fastvideo_args)
         for i in range(batch.step_index, total):
-            t = timesteps[i]
-            model_input = latents.to(dtype)
-            if condition is not None:
-                model_input = torch.cat([model_input, condition], dim=1)
+            model_input = self._model_input(loop, latents)
             if cache is not None:
                 cache.decide(i, total, self.transformer.step_cache_input(
-                    model_input, t.expand(model_input.shape[0]), **cond))
-            guided = i < guided_steps
-            noise_pred = self._predict_noise(model_input, t, dit_cond,
-                                             dit_uncond if guided else None,
-                                             dit_paired if guided else None,
-                                             batch.guidance_scale, i, cache)
+                    model_input, loop.timesteps[i].expand(model_input.shape[0]), **loop.cond))
+            noise_pred = self._step_prediction(loop, model_input, i, batch.guidance_scale,
+                                               cache)
+            t = loop.timesteps[i]
             latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             batch.latents = latents
             batch.step_index = i + 1

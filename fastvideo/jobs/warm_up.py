@@ -1,0 +1,68 @@
+"""A fresh warm worker's first calls, made on a dummy request before its first item.
+
+A fresh process pays on its first video for what it does once: the compiled DiT's
+tracing and compiled-code loads, the attention kernels' first calls, the text encoder's
+and the decoder's first kernels. The command that starts a worker (`flows.cli`) knows the
+run's video shape long before its first item reaches the worker (Prefect's start comes
+between), so it passes that shape along (`--warm-up`), and the worker runs the model once
+on a dummy request of that shape right after loading: every stage once, the DiT once at
+the first step of each kind (`DenoisingStage.first_steps_of_each_kind`), the decoder on
+two latent frames (every convolution shape a whole video uses). Outputs are dropped; the
+items that follow compute exactly what they would have.
+
+`FASTVIDEO_WARM_UP=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+
+from fastvideo.forward_batch import ForwardBatch
+from fastvideo.jobs.engine import ENGINE
+from fastvideo.jobs.items import ItemSpec
+from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
+
+logger = logging.getLogger(__name__)
+
+WARM_UP_ENV = "FASTVIDEO_WARM_UP"
+DECODED_LATENT_FRAMES = 2
+"""The first latent frame decodes alone, the others by one: two cover every shape."""
+
+
+def warm_up_enabled() -> bool:
+    return os.environ.get(WARM_UP_ENV, "1") != "0"
+
+
+def warm_up_pipeline(pipeline: ComposedPipelineBase, hints: dict[str, Any]) -> dict[str, Any]:
+    """Run every stage of `pipeline` once on a dummy request shaped by `hints` (over the
+    family's defaults). Returns what ran, for the log and `describe`."""
+    start = time.perf_counter()
+    params = dataclasses.replace(type(pipeline).default_sampling, **hints, negative_prompt="")
+    batch = ItemSpec(item_id="warm-up", prompt="a warm-up", shared_negative=False,
+                     params=params).to_batch(ForwardBatch())
+    args = pipeline.fastvideo_args
+    done: dict[str, Any] = {"shape": [params.num_frames, params.height, params.width],
+                            "steps": params.num_inference_steps}
+    after = False
+    for phase in pipeline.phases:
+        with ENGINE.stage_lock(pipeline, phase.stages), torch.no_grad():
+            if phase.denoise:
+                stage = pipeline.get_stage(phase.stages[0])
+                done["dit_steps"] = stage.warm_up(batch, args)
+                after = True
+                continue
+            if after:  # decoding: a few latent frames of the prepared latents
+                batch = dataclasses.replace(
+                    batch, latents=batch.latents[:, :, :DECODED_LATENT_FRAMES])
+            for name in phase.stages:
+                batch = pipeline.get_stage(name)(batch, args)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    done["seconds"] = round(time.perf_counter() - start, 2)
+    return done

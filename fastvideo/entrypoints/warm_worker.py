@@ -63,6 +63,9 @@ from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
 from fastvideo.pipelines.phases import denoise_phase
 
 logger = logging.getLogger("fastvideo.warm_worker")
+WARM_UP_GRACE_S = 0.5
+"""How long a loaded worker waits for a request before warming up (a caller waiting for
+its load polls every 0.2 s)."""
 
 
 class _Connection:
@@ -96,21 +99,30 @@ class WarmWorker:
         self.load_s = time.perf_counter() - start
         self.compile_logged_s = 0.0
         self.warm_up: dict[str, Any] | None = None
-        if warm_up is not None and warm_up_enabled():
-            # First on the GPU lane: requests arriving meanwhile queue behind it.
-            self.runner.submit_on_gpu_lane(lambda: self._warm_up(warm_up))
+        self.warm_up_hints = warm_up if warm_up is not None and warm_up_enabled() else None
+        self.request_arrived = threading.Event()
+        """Set by the first shard or denoise request: a warm-up stops for it."""
 
     def _warm_up(self, hints: dict[str, Any]) -> None:
+        """On the GPU lane, once the socket answers: if no request comes within
+        `WARM_UP_GRACE_S` (a caller waiting for the load connects at once), warm up in
+        pieces until one does."""
+        if self.request_arrived.wait(WARM_UP_GRACE_S):
+            self.warm_up = {"skipped": "a request was waiting"}
+            logger.info("warm-up skipped: a request was waiting")
+            return
         try:
-            self.warm_up = warm_up_pipeline(self.pipeline, hints)
+            self.warm_up = warm_up_pipeline(self.pipeline, hints, self.request_arrived.is_set)
         except Exception as exc:  # the first item then pays its first calls, as without
             logger.warning("warm-up failed, so the first item makes the first calls: %s: %s",
                            type(exc).__name__, exc)
             self.warm_up = {"error": f"{type(exc).__name__}: {exc}"}
             return
+        stopped = self.warm_up["stopped_before"]
         logger.info("warm-up on a dummy request (%s frames x %sx%s, DiT at steps %s of "
-                    "%s): %.1f s", *self.warm_up["shape"], self.warm_up["dit_steps"],
-                    self.warm_up["steps"], self.warm_up["seconds"])
+                    "%s): %.1f s%s", *self.warm_up["shape"], self.warm_up["dit_steps"],
+                    self.warm_up["steps"], self.warm_up["seconds"],
+                    f", stopped before {stopped} for a request" if stopped else "")
         self._log_compiling()
 
     def _load(self) -> ComposedPipelineBase:
@@ -185,11 +197,13 @@ class WarmWorker:
             self.stop.set()
             payload = {"pid": os.getpid()}
         elif kind == "shard":
+            self.request_arrived.set()
             results = self.runner.run(self._context(request["ctx"]),
                                       shard_from_dict(request["shard"]), conn.send,
                                       cancelled=lambda: conn.gone)
             payload = to_jsonable(results)
         elif kind == "denoise":
+            self.request_arrived.set()
             job = DenoiseJob.from_json(json.dumps(request["job"]).encode())
             payload = to_jsonable(self._denoise(job, conn))
         else:
@@ -259,6 +273,9 @@ class WarmWorker:
         tmp.replace(sock_path)  # callers see the socket only once it accepts
         logger.info("ready: %s on %s, loaded in %.1f s, socket %s", self.spec.model_path,
                     self.spec.device, self.load_s, sock_path)
+        if self.warm_up_hints is not None:
+            hints = self.warm_up_hints
+            self.runner.submit_on_gpu_lane(lambda: self._warm_up(hints))
         try:
             while not self.stop.is_set():
                 try:

@@ -225,11 +225,12 @@ class DenoisingStage(PipelineStage):
             firsts.add(self.sta_config.num_full_steps)
         return sorted(step for step in firsts if step < total)
 
-    def warm_up(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> list[int]:
-        """One DiT prediction at each of `first_steps_of_each_kind(batch)`, outputs
-        dropped and `batch` unchanged: a fresh process's compiles and first kernel loads,
-        made before its first item. Returns the steps run."""
-        steps = self.first_steps_of_each_kind(batch)
+    def warm_up(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs,
+                steps: list[int] | None = None) -> list[int]:
+        """One DiT prediction at each of `steps` (default `first_steps_of_each_kind(batch)`),
+        outputs dropped and `batch` unchanged: a fresh process's compiles and first kernel
+        loads, made before its first item. Returns the steps run."""
+        steps = self.first_steps_of_each_kind(batch) if steps is None else steps
         loop = self._loop(batch, fastvideo_args)
         model_input = self._model_input(loop, loop.latents)
         with torch.no_grad():

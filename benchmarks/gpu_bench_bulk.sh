@@ -7,8 +7,8 @@
 #   bash benchmarks/gpu_bench_bulk.sh carry       # carry .gpu2: the CUTLASS compiler, part 1
 #   bash benchmarks/gpu_bench_bulk.sh dense       # carry .gpu3: Prefect, compiler part 2; dense+fresh
 #   bash benchmarks/gpu_bench_bulk.sh sta         # nothing carried; sta+fresh_sta
-#   bash benchmarks/gpu_bench_bulk.sh overlap     # nothing carried; a decode's cost to the DiT,
-#                                                 # paced and not (bench_decode_overlap.py)
+#   bash benchmarks/gpu_bench_bulk.sh overlap     # nothing carried; a decode's cost to the DiT
+#                                                 # (bench_decode_overlap.py)
 #
 # `dense` and `sta` take the bench phases to run as a second argument (defaults dense,fresh
 # and sta,fresh_sta), so `dense sta,fresh_sta` measures STA alone on a machine where the

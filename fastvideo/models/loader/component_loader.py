@@ -15,7 +15,6 @@ from fastvideo.attention.layer import request_attention_backend
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.models.compile import compile_repeated_blocks
 from fastvideo.models.compile_cache import configure_compile_cache, configure_kernel_cache
-from fastvideo.models.decode_pacing import pace_decoder, pacing_enabled
 from fastvideo.models.loader.weight_utils import WeightFileError, find_weight_files, iterate_weights
 from fastvideo.models.registry import ModelEntry, resolve_model
 from fastvideo.models.vae_speed import speed_up_vae
@@ -108,8 +107,6 @@ def load_component(name: str, spec: list[str] | tuple[str, str], model_path: str
         # Not compiled: a warm worker decodes on one thread beside the compiled DiT on
         # another, and a compile trace on one breaks compiled calls on the other.
         speed_up_vae(component, channels_last=True, compile_blocks=False)
-        if pacing_enabled():  # decodes run beside denoising in a warm worker
-            pace_decoder(component)
     return component
 
 

@@ -1,6 +1,8 @@
 """The warm worker's shard runner on a GPU, without Prefect: every stage of a few items of a
 tiny model with the lanes overlapped (decoding on its own CUDA stream) against the lanes in
-turn, and the difference between their outputs.
+turn, and the difference between their outputs; and a progress checkpoint's snapshot
+(`snapshot_fields`: device tensors copied without waiting) against encoding right away,
+with the GPU overwriting the tensors just after the snapshot.
 
     python benchmarks/check_gpu_worker.py --json-out result.json
 """
@@ -19,9 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastvideo.fastvideo_args import SamplingParam  # noqa: E402
+from fastvideo.forward_batch import ForwardBatch  # noqa: E402
 from fastvideo.jobs.items import ItemSpec, RunContext, Shard  # noqa: E402
 from fastvideo.jobs.shard_runner import ShardRunner  # noqa: E402
 from fastvideo.storage import open_store, read_checkpoint  # noqa: E402
+from fastvideo.storage.batch_codec import encode_batch, snapshot_fields  # noqa: E402
 from fastvideo.testing.tiny_wan import make_tiny_wan  # noqa: E402
 
 
@@ -58,9 +62,32 @@ def main() -> None:
     result["max_frame_diff"] = max((a - b).abs().max().item()
                                    for a, b in zip(frames[True], frames[False]))
     result["denoised_equal"] = result["denoise_digests_True"] == result["denoise_digests_False"]
+    result["snapshot_equal"] = check_snapshot(args.device)
     print(json.dumps(result, indent=2))
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))
+
+
+def check_snapshot(device: str) -> bool:
+    """A snapshot whose copies queue behind GPU work, followed by in-place writes to the
+    same tensors, holds the values it was taken at."""
+    torch.manual_seed(0)
+    latents = torch.randn(1, 16, 21, 60, 104, device=device)
+    output = torch.randn_like(latents)
+    expected = (latents.cpu().clone(), output.cpu().clone())
+    busy = torch.randn(4096, 4096, device=device)
+    for _ in range(20):  # queued ahead of the snapshot's copies
+        busy = busy @ busy / 64
+    batch = ForwardBatch(latents=latents, step_index=5,
+                         extra={"scheduler_state": {"model_outputs.0": output,
+                                                    "model_outputs.__len__": 1}})
+    snapshot, ready = snapshot_fields(batch, ("latents", "step_index", "extra"))
+    latents.zero_()  # the loop goes on, writing into the same memory
+    output.fill_(1.0)
+    ready()
+    encode_batch(snapshot, ("latents", "step_index", "extra"))
+    return (torch.equal(snapshot.latents, expected[0])
+            and torch.equal(snapshot.extra["scheduler_state"]["model_outputs.0"], expected[1]))
 
 
 if __name__ == "__main__":

@@ -73,7 +73,12 @@ from fastvideo.storage import (
     write_checkpoint,
     write_encoded,
 )
-from fastvideo.storage.batch_codec import EncodedBatch, decode_batch, encode_batch
+from fastvideo.storage.batch_codec import (
+    EncodedBatch,
+    decode_batch,
+    encode_batch,
+    snapshot_fields,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -310,14 +315,20 @@ class ItemRunner:
     def _step_callback(self, item: DenoiseItem) -> Callable[[ForwardBatch, int, int], None]:
         def on_step_end(batch: ForwardBatch, step: int, total: int) -> None:
             if step % self.checkpoint_every == 0 and step < total:
-                self._save_progress(item, encode_batch(batch, self.progress_fields), step)
+                self._save_progress(item, batch, step)
             if self.on_progress is not None:
                 self.on_progress(item.item_id, step, total)
         return on_step_end
 
-    def _save_progress(self, item: DenoiseItem, encoded: EncodedBatch, step: int) -> None:
+    def _save_progress(self, item: DenoiseItem, batch: ForwardBatch, step: int) -> None:
+        # A snapshot (device tensors copied without waiting), encoded and uploaded on the
+        # uploads thread: the loop goes on and the GPU never idles for a checkpoint.
+        snapshot, ready = snapshot_fields(batch, self.progress_fields)
+
         def save() -> None:
             try:
+                ready()
+                encoded = encode_batch(snapshot, self.progress_fields)
                 retry_io(lambda: write_encoded(self.store, item.progress_key, encoded))
             except Exception:  # progress only saves work; carry on without it
                 logger.exception("item %s: saving progress at step %d failed",
@@ -325,7 +336,7 @@ class ItemRunner:
 
         if self.uploads is None:
             save()
-        else:  # encoded above, so the loop may go on while it uploads
+        else:
             self._pending.setdefault(item.item_id, []).append(self.uploads.submit(save))
 
     def finish(self, item: DenoiseItem, denoised: Denoised) -> DenoiseOutcome:

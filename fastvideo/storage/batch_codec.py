@@ -11,7 +11,7 @@ Encoding is deterministic: equal batches give equal bytes (and digests).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,44 @@ def encode_batch(batch: ForwardBatch, fields: Iterable[str] | None = None) -> En
         else:
             columns.append(_column(name, value))
     return EncodedBatch(tensors=_save_tensors(tensors), fields=_save_row(columns))
+
+
+def snapshot_fields(batch: ForwardBatch, fields: Iterable[str]
+                    ) -> tuple[ForwardBatch, Callable[[], None]]:
+    """A batch holding copies of the named fields of `batch`, for `encode_batch` later on
+    another thread, and `ready()` to call there first.
+
+    CUDA tensors (in `extra`'s dicts and lists too) are copied into pinned host memory
+    without waiting for the device: the copies are queued on the current stream after the
+    work that computes them, and `ready()` waits for them outside the GIL. So a denoising
+    loop that checkpoints its progress never stalls the GPU for it (encoding in the loop
+    waits for the queue to drain, then serialises while the GPU idles). CPU tensors are
+    cloned: the snapshot never shares memory with the batch, whatever the loop does next.
+    """
+    copied_from_cuda = False
+
+    def copy(value: Any) -> Any:
+        nonlocal copied_from_cuda
+        if isinstance(value, torch.Tensor):
+            if value.device.type != "cuda":
+                return value.detach().clone()
+            copied_from_cuda = True
+            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            return host.copy_(value.detach(), non_blocking=True)
+        if isinstance(value, dict):
+            return {key: copy(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(copy(item) for item in value)
+        return value
+
+    snapshot = ForwardBatch()
+    for name in _checked_field_names(fields):
+        setattr(snapshot, name, copy(getattr(batch, name)))
+    if not copied_from_cuda:
+        return snapshot, lambda: None
+    done = torch.cuda.Event()
+    done.record()
+    return snapshot, done.synchronize
 
 
 def decode_batch(

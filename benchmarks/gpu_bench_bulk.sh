@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu_bench_bulk.sh sta         # nothing carried; sta+fresh_sta
 #   bash benchmarks/gpu_bench_bulk.sh overlap     # nothing carried; a decode's cost to the DiT
 #                                                 # (bench_decode_overlap.py)
+#   bash benchmarks/gpu_bench_bulk.sh profile     # nothing carried; one whole STA denoise in
+#                                                 # the engine's loop (profile_denoise.py)
 #
 # `dense` and `sta` take the bench phases to run as a second argument (defaults dense,fresh
 # and sta,fresh_sta), so `dense sta,fresh_sta` measures STA alone on a machine where the
@@ -86,6 +88,12 @@ diffusers|prepare)
     else
         bench --phases diffusers --json-out "$OUT/bench_diffusers.json"
     fi ;;
+profile)  # after sta (its compile cache and window file): one whole STA denoise in the
+    # engine's loop, its steps timed and profiled (profile_denoise.py); `profile dense` without STA
+    sta=(--sta-config /tmp/bench/sta.json); [ "${2:-sta}" = dense ] && sta=()
+    python3 benchmarks/profile_denoise.py --model-path /tmp/wan --compile \
+        --compile-cache-dir /tmp/bench/compile-cache "${sta[@]}" \
+        --json-out "$OUT/profile_${2:-sta}.json" 2>&1 | grep -v -i warn | tail -40 ;;
 overlap)  # after dense or sta (the CuTe kernels installed): a decode's cost to the DiT
     python3 benchmarks/bench_decode_overlap.py --compile --compile-cache-dir /tmp/bench/compile-cache \
         --json-out "$OUT/overlap.json" 2>&1 | grep -v -i warn | tail -5 ;;
@@ -110,5 +118,6 @@ sta)
     phases=${2:-sta,fresh_sta}
     bench --phases "$phases" --json-out "$OUT/bench_${phases//,/_}.json" ;;
 *)
-    echo "usage: $0 diffusers|prepare|install1|carry|install3|dense|sta|overlap" >&2; exit 2 ;;
+    echo "usage: $0 diffusers|prepare|install1|carry|install3|dense|sta|overlap|profile" >&2
+    exit 2 ;;
 esac

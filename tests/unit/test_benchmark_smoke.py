@@ -76,3 +76,15 @@ def test_bench_decode_overlap_smoke(tmp_path: Path) -> None:
     assert all(ms > 0 for ms in result["ms_per_forward"].values())
     assert set(result["decode_s"]) == {"beside_decode"}
     assert all(len(seconds) >= 1 for seconds in result["decode_s"].values())
+
+
+def test_profile_denoise_smoke(tmp_path: Path) -> None:
+    """One whole denoise in the engine's loop, per step and profiled (CPU: the tiny model,
+    STA with 2 dense steps of 4; the figures only show that every part ran)."""
+    sta = tmp_path / "sta.json"
+    sta.write_text(json.dumps({"tile_size": [1, 2, 2], "num_full_steps": 2,
+                               "default_window": [1, 1, 1]}))
+    result = _run("profile_denoise.py", "--smoke", "--sta-config", str(sta), tmp_path=tmp_path)
+    assert result["sta"] and result["steps"] == 4 and len(result["step_ms"]) == 4
+    assert result["dense_step_ms_median"] > 0 and result["sparse_step_ms_median"] > 0
+    assert result["loop_s"] > 0 and result["profiled_loop_s"] > 0

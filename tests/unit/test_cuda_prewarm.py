@@ -5,13 +5,12 @@ failing call or a missing driver is reported."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from fastvideo.utils.cuda_prewarm import CudaPrewarm, device_index, prewarm_from_argv
+from tests.stand_in_driver import build_driver
 
 _DRIVER = r"""
 #include <stdio.h>
@@ -38,14 +37,7 @@ int cuDevicePrimaryCtxRetain(void **context, int device) {
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.fail("a C compiler (cc or gcc) is needed to build the stand-in CUDA driver")
-    folder = tmp_path_factory.mktemp("driver")
-    source, library = folder / "driver.c", folder / "libfakecuda.so"
-    source.write_text(_DRIVER)
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
-    return library
+    return build_driver(tmp_path_factory.mktemp("driver"), _DRIVER)
 
 
 def test_driver_and_context_started_in_order(driver: Path, tmp_path: Path,

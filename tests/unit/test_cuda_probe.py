@@ -5,7 +5,6 @@ built here with the C compiler), and torch asked wherever those cannot settle it
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from fastvideo.utils import cuda_probe
+from tests.stand_in_driver import build_driver
 
 _DRIVER = r"""
 #include <stdlib.h>
@@ -26,14 +26,7 @@ int cuDeviceGetCount(int *count) { *count = env("PROBE_DEVICES"); return 0; }
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory: pytest.TempPathFactory) -> str:
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.fail("a C compiler (cc or gcc) is needed to build the stand-in CUDA driver")
-    folder = tmp_path_factory.mktemp("probe-driver")
-    source, library = folder / "driver.c", folder / "libfakecuda.so"
-    source.write_text(_DRIVER)
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
-    return str(library)
+    return str(build_driver(tmp_path_factory.mktemp("probe-driver"), _DRIVER))
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -179,6 +180,9 @@ def run_flow(args: argparse.Namespace, name: str, prompts: list[str], options: l
     dataset.write_text("".join(json.dumps({"prompt": p, "seed": i}) + "\n"
                                for i, p in enumerate(prompts)))
     output = workdir / name
+    # Each run from an empty output: a rerun on the same machine would find its videos
+    # made and measure nothing (the compile cache is elsewhere and stays).
+    shutil.rmtree(output, ignore_errors=True)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, WORKER_DIR_ENV: str(worker_dir), "PYTHONPATH": path,
            "PREFECT_HOME": str(workdir / "prefect-home"),

@@ -11,6 +11,8 @@
 #                                                 # (bench_decode_overlap.py)
 #   bash benchmarks/gpu_bench_bulk.sh profile     # nothing carried; one whole STA denoise in
 #                                                 # the engine's loop (profile_denoise.py)
+#   bash benchmarks/gpu_bench_bulk.sh loadprofile # nothing carried; a fresh STA worker's load
+#                                                 # under cProfile (FASTVIDEO_PROFILE_LOAD)
 #
 # `dense` and `sta` take the bench phases to run as a second argument (defaults dense,fresh
 # and sta,fresh_sta), so `dense sta,fresh_sta` measures STA alone on a machine where the
@@ -88,6 +90,9 @@ diffusers|prepare)
     else
         bench --phases diffusers --json-out "$OUT/bench_diffusers.json"
     fi ;;
+loadprofile)  # after sta: a fresh STA worker (no warm-up) with its load under cProfile
+    FASTVIDEO_WARM_UP=0 FASTVIDEO_PROFILE_LOAD=$OUT/load.prof bench --phases fresh_sta \
+        --json-out "$OUT/bench_fresh_sta_profiled.json" ;;
 profile)  # after sta (its compile cache and window file): one whole STA denoise in the
     # engine's loop, its steps timed and profiled (profile_denoise.py); `profile dense` without STA
     sta=(--sta-config /tmp/bench/sta.json); [ "${2:-sta}" = dense ] && sta=()
@@ -118,6 +123,6 @@ sta)
     phases=${2:-sta,fresh_sta}
     bench --phases "$phases" --json-out "$OUT/bench_${phases//,/_}.json" ;;
 *)
-    echo "usage: $0 diffusers|prepare|install1|carry|install3|dense|sta|overlap|profile" >&2
+    echo "usage: $0 diffusers|prepare|install1|carry|install3|dense|sta|overlap|profile|loadprofile" >&2
     exit 2 ;;
 esac

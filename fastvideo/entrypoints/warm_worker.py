@@ -37,9 +37,10 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -63,6 +64,10 @@ from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
 from fastvideo.pipelines.phases import denoise_phase
 
 logger = logging.getLogger("fastvideo.warm_worker")
+T = TypeVar("T")
+PROFILE_LOAD_ENV = "FASTVIDEO_PROFILE_LOAD"
+"""A file path: the worker's load runs under cProfile, its stats written there and the top
+functions logged (what a fresh worker's start-up spends its seconds on)."""
 WARM_UP_GRACE_S = 0.5
 """How long a loaded worker waits for a request before warming up (a caller waiting for
 its load polls every 0.2 s)."""
@@ -95,7 +100,7 @@ class WarmWorker:
         self.state_lock = threading.Lock()
         self.stop = threading.Event()
         start = time.perf_counter()
-        self.pipeline = self._load()
+        self.pipeline = _profiled(self._load, os.environ.get(PROFILE_LOAD_ENV))
         self.load_s = time.perf_counter() - start
         self.compile_logged_s = 0.0
         self.warm_up: dict[str, Any] | None = None
@@ -296,6 +301,24 @@ class WarmWorker:
                 pid_file.unlink(missing_ok=True)
             server.close()
             self.runner.close()
+
+
+def _profiled(load: Callable[[], T], stats_path: str | None) -> T:
+    """`load()`, under cProfile when `stats_path` is given (a diagnosis: it slows
+    Python-heavy work by up to ~2x)."""
+    if not stats_path:
+        return load()
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    result = profiler.runcall(load)
+    profiler.dump_stats(stats_path)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
+    logger.info("the load under cProfile (%s):\n%s", stats_path, text.getvalue())
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

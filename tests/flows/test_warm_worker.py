@@ -138,7 +138,10 @@ def test_windows_share_one_model_load_and_equal_inprocess(
 
 
 def test_a_warm_up_before_the_first_item_changes_no_output(
-        prefect_server, worker_dir: Path, tiny_wan_path: Path, tmp_path: Path) -> None:
+        prefect_server, worker_dir: Path, tiny_wan_path: Path, tmp_path: Path,
+        monkeypatch) -> None:
+    # (The same start diagnoses its load under cProfile when asked.)
+    monkeypatch.setenv("FASTVIDEO_PROFILE_LOAD", str(tmp_path / "load.prof"))
     # The worker a command starts early, told the run's video shape: it runs the model once
     # on a dummy request (the DiT at the first step of each kind) before the first item.
     ensure_worker(_spec(tiny_wan_path), warm_up={**TINY, "num_inference_steps": 12,
@@ -153,6 +156,7 @@ def test_a_warm_up_before_the_first_item_changes_no_output(
     log = "".join(p.read_text() for p in worker_dir.glob("*.log"))
     assert re.search(r"warm-up on a dummy request \(5 frames x 32x32, DiT at steps \[0, 6\] "
                      r"of 12\): \d+\.\d s", log), log[-2000:]
+    assert (tmp_path / "load.prof").stat().st_size > 0 and "the load under cProfile" in log
 
     dataset = write_dataset(tmp_path / "prompts.jsonl", [{"prompt": PROMPTS[1]}])
     state = _bulk(dataset, tmp_path / "worker", tiny_wan_path, dispatch="worker",

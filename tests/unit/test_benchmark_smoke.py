@@ -58,6 +58,12 @@ def test_bench_bulk_smoke(tmp_path: Path) -> None:
     fresh = result["phases"]["fresh_sta"]
     assert fresh["videos"] == 1 and fresh["first_video_s"] > 0
     assert fresh["attention_backends"]["requested"] == ["SLIDING_TILE_ATTN"]
+    # Run again in the same folder (an A/B on one machine): the video is made again, not
+    # found made.
+    again = _run("bench_bulk.py", "--smoke", "--no-compile", "--num-prompts", "2",
+                 "--phases", "fresh_sta", "--workdir", str(tmp_path / "work"),
+                 tmp_path=tmp_path)["phases"]["fresh_sta"]
+    assert again["videos"] == 1 and len(again["timeline"]) == 2
 
 
 def test_bench_vae_decode_smoke(tmp_path: Path) -> None:

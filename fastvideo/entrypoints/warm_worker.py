@@ -15,6 +15,10 @@ and talk to it over the Unix socket, one request per connection:
   memory and lane times;
 * `{"kind": "shutdown"}`.
 
+With `--warm-up` (the run's video shape, passed by the command that starts it) a worker
+that finds itself idle once loaded runs the model on a dummy request of that shape, in
+pieces, until a request arrives (`fastvideo.jobs.warm_up`).
+
 Requests from several callers queue on the one GPU lane in arrival order. A caller that
 goes away cancels its items not yet started. The worker exits after `--idle-timeout-s`
 without requests. It never touches Prefect: progress reaches the UI through the caller.

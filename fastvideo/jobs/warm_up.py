@@ -3,18 +3,18 @@
 A fresh process pays on its first video for what it does once: the compiled DiT's
 tracing and compiled-code loads, the attention kernels' first calls, the text encoder's
 and the decoder's first kernels. The command that starts a worker (`flows.cli`) knows the
-run's video shape long before its first item reaches the worker (Prefect's start comes
-between), so it passes that shape along (`--warm-up`), and the worker runs the model once
-on a dummy request of that shape right after loading: every stage once, the DiT once at
+run's video shape before its first item reaches the worker (Prefect's start comes
+between), so it passes that shape along (`--warm-up`, `worker_client.warm_up_hints`), and
+the worker can run the model on a dummy request of that shape: every stage once, the DiT once at
 the first step of each kind (`DenoisingStage.first_steps_of_each_kind`), the decoder on
 two latent frames (every convolution shape a whole video uses). Outputs are dropped; the
 items that follow compute exactly what they would have.
 
 It only fills time the worker would spend idle: it starts once the worker answers on its
 socket and a moment has passed without a request, runs in pieces, and stops at the next
-piece when a request arrives (measured on an H200: with the worker ready after the flow,
-as there, a whole warm-up ahead of the first item made it 9.6 s later, since it computes
-more than the first item's first calls cost).
+piece when a request arrives. Measured on an H200, where the worker is ready after the
+flow: a whole warm-up ahead of the first item made its video 9.6 s later, since it
+computes more (text, two DiT forwards, a decode) than the first item's first calls cost.
 
 `FASTVIDEO_WARM_UP=0` turns it off.
 """
@@ -22,7 +22,6 @@ more than the first item's first calls cost).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -34,8 +33,6 @@ from fastvideo.forward_batch import ForwardBatch
 from fastvideo.jobs.engine import ENGINE
 from fastvideo.jobs.items import ItemSpec
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
-
-logger = logging.getLogger(__name__)
 
 WARM_UP_ENV = "FASTVIDEO_WARM_UP"
 DECODED_LATENT_FRAMES = 2

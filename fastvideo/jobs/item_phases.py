@@ -291,7 +291,7 @@ def write_video(ctx: RunContext, store: ArtifactStore, output: ArtifactStore, it
     """Encode the item's frames (the last phase's) as mp4 under `<output>/videos/`; the
     ref holds its sha256."""
     try:
-        frames = getattr(read_inputs(store, [decoded]), last.frames)[0].float() / 255
+        frames = getattr(read_inputs(store, [decoded]), last.frames)[0]  # uint8
     except CorruptInputError as exc:
         raise PhaseInputError(last.name, exc) from exc
     key = video_key(item)

@@ -13,7 +13,8 @@ import torch
 
 
 def write_mp4(frames: torch.Tensor, path: str | Path, fps: int = 16) -> Path:
-    """Write `[T, H, W, 3]` float frames in [0, 1] to `path` atomically; returns the path.
+    """Write `[T, H, W, 3]` frames, float in [0, 1] or uint8 (already rounded as below), to
+    `path` atomically; returns the path.
 
     H.264 by imageio-ffmpeg's bundled ffmpeg, with the settings of imageio's writer
     (quality 8 = CRF 10, yuv420p), run here rather than through imageio: its writer starts
@@ -27,7 +28,9 @@ def write_mp4(frames: torch.Tensor, path: str | Path, fps: int = 16) -> Path:
         raise ValueError(f"frames must be [T, H, W, 3], got {tuple(frames.shape)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = (frames.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    if frames.dtype != torch.uint8:  # uint8 as given: no float copy (4x the bytes) and back
+        frames = (frames.clamp(0, 1) * 255).round().to(torch.uint8)
+    pixels = frames.cpu().numpy()
     height, width = pixels.shape[1:3]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp.mp4")
     cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo",

@@ -28,6 +28,9 @@ def test_same_bytes_as_imageios_writer(tmp_path: Path) -> None:
         for frame in pixels:
             writer.append_data(np.ascontiguousarray(frame))
     assert ours == (tmp_path / "imageio.mp4").read_bytes()  # earlier runs' digests still hold
+    # Frames already rounded to uint8 (what a decode checkpoint keeps) make the same file.
+    as_stored = write_mp4(torch.from_numpy(pixels), tmp_path / "uint8.mp4", fps=16)
+    assert as_stored.read_bytes() == ours
 
 
 def test_many_threads_write_at_once(tmp_path: Path) -> None:

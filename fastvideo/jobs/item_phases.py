@@ -123,13 +123,19 @@ def read_phase_inputs(store: ArtifactStore, inputs: Sequence[PhaseInput]) -> For
 
 def checkpointed(store: ArtifactStore, key: str, item_id: str,
                  fields: Sequence[str] | Callable[[ForwardBatch], Sequence[str]],
-                 compute: Callable[[], tuple[ForwardBatch, float]]) -> ItemResult:
+                 compute: Callable[[], tuple[ForwardBatch, float]],
+                 keep: dict[str, ForwardBatch] | None = None) -> ItemResult:
     """Reuse the checkpoint under `key` if it verifies, else `compute()` and write its
-    `fields` (or `fields(batch)`: those only the computation tells)."""
+    `fields` (or `fields(batch)`: those only the computation tells). `keep["batch"]`
+    receives the batch (computed or read), for a caller that uses it next."""
     existing = load_valid_checkpoint(store, key)
     if existing is not None:
+        if keep is not None:
+            keep["batch"] = existing[1]
         return ItemResult(item_id, ref=existing[0], info={"reused": True})
     batch, seconds = compute()
+    if keep is not None:
+        keep["batch"] = batch
     names = fields(batch) if callable(fields) else fields
     start = time.perf_counter()
     ref = retry_io(lambda: write_checkpoint(store, key, batch, names))
@@ -211,9 +217,10 @@ def file_digest(name: str) -> str:
 
 def run_phase(ctx: RunContext, store: ArtifactStore, phase: Phase, item: ItemSpec,
               inputs: Sequence[PhaseInput], negative: NegativeEmbedding | None = None,
-              batch: ForwardBatch | None = None) -> ItemResult:
+              batch: ForwardBatch | None = None,
+              keep: dict[str, ForwardBatch] | None = None) -> ItemResult:
     """Run one (non-denoise) phase for `item`, or reuse its verified checkpoint. `batch`:
-    its inputs already in memory (else they are read)."""
+    its inputs already in memory (else they are read); `keep["batch"]`: its output."""
     if phase is phases_of(ctx)[0]:  # the model must take what the request gives
         pipeline_class(ctx.model_path).check_image_given(item.image, f"item {item.item_id!r}")
     params = _request_params(phase, item)
@@ -240,7 +247,7 @@ def run_phase(ctx: RunContext, store: ArtifactStore, phase: Phase, item: ItemSpe
                     and (shared is None or name != shared.into)]
         return [*ForwardBatch.request_field_names(), *phase.writes, *optional]
 
-    return checkpointed(store, key, item.item_id, fields, compute)
+    return checkpointed(store, key, item.item_id, fields, compute, keep)
 
 
 def denoise_item(ctx: RunContext, phase: Phase, item_id: str, inputs: Sequence[PhaseInput]
@@ -287,13 +294,17 @@ def video_key(item: ItemSpec) -> str:
 
 
 def write_video(ctx: RunContext, store: ArtifactStore, output: ArtifactStore, item: ItemSpec,
-                last: Phase, decoded: CheckpointRef) -> ItemResult:
-    """Encode the item's frames (the last phase's) as mp4 under `<output>/videos/`; the
-    ref holds its sha256."""
-    try:
-        frames = getattr(read_inputs(store, [decoded]), last.frames)[0]  # uint8
-    except CorruptInputError as exc:
-        raise PhaseInputError(last.name, exc) from exc
+                last: Phase, decoded: CheckpointRef,
+                frames: torch.Tensor | None = None) -> ItemResult:
+    """Encode the item's frames (the last phase's, uint8: `frames` when given, the ones
+    its checkpoint `decoded` holds otherwise) as mp4 under `<output>/videos/`; the ref
+    holds its sha256."""
+    if frames is None:
+        try:
+            frames = getattr(read_inputs(store, [decoded]), last.frames)
+        except CorruptInputError as exc:
+            raise PhaseInputError(last.name, exc) from exc
+    frames = frames[0]
     key = video_key(item)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -197,6 +197,7 @@ class ShardRunner:
         outcome = runner.finish(job_item, computed) if batch is not None else computed
         ok = stage(phases[index].name,
                    lambda: item_phases.denoise_result(phases[index], outcome))
+        kept: dict[str, Any] = {}  # the last phase's output: its frames, already here
         for i in range(index + 1, len(phases)):
             if not ok:
                 break
@@ -204,10 +205,12 @@ class ShardRunner:
             given = batch if i == index + 1 else None  # the denoised batch, already here
             ok = stage(phase.name, lambda i=i, phase=phase, given=given: item_phases.run_phase(
                 ctx, store, phase, item, phase_inputs(phases, i, results, item, None),
-                batch=given))
+                batch=given, keep=kept))
         if ok:
+            last = phases[-1]
+            frames = getattr(kept["batch"], last.frames) if "batch" in kept else None
             stage(WRITE_VIDEO, lambda: item_phases.write_video(
-                ctx, store, output, item, phases[-1], results[phases[-1].name].ref))
+                ctx, store, output, item, last, results[last.name].ref, frames))
         self.timeline.add(item.item_id, "post", start, time.time())
         return results
 

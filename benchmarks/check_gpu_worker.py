@@ -63,9 +63,26 @@ def main() -> None:
                                    for a, b in zip(frames[True], frames[False]))
     result["denoised_equal"] = result["denoise_digests_True"] == result["denoise_digests_False"]
     result["snapshot_equal"] = check_snapshot(args.device)
+    result["threaded_move_equal"] = check_threaded_move(model / "text_encoder", args.device)
     print(json.dumps(result, indent=2))
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))
+
+
+def check_threaded_move(folder: Path, device: str) -> bool:
+    """A text encoder moved to the device on 8 threads (`to_device`) equals `.to(device)`,
+    ties kept."""
+    from transformers import UMT5EncoderModel
+
+    from fastvideo.models.loader.transfer import to_device
+
+    plain = UMT5EncoderModel.from_pretrained(folder).to(device)
+    threaded = to_device(UMT5EncoderModel.from_pretrained(folder), device, threads=8)
+    ours, reference = threaded.state_dict(), plain.state_dict()
+    return (all(torch.equal(ours[k], reference[k]) for k in reference)
+            and all(t.device.type == torch.device(device).type for t in ours.values())
+            and (threaded.encoder.embed_tokens.weight is threaded.shared.weight)
+            == (plain.encoder.embed_tokens.weight is plain.shared.weight))
 
 
 def check_snapshot(device: str) -> bool:

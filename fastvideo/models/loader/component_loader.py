@@ -15,6 +15,7 @@ from fastvideo.attention.layer import request_attention_backend
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.models.compile import compile_repeated_blocks
 from fastvideo.models.compile_cache import configure_compile_cache, configure_kernel_cache
+from fastvideo.models.loader.transfer import to_device
 from fastvideo.models.loader.weight_utils import WeightFileError, find_weight_files, iterate_weights
 from fastvideo.models.registry import ModelEntry, resolve_model
 from fastvideo.models.vae_speed import speed_up_vae
@@ -142,7 +143,7 @@ def _load_library_component(entry: ModelEntry, folder: Path, device: str,
         model = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise WeightFileError(f"cannot load {entry.class_name} from {folder}: {e}") from e
-    return model.to(device).eval().requires_grad_(False)
+    return to_device(model, device).eval().requires_grad_(False)  # threads on CUDA
 
 
 def _check_safetensors_header(path: Path) -> None:

@@ -64,9 +64,28 @@ def main() -> None:
     result["denoised_equal"] = result["denoise_digests_True"] == result["denoise_digests_False"]
     result["snapshot_equal"] = check_snapshot(args.device)
     result["threaded_move_equal"] = check_threaded_move(model / "text_encoder", args.device)
+    result["staged_load_equal"] = check_staged_load(model, args.device, args.dtype)
     print(json.dumps(result, indent=2))
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))
+
+
+def check_staged_load(model: Path, device: str, dtype: str) -> bool:
+    """The DiT loaded with its tensors staged to the device on 8 threads equals it loaded
+    with plain copies (`FASTVIDEO_LOAD_THREADS=1`)."""
+    import os
+
+    from fastvideo.fastvideo_args import FastVideoArgs
+    from fastvideo.models.loader.component_loader import load_component, read_model_index
+
+    spec = read_model_index(model)["transformer"]
+    args = FastVideoArgs(model_path=str(model), device=device, dtype=dtype)
+    loaded = {}
+    for threads in ("8", "1"):
+        os.environ["FASTVIDEO_LOAD_THREADS"] = threads
+        loaded[threads] = load_component("transformer", spec, model, args).state_dict()
+    del os.environ["FASTVIDEO_LOAD_THREADS"]
+    return all(torch.equal(loaded["8"][k], loaded["1"][k]) for k in loaded["1"])
 
 
 def check_threaded_move(folder: Path, device: str) -> bool:

@@ -13,6 +13,8 @@
 #                                                 # the engine's loop (profile_denoise.py)
 #   bash benchmarks/gpu_bench_bulk.sh loadprofile # nothing carried; a fresh STA worker's load
 #                                                 # under cProfile (FASTVIDEO_PROFILE_LOAD)
+#   bash benchmarks/gpu_bench_bulk.sh check       # nothing carried, after diffusers:
+#                                                 # check_gpu_worker.py
 #
 # `dense` and `sta` take the bench phases to run as a second argument (defaults dense,fresh
 # and sta,fresh_sta), so `dense sta,fresh_sta` measures STA alone on a machine where the
@@ -90,6 +92,10 @@ diffusers|prepare)
     else
         bench --phases diffusers --json-out "$OUT/bench_diffusers.json"
     fi ;;
+check)  # after diffusers or prepare: the worker's GPU paths against their plain versions
+    # (lanes overlapped or in turn, progress snapshots, threaded weight moves; ~1 minute)
+    python3 benchmarks/check_gpu_worker.py --json-out "$OUT/check_worker.json" 2>&1 |
+        grep -v -i warn | tail -12 ;;
 loadprofile)  # after sta: a fresh STA worker (no warm-up) with its load under cProfile
     FASTVIDEO_WARM_UP=0 FASTVIDEO_PROFILE_LOAD=$OUT/load.prof bench --phases fresh_sta \
         --json-out "$OUT/bench_fresh_sta_profiled.json" ;;
@@ -123,6 +129,6 @@ sta)
     phases=${2:-sta,fresh_sta}
     bench --phases "$phases" --json-out "$OUT/bench_${phases//,/_}.json" ;;
 *)
-    echo "usage: $0 diffusers|prepare|install1|carry|install3|dense|sta|overlap|profile|loadprofile" >&2
+    echo "usage: $0 diffusers|prepare|install1|carry|install3|dense|sta|overlap|profile|loadprofile|check" >&2
     exit 2 ;;
 esac

@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from fastvideo.models.loader.transfer import copy_tensors, load_threads, to_device
+from fastvideo.models.loader.transfer import (
+    copy_tensors,
+    load_threads,
+    staged,
+    to_device,
+    weights_to_device,
+)
 
 
 class _Tied(nn.Module):
@@ -50,3 +56,23 @@ def test_off_cuda_or_one_thread_is_module_to(monkeypatch: pytest.MonkeyPatch) ->
         load_threads()
     monkeypatch.delenv("FASTVIDEO_LOAD_THREADS")
     assert load_threads() == 8
+
+
+def test_staged_weights_come_in_order_copied_and_at_most_a_window_ahead() -> None:
+    taken: list[int] = []
+    weights = ((f"w{i}", torch.full((3,), float(i))) for i in range(20))
+
+    def source():
+        for name, tensor in weights:
+            taken.append(int(name[1:]))
+            yield name, tensor
+
+    out = []
+    for name, tensor in staged(source(), lambda t: t * 2, threads=3, ahead=4):
+        assert len(taken) - len(out) <= 4  # never more than the window read ahead
+        out.append((name, tensor))
+    assert [name for name, _ in out] == [f"w{i}" for i in range(20)]
+    assert all(torch.equal(t, torch.full((3,), 2.0 * i)) for i, (_, t) in enumerate(out))
+    # Off CUDA the weights pass as they are.
+    plain = iter([("a", torch.ones(1))])
+    assert weights_to_device(plain, "cpu", threads=8) is plain

@@ -15,7 +15,7 @@ from fastvideo.attention.layer import request_attention_backend
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.models.compile import compile_repeated_blocks
 from fastvideo.models.compile_cache import configure_compile_cache, configure_kernel_cache
-from fastvideo.models.loader.transfer import to_device
+from fastvideo.models.loader.transfer import to_device, weights_to_device
 from fastvideo.models.loader.weight_utils import WeightFileError, find_weight_files, iterate_weights
 from fastvideo.models.registry import ModelEntry, resolve_model
 from fastvideo.models.vae_speed import speed_up_vae
@@ -118,7 +118,7 @@ def _load_fastvideo_model(entry: ModelEntry, folder: Path, device: str,
     files = find_weight_files(folder)
     with torch.device(device):
         model = cls.from_config(config)
-    missing, unexpected = model.load_weights(iterate_weights(files))
+    missing, unexpected = model.load_weights(weights_to_device(iterate_weights(files), device))
     if missing:
         raise ValueError(
             f"{folder}: {len(missing)} parameters of {entry.class_name} are missing from the "

@@ -7,14 +7,19 @@ driver's staging buffers, the GPU's copy engines mostly waiting. The copies rele
 GIL, so a few threads moving different tensors keep the engines busy. The result is what
 `module.to(device)` gives: the same values, the same Parameter objects (tied weights
 stay tied), buffers moved too.
+
+Our own models (the DiT) are built on the device and copy the checkpoint's tensors into
+their parameters one by one (`load_weights`); `staged` hands them the tensors already
+copied to the device by such threads, a few ahead of the one being loaded.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -59,3 +64,32 @@ def copy_tensors(module: nn.Module, copy: Callable[[torch.Tensor], torch.Tensor]
     with ThreadPoolExecutor(threads, thread_name_prefix="to-device") as pool, torch.no_grad():
         copies = dict(zip(order, pool.map(lambda key: copy(unique[key].detach()), order)))
     return module._apply(lambda t: copies.get(id(t), t))
+
+
+def staged(weights: Iterator[tuple[str, torch.Tensor]],
+           copy: Callable[[torch.Tensor], torch.Tensor], threads: int,
+           ahead: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """`(name, copy(tensor))` for each of `weights`, in order, the copies made on `threads`
+    threads at most `ahead` (default 2 x threads) tensors ahead of the consumer."""
+    ahead = 2 * threads if ahead is None else ahead
+    window: deque[tuple[str, Future[torch.Tensor]]] = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="to-device") as pool:
+        for name, tensor in weights:
+            window.append((name, pool.submit(copy, tensor)))
+            if len(window) >= ahead:
+                done_name, future = window.popleft()
+                yield done_name, future.result()
+        while window:
+            done_name, future = window.popleft()
+            yield done_name, future.result()
+
+
+def weights_to_device(weights: Iterator[tuple[str, torch.Tensor]], device: str | torch.device,
+                      threads: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """`weights` copied to a CUDA `device` on `threads` threads (default `load_threads()`)
+    ahead of their use; elsewhere (or one thread) as they are."""
+    device = torch.device(device)
+    threads = load_threads() if threads is None else threads
+    if device.type != "cuda" or threads <= 1:
+        return weights
+    return staged(weights, lambda t: t.to(device), threads)

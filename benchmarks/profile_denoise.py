@@ -1,8 +1,9 @@
 """Where one whole denoise's time goes in the engine's loop, built as a warm worker builds
 it: the time of each step (CUDA events at every step's end, no sync in the loop), then
-the whole loop under `torch.profiler`: GPU kernel time by kind, the GPU's idle time and
-its largest gaps. Progress snapshots are taken every `--checkpoint-every` steps and
-encoded on another thread, as the worker does.
+a window of its steps under `torch.profiler` (the last dense steps and the first sparse
+ones by default: a whole loop is too many events): GPU kernel time by kind, the GPU's
+idle time and its largest gaps. Progress snapshots are taken every `--checkpoint-every`
+steps and encoded on another thread, as the worker does.
 
     python benchmarks/profile_denoise.py --model-path /tmp/wan --compile \
         --compile-cache-dir /tmp/bench/compile-cache [--sta-config sta.json] --json-out p.json
@@ -59,6 +60,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=5.0)
     parser.add_argument("--checkpoint-every", type=int, default=5)
+    parser.add_argument("--profile-from", type=int,
+                        help="first profiled step (default: 2 before the first sparse one, "
+                             "or 0 without STA)")
+    parser.add_argument("--profile-steps", type=int, default=6)
     parser.add_argument("--smoke", action="store_true",
                         help="the tiny Wan model on CPU, a small video (a test of the script)")
     parser.add_argument("--json-out", type=Path)
@@ -89,13 +94,22 @@ def prepared(pipeline: Any, params: SamplingParam) -> tuple[Any, ForwardBatch]:
 
 
 def denoise(stage: Any, batch: ForwardBatch, args: Any, checkpoint_every: int,
-            uploads: ThreadPoolExecutor, marks: list[Any] | None = None) -> float:
+            uploads: ThreadPoolExecutor, marks: list[Any] | None = None,
+            profiler: Any = None, window: range = range(0)) -> float:
     """One whole loop on a copy of `batch`, progress snapshots as the worker takes them;
-    `marks` gets a CUDA event (CPU: a time) at every step's end. Returns wall seconds."""
+    `marks` gets a CUDA event (CPU: a time) at every step's end; `profiler` runs over the
+    steps in `window`. Returns wall seconds."""
     cuda = args.device.startswith("cuda")
     pending = []
+    profiling = [False]
 
     def on_step_end(current: ForwardBatch, step: int, total: int) -> None:
+        if profiler is not None and step == window.start and not profiling[0]:
+            profiler.start()
+            profiling[0] = True
+        elif profiler is not None and step == window.stop and profiling[0]:
+            profiler.stop()
+            profiling[0] = False
         if step % checkpoint_every == 0 and step < total:
             snapshot, ready = snapshot_fields(current, PROGRESS_FIELDS)
             pending.append(uploads.submit(lambda: (ready(), encode_batch(snapshot,
@@ -110,7 +124,7 @@ def denoise(stage: Any, batch: ForwardBatch, args: Any, checkpoint_every: int,
     work = copy.copy(batch)
     work.extra = dict(batch.extra)
     stage.on_step_end = on_step_end
-    if marks is not None:
+    if marks is not None or (profiler is not None and window.start == 0):
         on_step_end(work, 0, 0)  # the loop's start
     start = time.perf_counter()
     with torch.no_grad():
@@ -118,6 +132,8 @@ def denoise(stage: Any, batch: ForwardBatch, args: Any, checkpoint_every: int,
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
+    if profiling[0]:
+        profiler.stop()
     stage.on_step_end = None
     for future in pending:
         future.result()
@@ -161,10 +177,13 @@ def main() -> None:
         result["dense_step_ms_median"] = round(statistics.median(steps[:dense]), 2)
         if dense < len(steps):
             result["sparse_step_ms_median"] = round(statistics.median(steps[dense:]), 2)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) as prof:
-            result["profiled_loop_s"] = round(denoise(stage, batch, fv_args,
-                                                      args.checkpoint_every, uploads), 3)
+        first = (args.profile_from if args.profile_from is not None
+                 else max(dense - 2, 0) if dense < len(steps) else 0)
+        window = range(first, min(first + args.profile_steps, args.steps))
+        result["profiled_steps"] = [window.start, window.stop]
+        prof = profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU])
+        result["profiled_loop_s"] = round(denoise(stage, batch, fv_args, args.checkpoint_every,
+                                                  uploads, profiler=prof, window=window), 3)
     events = [e for e in prof.events() if e.device_type.name == "CUDA"] if cuda else []
     spans = [(e.time_range.start, e.time_range.end, e.name) for e in events]
     by_kind: dict[str, float] = defaultdict(float)

@@ -42,10 +42,6 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return getattr(torch, check_dtype_name(name))
 
 
-def _default_device() -> str:
-    return default_device()
-
-
 def check_step_cache_threshold(value: object) -> None:
     """ValueError unless `value` is None (off) or a finite number > 0."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -60,7 +56,7 @@ class FastVideoArgs:
 
     model_path: str
     """A Diffusers-format folder (with `model_index.json`)."""
-    device: str = dataclasses.field(default_factory=_default_device)
+    device: str = dataclasses.field(default_factory=default_device)
     """`"cuda"`, `"cuda:N"` or `"cpu"`; defaults to CUDA when available."""
     dtype: str | None = None
     """Compute dtype of the DiT and text encoder: bf16 on CUDA, fp32 on CPU when unset."""

@@ -69,11 +69,10 @@ def warm_up_pipeline(pipeline: ComposedPipelineBase, hints: dict[str, Any],
         with ENGINE.stage_lock(pipeline, phase.stages), torch.no_grad():
             if phase.denoise:
                 stage = pipeline.get_stage(phase.stages[0])
-                for step in stage.first_steps_of_each_kind(batch):
-                    if stop():
-                        return finish(f"{phase.name} step {step}")
-                    stage.warm_up(batch, args, steps=[step])
-                    done["dit_steps"].append(step)
+                done["dit_steps"] = stage.warm_up(batch, args, stop)
+                left = stage.first_steps_of_each_kind(batch)[len(done["dit_steps"]):]
+                if left:
+                    return finish(f"{phase.name} step {left[0]}")
                 after = True
                 continue
             if stop():

@@ -14,11 +14,13 @@ import json
 import threading
 import time
 
+from fastvideo.utils.cuda_probe import DRIVER_LIBRARY
+
 
 class CudaPrewarm:
     """Starts at construction; `wait()` joins and says what happened."""
 
-    def __init__(self, device_index: int = 0, library: str = "libcuda.so.1") -> None:
+    def __init__(self, device_index: int = 0, library: str = DRIVER_LIBRARY) -> None:
         self.device_index = device_index
         self.library = library
         self.seconds: float | None = None

@@ -162,7 +162,8 @@ def test_a_warm_up_before_the_first_item_changes_no_output(
     state = _bulk(dataset, tmp_path / "worker", tiny_wan_path, dispatch="worker",
                   guidance_end=0.5)
     assert state.is_completed(), state.message
-    assert describe_worker(_spec(tiny_wan_path))["pid"] == warm_up_pid(worker_dir)
+    (pid,) = running_workers(worker_dir)
+    assert describe_worker(_spec(tiny_wan_path))["pid"] == pid
     reference = _bulk(dataset, tmp_path / "inprocess", tiny_wan_path, guidance_end=0.5)
     assert reference.is_completed(), reference.message
     (worker_row,) = read_manifest(str(tmp_path / "worker")).values()
@@ -170,11 +171,6 @@ def test_a_warm_up_before_the_first_item_changes_no_output(
     assert worker_row["video_sha256"] == row["video_sha256"]
     assert torch.equal(checkpoint_latents(worker_row["denoise_checkpoint_uri"]),
                        checkpoint_latents(row["denoise_checkpoint_uri"]))
-
-
-def warm_up_pid(folder: Path) -> int:
-    (pid,) = running_workers(folder)
-    return pid
 
 
 def test_killed_worker_fails_its_shard_fast_and_rerun_resumes(

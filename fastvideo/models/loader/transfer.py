@@ -41,13 +41,18 @@ def load_threads() -> int:
     return threads
 
 
+def _copy_threads(device: torch.device, threads: int | None) -> int:
+    """Threads to copy with (default `load_threads()`); 1 off CUDA: a plain copy there."""
+    return (load_threads() if threads is None else threads) if device.type == "cuda" else 1
+
+
 def to_device(module: nn.Module, device: str | torch.device,
               threads: int | None = None) -> nn.Module:
     """`module.to(device)`, its tensors copied by `threads` host threads (default
     `load_threads()`) when they go to a CUDA device."""
     device = torch.device(device)
-    threads = load_threads() if threads is None else threads
-    if device.type != "cuda" or threads <= 1:
+    threads = _copy_threads(device, threads)
+    if threads <= 1:
         return module.to(device)
     return copy_tensors(module, lambda t: t.to(device), threads, skip=lambda t: t.device == device)
 
@@ -89,7 +94,7 @@ def weights_to_device(weights: Iterator[tuple[str, torch.Tensor]], device: str |
     """`weights` copied to a CUDA `device` on `threads` threads (default `load_threads()`)
     ahead of their use; elsewhere (or one thread) as they are."""
     device = torch.device(device)
-    threads = load_threads() if threads is None else threads
-    if device.type != "cuda" or threads <= 1:
+    threads = _copy_threads(device, threads)
+    if threads <= 1:
         return weights
     return staged(weights, lambda t: t.to(device), threads)

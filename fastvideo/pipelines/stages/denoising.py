@@ -226,17 +226,20 @@ class DenoisingStage(PipelineStage):
         return sorted(step for step in firsts if step < total)
 
     def warm_up(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs,
-                steps: list[int] | None = None) -> list[int]:
-        """One DiT prediction at each of `steps` (default `first_steps_of_each_kind(batch)`),
-        outputs dropped and `batch` unchanged: a fresh process's compiles and first kernel
-        loads, made before its first item. Returns the steps run."""
-        steps = self.first_steps_of_each_kind(batch) if steps is None else steps
+                stop: Callable[[], bool] = lambda: False) -> list[int]:
+        """One DiT prediction at each of `first_steps_of_each_kind(batch)`, outputs dropped
+        and `batch` unchanged, asking `stop()` before each: a fresh process's compiles and
+        first kernel loads, made before its first item. Returns the steps run."""
         loop = self._loop(batch, fastvideo_args)
         model_input = self._model_input(loop, loop.latents)
+        done: list[int] = []
         with torch.no_grad():
-            for i in steps:
+            for i in self.first_steps_of_each_kind(batch):
+                if stop():
+                    break
                 self._step_prediction(loop, model_input, i, batch.guidance_scale)
-        return steps
+                done.append(i)
+        return done
 
     def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
         loop = self._loop(batch, fastvideo_args)

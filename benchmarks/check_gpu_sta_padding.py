@@ -77,10 +77,48 @@ def main() -> int:
                   f"({row['mask_ms'] / row['rescale_ms']:.3f}x); max abs diff "
                   f"{row['max_abs']:.2e}, rel L2 {row['rel_l2']:.2e}{'  FAIL' if bad else ''}")
     os.environ.pop(STA_PADDING_ENV, None)
+    pair, bad = check_pair(q, k, v, grid, tuple(int(x) for x in args.windows[0].split(",")))
+    failed |= bad
     if args.json_out:
         args.json_out.write_text(json.dumps({"device": torch.cuda.get_device_name(),
-                                             "results": results}, indent=2))
+                                             "results": results, "pair": pair}, indent=2))
     return 1 if failed else 0
+
+
+def check_pair(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, ...],
+               window: tuple[int, ...]) -> tuple[dict[str, float], bool]:
+    """A guidance pair (batch 2) against each item alone, and the time of each; the row
+    gather of a batch of 2 as the engine does it (`select_rows`) against index_select."""
+    from fastvideo.attention.backends.sliding_tile import (
+        TileLayout,
+        _tile_indices,
+        block_size_for,
+        select_rows,
+    )
+    from fastvideo.attention.sta_config import resolve_tile_size
+
+    q2, k2, v2 = (torch.cat([x, x.flip(1)]) for x in (q, k, v))  # two different items
+
+    def call(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return sliding_tile_attention(a, b, c, grid=grid, tile_size="auto", windows=window)
+
+    paired = call(q2, k2, v2)
+    alone = torch.cat([call(q2[i:i + 1], k2[i:i + 1], v2[i:i + 1]) for i in range(2)])
+    tile = resolve_tile_size("auto", grid)
+    layout = TileLayout(grid, tile, 0, block_size_for(tile[0] * tile[1] * tile[2], q.device))
+    gather = _tile_indices(layout, q.device)[0]
+    row = {"max_abs_vs_alone": (paired.float() - alone.float()).abs().max().item(),
+           "pair_ms": time_call(lambda: call(q2, k2, v2)),
+           "two_alone_ms": 2 * time_call(lambda: call(q, k, v)),
+           "gather_index_select_ms": time_call(lambda: q2.index_select(1, gather)),
+           "gather_select_rows_ms": time_call(lambda: select_rows(q2, gather))}
+    bad = not row["max_abs_vs_alone"] <= TOLERANCE
+    print(f"guidance pair, window {window}: {row['pair_ms']:.3f} ms against two alone "
+          f"{row['two_alone_ms']:.3f} ms; max abs diff to each alone "
+          f"{row['max_abs_vs_alone']:.2e}{'  FAIL' if bad else ''}; gather of q: index_select "
+          f"{row['gather_index_select_ms']:.3f} ms, select_rows "
+          f"{row['gather_select_rows_ms']:.3f} ms")
+    return row, bad
 
 
 if __name__ == "__main__":

@@ -50,6 +50,14 @@ def check_step_cache_threshold(value: object) -> None:
                          f"got {value!r}")
 
 
+
+def default_batch_cfg(sp_size: int) -> bool:
+    """Whether guidance runs as one batch of 2 when `batch_cfg` is unset: under sequence
+    parallelism, where the pair's two halves hide each other's all-to-alls. On one GPU a
+    video's worth of tokens fills it and the pair gains nothing (an H200 at Wan 480p ran
+    two forwards 1.6% faster); on CPU the two are as fast (benchmarks/RESULTS.md)."""
+    return sp_size > 1
+
 @dataclass(kw_only=True)
 class FastVideoArgs:
     """How the engine loads and runs a model. Fixed for the life of a pipeline."""
@@ -83,11 +91,13 @@ class FastVideoArgs:
     sta_config: str | None = None
     """JSON of sliding tile attention windows (`python -m fastvideo.entrypoints.sta_search`);
     setting it selects the SLIDING_TILE_ATTN backend when `attention_backend` is unset."""
-    batch_cfg: bool = True
+    batch_cfg: bool | None = None
     """Run each guidance step's conditional and unconditional forwards as one batch of 2,
     whose all-to-alls overlap each other's attention under sequence parallelism (Wan 1.3B
-    480p on 4 H100s, sp=4: 4% faster per step; no slower at sp=1 or 2). False: two
-    forwards, as diffusers' pipeline runs them (half the activation memory)."""
+    480p on 4 H100s, sp=4: 4% faster per step; as fast at sp=2). False: two forwards, as
+    diffusers' pipeline runs them (half the activation memory; on one H200 at Wan 480p
+    1.6% faster per dense step than the pair). None: pair under sequence parallelism only
+    (`default_batch_cfg`)."""
     step_cache_threshold: float | None = None
     """Skip the DiT's blocks on a step whose first-block modulated input has changed little
     since the last computed step, reusing that step's block residual (in the manner of
@@ -108,6 +118,8 @@ class FastVideoArgs:
             raise ValueError(
                 f"num_gpus={self.num_gpus} must be a multiple of sp_size x tp_size "
                 f"({self.sp_size} x {self.tp_size})")
+        if self.batch_cfg is None:
+            self.batch_cfg = default_batch_cfg(self.sp_size)
         if self.sta_config is not None:
             # A window config asks for sliding tile attention; any other backend would ignore it.
             if self.attention_backend is None:

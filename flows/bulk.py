@@ -83,7 +83,7 @@ def bulk(
     attention_backend: str | None = None,
     sta_config: str | None = None,
     enable_torch_compile: bool = False,
-    batch_cfg: bool = True,
+    batch_cfg: bool | None = None,
     vae_dtype: str = "float32",
     compile_cache_dir: str | None = None,
     step_cache_threshold: float | None = None,
@@ -146,7 +146,8 @@ def bulk(
             `python -m fastvideo.entrypoints.sta_search`); selects SLIDING_TILE_ATTN.
         enable_torch_compile: compile the DiT's blocks (paid once per warm worker and
             video shape; see compile_cache_dir).
-        batch_cfg: guidance's two DiT forwards as one batch of 2 (False: two forwards).
+        batch_cfg: guidance's two DiT forwards as one batch of 2 (False: two forwards; None: a
+            pair under sequence parallelism only).
         vae_dtype: dtype of the VAE decode.
         compile_cache_dir: where compiled kernels persist across processes, on the node
             running the stages (default PyTorch's folder under /tmp).

@@ -81,9 +81,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                         action="store_true", default=None,
                         help="compile the DiT's blocks with torch.compile (pays off from the "
                              "first video on a warm worker)")
+    engine.add_argument("--batch-cfg", dest="batch_cfg", action="store_true", default=None,
+                        help="run guidance as one DiT batch of 2 (default: only under "
+                             "sequence parallelism, where it hides all-to-alls)")
     engine.add_argument("--no-batch-cfg", dest="batch_cfg", action="store_false", default=None,
-                        help="run guidance as two DiT forwards instead of one batch of 2 "
-                             "(half the activation memory)")
+                        help="run guidance as two DiT forwards (half the activation memory)")
     engine.add_argument("--vae-dtype", help="dtype of the VAE decode (default float32)")
     engine.add_argument("--compile-cache-dir", metavar="DIR",
                         help="where compiled kernels persist across processes, on the node "
@@ -103,7 +105,7 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
 def run_settings(dispatch: str, placement: str | None, nproc_per_node: int,
                  sp_size: int | None, deployment: str | None, remote_launcher: str,
                  worker_idle_timeout_s: float, attention_backend: str | None,
-                 sta_config: str | None, enable_torch_compile: bool, batch_cfg: bool,
+                 sta_config: str | None, enable_torch_compile: bool, batch_cfg: bool | None,
                  vae_dtype: str, compile_cache_dir: str | None,
                  step_cache_threshold: float | None) -> tuple[Dispatch, EngineOptions]:
     """The flows' dispatch and engine parameters as checked objects: a bad value fails the
@@ -121,7 +123,7 @@ def run_settings(dispatch: str, placement: str | None, nproc_per_node: int,
 FLOW_RUN_DEFAULTS: dict[str, Any] = dict(
     dispatch="inprocess", placement=None, nproc_per_node=1, sp_size=None, deployment=None,
     remote_launcher="inprocess", worker_idle_timeout_s=1800.0, device=None, dtype=None,
-    attention_backend=None, sta_config=None, enable_torch_compile=False, batch_cfg=True,
+    attention_backend=None, sta_config=None, enable_torch_compile=False, batch_cfg=None,
     vae_dtype="float32", compile_cache_dir=None, step_cache_threshold=None)
 """The flows' defaults of what picks a warm worker (the flows' signatures repeat them, for
 Prefect's parameter schema; a test keeps the two equal)."""

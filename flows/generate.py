@@ -71,7 +71,7 @@ def generate(
     attention_backend: str | None = None,
     sta_config: str | None = None,
     enable_torch_compile: bool = False,
-    batch_cfg: bool = True,
+    batch_cfg: bool | None = None,
     vae_dtype: str = "float32",
     compile_cache_dir: str | None = None,
     step_cache_threshold: float | None = None,

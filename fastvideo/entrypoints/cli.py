@@ -61,9 +61,12 @@ def _build_parser() -> argparse.ArgumentParser:
                              "python -m fastvideo.entrypoints.sta_search); selects that backend")
     engine.add_argument("--enable-torch-compile", action="store_true", default=None,
                         help="compile the DiT's blocks (first video of each shape is slower)")
+    engine.add_argument("--batch-cfg", dest="batch_cfg", action="store_true", default=None,
+                        help="run guidance's conditional and unconditional forwards as one "
+                             "batch of 2 (default: only under sequence parallelism)")
     engine.add_argument("--no-batch-cfg", dest="batch_cfg", action="store_false", default=None,
                         help="run guidance's conditional and unconditional forwards one after "
-                             "the other instead of as one batch of 2 (half the activations)")
+                             "the other (half the activations)")
     engine.add_argument("--step-cache-threshold", type=float, default=None, metavar="X",
                         help="skip DiT steps whose modulated input changed little, "
                              "TeaCache-style (default: off; see docs/attention_and_speed.md)")

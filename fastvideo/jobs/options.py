@@ -34,8 +34,9 @@ class EngineOptions:
     file); setting it selects the SLIDING_TILE_ATTN backend."""
     enable_torch_compile: bool = False
     """Compile the DiT's blocks (once per video shape and process; see compile_cache_dir)."""
-    batch_cfg: bool = True
-    """Guidance's two DiT forwards as one batch of 2."""
+    batch_cfg: bool | None = None
+    """Guidance's two DiT forwards as one batch of 2; None: under sequence parallelism only
+    (`fastvideo_args.default_batch_cfg`)."""
     vae_dtype: str = "float32"
     """Dtype of the VAE decode."""
     compile_cache_dir: str | None = None
@@ -72,9 +73,12 @@ class EngineOptions:
         check_step_cache_threshold(self.step_cache_threshold)
         if self.step_cache_threshold is not None:  # 1 and 1.0: one worker, one key
             object.__setattr__(self, "step_cache_threshold", float(self.step_cache_threshold))
-        if not isinstance(self.enable_torch_compile, bool) or not isinstance(self.batch_cfg, bool):
-            raise ValueError(f"enable_torch_compile and batch_cfg must be true or false, got "
-                             f"{self.enable_torch_compile!r} and {self.batch_cfg!r}")
+        if not isinstance(self.enable_torch_compile, bool):
+            raise ValueError(f"enable_torch_compile must be true or false, got "
+                             f"{self.enable_torch_compile!r}")
+        if self.batch_cfg is not None and not isinstance(self.batch_cfg, bool):
+            raise ValueError(f"batch_cfg must be true, false or null (pair under sequence "
+                             f"parallelism only), got {self.batch_cfg!r}")
 
     @classmethod
     def with_sta_file(cls, sta_config_path: str | None, **options: Any) -> EngineOptions:

@@ -367,3 +367,19 @@ def test_sta_padding_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(sliding_tile.STA_PADDING_ENV, "zero")
     with pytest.raises(ValueError, match="FASTVIDEO_STA_PADDING='zero'; allowed: rescale, mask"):
         sliding_tile.padding_mode()
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_select_rows_equals_index_select(batch: int) -> None:
+    """The row gather of the flattened batch (PyTorch's gather along dim 1 of a batch above
+    1 is a slow generic kernel on GPU) picks exactly what `index_select(1, ...)` picks, the
+    batch's flat index built once per index tensor."""
+    x = torch.randn(batch, 50, 3, 4)
+    index = torch.tensor([7, 0, 49, 7, 12, 3])
+    got = sliding_tile.select_rows(x, index)
+    assert got.shape == (batch, 6, 3, 4)
+    assert torch.equal(got, x.index_select(1, index))
+    if batch > 1:
+        assert sliding_tile._batch_rows(index, batch, 50) is sliding_tile._batch_rows(
+            index, batch, 50)
+        assert not torch.equal(got[1], x[0].index_select(0, index))  # rows of their own item

@@ -41,7 +41,8 @@ def test_only_options_that_change_results_enter_checkpoint_keys(tiny_wan_path: P
     plain = _keys(ctx())
     # Same math, another kernel or schedule: every key is the same, work is reused.
     for options in ({"attention_backend": "TORCH_SDPA"}, {"enable_torch_compile": True},
-                    {"batch_cfg": False}, {"compile_cache_dir": str(tmp_path)}):
+                    {"batch_cfg": False}, {"batch_cfg": True},
+                    {"compile_cache_dir": str(tmp_path)}):
         assert _keys(ctx(**options)) == plain, options
     # Sparse attention changes the denoised latents only; the VAE's dtype the frames only.
     sta = _keys(ctx(sta_config=json.dumps(STA)))
@@ -160,6 +161,36 @@ def test_denoise_jobs_carry_the_options(tiny_wan_path: Path, tmp_path: Path) -> 
     assert (args.attention_backend, args.batch_cfg, args.enable_torch_compile, args.sp_size,
             args.step_cache_threshold) == ("SLIDING_TILE_ATTN", False, True, 2, 0.25)
     assert json.loads(Path(args.sta_config).read_text()) == STA
+
+
+def test_batch_cfg_unset_pairs_guidance_under_sequence_parallelism_only(tmp_path: Path) -> None:
+    """Unset, guidance runs as one batch of 2 where the pair hides all-to-alls (sp > 1);
+    on one device as two forwards; a value given anywhere wins."""
+    from fastvideo.fastvideo_args import FastVideoArgs
+
+    def args(**kw: Any) -> FastVideoArgs:
+        return FastVideoArgs(model_path=str(tmp_path), device="cpu", **kw)
+
+    assert args().batch_cfg is False
+    assert args(num_gpus=2).batch_cfg is True  # sp_size defaults to num_gpus
+    assert args(num_gpus=2, sp_size=1).batch_cfg is False  # two replicas, no sp
+    assert args(batch_cfg=True).batch_cfg is True
+    assert args(num_gpus=2, batch_cfg=False).batch_cfg is False
+    assert EngineOptions().to_args(str(tmp_path), "cpu", None).batch_cfg is False
+    assert EngineOptions().to_args(str(tmp_path), "cpu", None, num_gpus=2).batch_cfg is True
+    assert EngineOptions(batch_cfg=True).to_args(str(tmp_path), "cpu", None).batch_cfg is True
+    with pytest.raises(ValueError, match=r"batch_cfg must be true, false or null .* got 'yes'"):
+        EngineOptions(batch_cfg="yes")
+    # The command line: unset unless a flag is given.
+    import argparse
+
+    from flows.cli import add_options, given_options
+
+    parser = argparse.ArgumentParser()
+    add_options(parser)
+    assert given_options(parser.parse_args(["--batch-cfg"]))["batch_cfg"] is True
+    assert given_options(parser.parse_args(["--no-batch-cfg"]))["batch_cfg"] is False
+    assert "batch_cfg" not in given_options(parser.parse_args([]))
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [

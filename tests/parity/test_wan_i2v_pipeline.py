@@ -110,10 +110,10 @@ def test_image_as_pil_path_and_uri_give_the_same_video(generator: VideoGenerator
     assert not torch.allclose(other.latents, from_pil.latents)  # the image is used
 
 
-def test_batched_guidance_equals_two_forwards(generator: VideoGenerator,
-                                              tiny_wan_i2v_path: Path) -> None:
+def test_batched_guidance_equals_two_forwards(tiny_wan_i2v_path: Path) -> None:
     """With `batch_cfg` both guidance branches, each with the image context and the
     conditioning channels, run as one batch of 2; the video is that of two forwards."""
+    generator = VideoGenerator.from_pretrained(tiny_wan_i2v_path, device="cpu", batch_cfg=True)
     calls: list[tuple[int, int, int]] = []
     hook = generator.pipeline.get_module("transformer").register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(

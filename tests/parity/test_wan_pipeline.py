@@ -56,9 +56,10 @@ def test_different_seed_gives_different_video(tiny_wan_path) -> None:
 
 
 def test_batched_guidance_equals_two_forwards(tiny_wan_path) -> None:
-    """`batch_cfg` (the default) runs each step's conditional and unconditional inputs as
-    one batch of 2; the video is that of two forwards per step (diffusers' way)."""
-    paired = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu")
+    """`batch_cfg` runs each step's conditional and unconditional inputs as one batch of
+    2; the video is that of two forwards per step (diffusers' way, the default on one
+    device)."""
+    paired = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu", batch_cfg=True)
     batch_sizes: list[int] = []
     paired.pipeline.get_module("transformer").register_forward_pre_hook(
         lambda module, args, kwargs: batch_sizes.append(kwargs["hidden_states"].shape[0]),

@@ -47,7 +47,7 @@ def test_guidance_end_matches_diffusers_turning_guidance_off(tiny_wan_path) -> N
 
     pipe(**REQUEST, generator=torch.Generator().manual_seed(7), output_type="latent",
          callback_on_step_end=stop_guidance)
-    generator = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu")
+    generator = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu", batch_cfg=True)
     sizes = _count_batches(generator)
     result = generator.generate_video(**REQUEST, seed=7, guidance_end=0.5)
     assert sizes == [2, 2, 1, 1]
@@ -100,9 +100,9 @@ def test_step_cache_input_is_what_the_first_block_modulates(tiny_wan_path) -> No
 
 
 def test_step_cache_off_by_a_tiny_threshold_changes_nothing(tiny_wan_path) -> None:
-    plain = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu")
+    plain = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu", batch_cfg=True)
     reference = plain.generate_video(**REQUEST, seed=11)
-    cached = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu",
+    cached = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu", batch_cfg=True,
                                             step_cache_threshold=1e-12)
     runs = _count_block_runs(cached)
     result = cached.generate_video(**REQUEST, seed=11)
@@ -130,7 +130,7 @@ def test_step_cache_reuses_residuals_between_first_and_last_step(tiny_wan_path) 
 def test_step_cache_with_guidance_ending_runs_the_new_branch(tiny_wan_path) -> None:
     """When guidance stops, the conditional-only branch has no residual yet: it runs its
     blocks once, then reuses them."""
-    cached = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu",
+    cached = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu", batch_cfg=True,
                                             step_cache_threshold=1e9)
     runs = _count_block_runs(cached)
     cached.generate_video(**{**REQUEST, "num_inference_steps": 6}, seed=5, guidance_end=0.5)
@@ -222,7 +222,7 @@ def test_step_cache_resumed_mid_loop_runs_its_first_step(tiny_wan_path) -> None:
     request = {k: v for k, v in REQUEST.items() if k != "prompt"}
     request.update(num_inference_steps=6, negative_prompt=[REQUEST["negative_prompt"]])
     for threshold, expected_runs in ((1e9, [2, 2]), (1e-12, [2, 2, 2, 2])):
-        args = FastVideoArgs(model_path=str(tiny_wan_path), device="cpu",
+        args = FastVideoArgs(model_path=str(tiny_wan_path), device="cpu", batch_cfg=True,
                              step_cache_threshold=threshold)
         pipeline = build_pipeline(args)
         batch = ForwardBatch(prompt=[REQUEST["prompt"]], seed=9, **request)

@@ -415,11 +415,50 @@ def padding_keys_per_row(block_mask: BlockMask, real: torch.Tensor) -> torch.Ten
     return per_block.repeat_interleave(block_mask.BLOCK_SIZE[0], dim=1)[:, :length].contiguous()
 
 
+def select_rows(x_BLHD: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`x.index_select(1, index)` for `[B, L, ...]`, as one gather of whole rows.
+
+    PyTorch gathers along dim 1 of a batch above 1 with a generic element-wise kernel; a
+    guidance pair's sparse forward spent 47 ms a step in it on an H200, against ~14 ms for
+    the same rows gathered as rows of the flattened batch (benchmarks/RESULTS.md)."""
+    batch, length = x_BLHD.shape[:2]
+    if batch == 1:
+        return x_BLHD.index_select(1, index)
+    rows = x_BLHD.reshape(batch * length, *x_BLHD.shape[2:])
+    return rows.index_select(0, _batch_rows(index, batch, length)).view(
+        batch, index.numel(), *x_BLHD.shape[2:])
+
+
+_BATCH_ROWS: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _batch_rows(index: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """`index` into each of `batch` rows of `length`, flattened; kept per index tensor
+    (the plans' indices live in caches, so each is built once)."""
+    key = (id(index), batch, length)
+    entry = _BATCH_ROWS.get(key)
+    if entry is None or entry[0] is not index:  # the id of a freed tensor, reused
+        if len(_BATCH_ROWS) >= 256:
+            _BATCH_ROWS.clear()
+        offsets = torch.arange(batch, device=index.device, dtype=index.dtype)[:, None] * length
+        entry = _BATCH_ROWS[key] = (index, (index[None] + offsets).flatten())
+    return entry[1]
+
+
 def unpad_softmax_rows(out_BLHD: torch.Tensor, lse_BHL: torch.Tensor,
                        keys_per_row: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
     """Rows `scatter` of an attention output whose rows also attended `keys_per_row` zero
     keys with zero values (each adding exp(0) to the softmax's sum S = exp(lse), nothing to
-    the output), as if they had not: out * S / (S - n), in `[B, S, H, D]` grid order."""
+    the output), as if they had not: out * S / (S - n), in `[B, S, H, D]` grid order.
+
+    On GPU one compiled kernel: eager, the gather and the broadcast product took ~25 ms of
+    a guidance pair's sparse step on an H200, for ~1.2 GB of traffic a layer."""
+    unpad = _compiled(_unpad_rows) if out_BLHD.is_cuda else _unpad_rows
+    return unpad(out_BLHD, lse_BHL, keys_per_row, scatter)
+
+
+def _unpad_rows(out_BLHD: torch.Tensor, lse_BHL: torch.Tensor, keys_per_row: torch.Tensor,
+                scatter: torch.Tensor) -> torch.Tensor:
     lse = lse_BHL.index_select(2, scatter)
     keys = keys_per_row.index_select(1, scatter)
     real_mass = (1.0 - keys * torch.exp(-lse)).clamp_min(_MIN_REAL_MASS)  # (S - n) / S
@@ -451,14 +490,14 @@ def attend_tiles(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     `padding`: run FlashAttention's CuTe kernel, which masks the padding keys by its
     `key_table` or attends them zeroed and rescales (`STA_PADDINGS`); None: FlexAttention."""
     if padding is not None:
-        tiled = [x.index_select(1, gather) for x in (query, key, value)]  # [B, L, H, D]
+        tiled = [select_rows(x, gather) for x in (query, key, value)]  # [B, L, H, D]
         blocks = (block_mask.kv_num_blocks, block_mask.kv_indices,
                   block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
         scale = scale or query.shape[-1] ** -0.5
         if padding.key_table is not None:
             out = flash_cute_block_sparse_attention(*tiled, *blocks, padding.key_table,
                                                     block_mask.BLOCK_SIZE[1], scale)
-            return out.index_select(1, scatter)
+            return select_rows(out, scatter)
         for x in tiled[1:]:
             x.index_fill_(1, padding.rows, 0)  # padding keys: score 0, value 0
         out, lse = flash_cute_block_sparse_unmasked(*tiled, *blocks, block_mask.BLOCK_SIZE[1],

@@ -31,7 +31,7 @@ def test_forced_schedule_runs_the_blocks_on_those_steps(tiny_wan_path) -> None:
     from fastvideo import VideoGenerator
 
     bench = _script()
-    generator = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu",
+    generator = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu", batch_cfg=True,
                                                step_cache_threshold=1.0)
     runs: list[int] = []
     handle = generator.pipeline.get_module("transformer").blocks[0].register_forward_pre_hook(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -22,8 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastvideo.fastvideo_args import SamplingParam  # noqa: E402
 from fastvideo.forward_batch import ForwardBatch  # noqa: E402
+from fastvideo.jobs.item_phases import WRITE_VIDEO  # noqa: E402
 from fastvideo.jobs.items import ItemSpec, RunContext, Shard  # noqa: E402
 from fastvideo.jobs.shard_runner import ShardRunner  # noqa: E402
+from fastvideo.jobs.video_stream import STREAM_VIDEO_ENV  # noqa: E402
 from fastvideo.storage import open_store, read_checkpoint  # noqa: E402
 from fastvideo.storage.batch_codec import encode_batch, snapshot_fields  # noqa: E402
 from fastvideo.testing.tiny_wan import make_tiny_wan  # noqa: E402
@@ -45,6 +48,8 @@ def main() -> None:
     result: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
     frames = {}
     for overlap in (True, False):
+        # Overlapped, the videos are encoded while decoding (video_stream.py); in turn, after.
+        os.environ[STREAM_VIDEO_ENV] = "1" if overlap else "0"
         store = tmp / f"overlap-{overlap}"
         ctx = RunContext(model_path=str(model), model_fingerprint=None, store_uri=str(store),
                          output_uri=str(store), device=args.device, dtype=args.dtype,
@@ -59,6 +64,9 @@ def main() -> None:
         frames[overlap] = [read_checkpoint(open_store(str(store)), r.ref.key).output.float()
                            for r in results["decode"]]
         result[f"denoise_digests_{overlap}"] = [r.ref.digest for r in results["denoise"]]
+        result[f"video_digests_{overlap}"] = [r.ref.digest for r in results[WRITE_VIDEO]]
+    os.environ.pop(STREAM_VIDEO_ENV)
+    result["videos_equal"] = result["video_digests_True"] == result["video_digests_False"]
     result["max_frame_diff"] = max((a - b).abs().max().item()
                                    for a, b in zip(frames[True], frames[False]))
     result["denoised_equal"] = result["denoise_digests_True"] == result["denoise_digests_False"]

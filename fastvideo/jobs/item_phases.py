@@ -27,6 +27,7 @@ from fastvideo.forward_batch import ForwardBatch
 from fastvideo.jobs.denoise import DenoiseItem, DenoiseOutcome
 from fastvideo.jobs.engine import ENGINE
 from fastvideo.jobs.items import ItemResult, ItemSpec, RunContext, combined_digest, failure
+from fastvideo.jobs.video_stream import StreamedVideo
 from fastvideo.pipelines.builder import model_phases, pipeline_class
 from fastvideo.pipelines.phases import Phase, producers
 from fastvideo.storage import (
@@ -294,21 +295,22 @@ def video_key(item: ItemSpec) -> str:
 
 
 def write_video(ctx: RunContext, store: ArtifactStore, output: ArtifactStore, item: ItemSpec,
-                last: Phase, decoded: CheckpointRef,
-                frames: torch.Tensor | None = None) -> ItemResult:
+                last: Phase, decoded: CheckpointRef, frames: torch.Tensor | None = None,
+                streamed: StreamedVideo | None = None) -> ItemResult:
     """Encode the item's frames (the last phase's, uint8: `frames` when given, the ones
-    its checkpoint `decoded` holds otherwise) as mp4 under `<output>/videos/`; the ref
-    holds its sha256."""
-    if frames is None:
+    its checkpoint `decoded` holds otherwise) as mp4 under `<output>/videos/`, or take the
+    mp4 `streamed` encoded of exactly those frames during decoding; the ref holds its
+    sha256."""
+    start = time.perf_counter()
+    encoded = streamed.finish(frames) if streamed is not None else None
+    if frames is None and encoded is None:
         try:
             frames = getattr(read_inputs(store, [decoded]), last.frames)
         except CorruptInputError as exc:
             raise PhaseInputError(last.name, exc) from exc
-    frames = frames[0]
     key = video_key(item)
-    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_mp4(frames, Path(tmp) / "video.mp4", fps=ctx.fps)
+        path = encoded or write_mp4(frames[0], Path(tmp) / "video.mp4", fps=ctx.fps)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         retry_io(lambda: output.put_file(key, path))
     return ItemResult(item.item_id, ref=CheckpointRef(output.root_uri, key, digest),

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -40,8 +41,10 @@ from fastvideo.jobs.engine import ENGINE
 from fastvideo.jobs.item_phases import ENCODE_NEGATIVE, WRITE_VIDEO, guarded, phase_inputs
 from fastvideo.jobs.items import ItemResult, ItemSpec, RunContext, Shard, failure, to_jsonable
 from fastvideo.jobs.training_data import write_training_part
+from fastvideo.jobs.video_stream import StreamedVideo, streaming_enabled
 from fastvideo.pipelines.builder import model_phases
 from fastvideo.pipelines.phases import Phase
+from fastvideo.pipelines.stages.decoding import frame_sink
 from fastvideo.storage import ArtifactStore, open_store
 
 logger = logging.getLogger(__name__)
@@ -198,19 +201,29 @@ class ShardRunner:
         ok = stage(phases[index].name,
                    lambda: item_phases.denoise_result(phases[index], outcome))
         kept: dict[str, Any] = {}  # the last phase's output: its frames, already here
-        for i in range(index + 1, len(phases)):
-            if not ok:
-                break
-            phase = phases[i]
-            given = batch if i == index + 1 else None  # the denoised batch, already here
-            ok = stage(phase.name, lambda i=i, phase=phase, given=given: item_phases.run_phase(
-                ctx, store, phase, item, phase_inputs(phases, i, results, item, None),
-                batch=given, keep=kept))
-        if ok:
-            last = phases[-1]
-            frames = getattr(kept["batch"], last.frames) if "batch" in kept else None
-            stage(WRITE_VIDEO, lambda: item_phases.write_video(
-                ctx, store, output, item, last, results[last.name].ref, frames))
+        # The mp4 encoded while the frames are decoded (video_stream.py).
+        streamed = StreamedVideo(ctx.fps) if streaming_enabled() else None
+        try:
+            with frame_sink(streamed) if streamed is not None else nullcontext():
+                for i in range(index + 1, len(phases)):
+                    if not ok:
+                        break
+                    phase = phases[i]
+                    given = batch if i == index + 1 else None  # the denoised batch, here
+                    ok = stage(phase.name, lambda i=i, phase=phase, given=given:
+                               item_phases.run_phase(
+                                   ctx, store, phase, item,
+                                   phase_inputs(phases, i, results, item, None),
+                                   batch=given, keep=kept))
+            if ok:
+                last = phases[-1]
+                frames = getattr(kept["batch"], last.frames) if "batch" in kept else None
+                stage(WRITE_VIDEO, lambda: item_phases.write_video(
+                    ctx, store, output, item, last, results[last.name].ref, frames,
+                    streamed))
+        finally:
+            if streamed is not None:
+                streamed.cleanup()
         self.timeline.add(item.item_id, "post", start, time.time())
         return results
 

@@ -6,6 +6,7 @@ videos as running the lanes in turn.
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -123,3 +124,38 @@ def test_a_shard_is_queued_whole_on_arrival_so_shards_run_in_arrival_order(
     assert all(r.ok for shard in results.values() for stage in shard.values() for r in stage)
     gpu_order = [e["item_id"] for e in runner.timeline.as_list() if e["lane"] == "gpu"]
     assert gpu_order == [first.items[0].item_id, second.items[0].item_id]
+
+
+def test_videos_encoded_while_decoding_are_the_files_encoded_after(
+        tiny_wan_path: Path, tmp_path: Path, shard, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The post lane streams each item's frames to the encoder as they are decoded
+    (video_stream.py): the same videos as encoding after the decode, and no second encode."""
+    from fastvideo.jobs import item_phases
+    from fastvideo.jobs.video_stream import STREAM_VIDEO_ENV
+
+    encoded_after: list[int] = []
+    write_mp4 = item_phases.write_mp4
+
+    def counted(*args, **kwargs):
+        encoded_after.append(1)
+        return write_mp4(*args, **kwargs)
+
+    monkeypatch.setattr(item_phases, "write_mp4", counted)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    videos = {}
+    for streaming in ("1", "0"):
+        monkeypatch.setenv(STREAM_VIDEO_ENV, streaming)
+        encoded_after.clear()
+        runner = ShardRunner()
+        try:
+            results = runner.run(_ctx(tiny_wan_path, tmp_path / streaming), shard, lambda e: None)
+        finally:
+            runner.close()
+        assert all(r.ok for r in results[WRITE_VIDEO]), results[WRITE_VIDEO]
+        videos[streaming] = [(tmp_path / streaming / r.ref.key).read_bytes()
+                             for r in results[WRITE_VIDEO]]
+        assert len(encoded_after) == (0 if streaming == "1" else len(shard.items))
+    assert videos["1"] == videos["0"]
+    assert not list(scratch.glob("fastvideo-video-*"))  # each stream's folder removed

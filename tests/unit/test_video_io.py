@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastvideo.utils.video_io import write_mp4
+from fastvideo.utils.video_io import Mp4Writer, write_mp4
 
 
 def _frames(seed: int, shape=(5, 32, 48, 3)) -> torch.Tensor:
@@ -50,4 +50,26 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
         write_mp4(torch.zeros(2, 16, 16), tmp_path / "a.mp4")
     with pytest.raises(RuntimeError, match=r"ffmpeg could not write .*odd.mp4 \(15x15, 2 frames\)"):
         write_mp4(_frames(0, (2, 15, 15, 3)), tmp_path / "odd.mp4")
+    assert not list(tmp_path.iterdir())
+
+
+def test_writer_fed_in_chunks_writes_the_same_bytes(tmp_path: Path) -> None:
+    """A video encoded while its frames arrive is the file `write_mp4` makes of them all."""
+    frames = _frames(3, (6, 32, 48, 3))
+    whole = write_mp4(frames, tmp_path / "whole.mp4").read_bytes()
+    writer = Mp4Writer(tmp_path / "chunks.mp4", height=32, width=48)
+    for part in (frames[:1], frames[1:5], frames[5:]):
+        writer.write(part)
+    assert writer.close().read_bytes() == whole
+    assert not list(tmp_path.glob(".*tmp.mp4"))
+
+
+def test_writer_errors_and_abort_leave_nothing(tmp_path: Path) -> None:
+    writer = Mp4Writer(tmp_path / "a.mp4", height=32, width=48)
+    with pytest.raises(ValueError, match=r"frames must be \[T, 32, 48, 3\], got \(2, 16, 48, 3\)"):
+        writer.write(_frames(0, (2, 16, 48, 3)))
+    writer.write(_frames(0, (2, 32, 48, 3)))
+    writer.abort()
+    with pytest.raises(ValueError, match=r"no frames were written to .*b.mp4"):
+        Mp4Writer(tmp_path / "b.mp4", height=32, width=48).close()
     assert not list(tmp_path.iterdir())

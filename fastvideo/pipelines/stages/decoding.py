@@ -2,20 +2,40 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.forward_batch import ForwardBatch
+from fastvideo.models.vae_chunks import decode_in_chunks
 from fastvideo.models.vae_speed import vae_input
 from fastvideo.pipelines.stages.base import PipelineStage
 from fastvideo.pipelines.stages.latent_normalization import LatentNormalization
 
+FrameSink = Callable[[torch.Tensor], None]
+"""Takes decoded frames `[B, t, H, W, 3]` in [0, 1], on the VAE's device, in order."""
+
+_SINK: ContextVar[FrameSink | None] = ContextVar("fastvideo_frame_sink", default=None)
+
+
+@contextmanager
+def frame_sink(sink: FrameSink) -> Iterator[None]:
+    """Within this block (this thread), every `DecodingStage` hands its frames to `sink`
+    as they are decoded: chunk by chunk where the VAE decodes that way, else whole."""
+    token = _SINK.set(sink)
+    try:
+        yield
+    finally:
+        _SINK.reset(token)
+
 
 class DecodingStage(PipelineStage):
     """Undoes the family's latent normalisation, decodes, and returns `[B, T, H, W, 3]`
-    float32."""
+    float32 (on the CPU); inside `frame_sink` also hands the frames over as they come."""
 
     reads = ("latents",)
     writes = ("output",)
@@ -29,7 +49,16 @@ class DecodingStage(PipelineStage):
         param = next(self.vae.parameters())
         latents = batch.latents.to(param.device, param.dtype)
         latents = vae_input(self.vae, self.normalization.denormalize(latents))
-        video = self.vae.decode(latents, return_dict=False)[0]
-        frames = (video * 0.5 + 0.5).clamp(0, 1)
-        batch.output = frames.permute(0, 2, 3, 4, 1).float().cpu()
+        sink = _SINK.get()
+        chunks = decode_in_chunks(self.vae, latents) if sink is not None else None
+        if chunks is None:
+            chunks = iter([self.vae.decode(latents, return_dict=False)[0]])
+        parts = []
+        for video in chunks:
+            frames = (video * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1)
+            if sink is not None:
+                sink(frames)
+            parts.append(frames)
+        frames = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        batch.output = frames.float().cpu()
         return batch

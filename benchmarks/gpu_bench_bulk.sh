@@ -101,7 +101,7 @@ loadprofile)  # after sta: a fresh STA worker (no warm-up) with its load under c
         --json-out "$OUT/bench_fresh_sta_profiled.json" ;;
 profile)  # after sta (its compile cache and window file): one whole STA denoise in the
     # engine's loop, its steps timed and profiled (profile_denoise.py); `profile dense` without STA
-    # PROFILE_ARGS go to profile_denoise.py (e.g. --no-batch-cfg); PROFILE_TAG names the output.
+    # PROFILE_ARGS go to profile_denoise.py (e.g. --batch-cfg); PROFILE_TAG names the output.
     sta=(--sta-config /tmp/bench/sta.json); [ "${2:-sta}" = dense ] && sta=()
     [ -f /tmp/bench/sta.json ] || { mkdir -p /tmp/bench && echo '{"tile_size": "auto", "num_full_steps": 10, "default_window": [4, 3, 6]}' > /tmp/bench/sta.json; }  # bench_bulk.py's STA_CONFIG
     python3 benchmarks/profile_denoise.py --model-path /tmp/wan --compile \

@@ -52,8 +52,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--compile-cache-dir")
     parser.add_argument("--sta-config", type=Path, help="an STA window file (JSON)")
-    parser.add_argument("--no-batch-cfg", action="store_true",
-                        help="the guidance branches as two forwards instead of one pair")
+    parser.add_argument("--batch-cfg", dest="batch_cfg", action="store_true", default=None,
+                        help="the guidance branches as one pair (default: the engine's "
+                             "choice, a pair under sequence parallelism only)")
+    parser.add_argument("--no-batch-cfg", dest="batch_cfg", action="store_false", default=None,
+                        help="the guidance branches as two forwards")
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--num-frames", type=int, default=81)
@@ -149,7 +152,7 @@ def step_ms(marks: list[Any], cuda: bool) -> list[float]:
 def main() -> None:
     args = parse_args()
     options = EngineOptions(
-        enable_torch_compile=args.compile, batch_cfg=not args.no_batch_cfg,
+        enable_torch_compile=args.compile, batch_cfg=args.batch_cfg,
         compile_cache_dir=args.compile_cache_dir,
         sta_config=args.sta_config.read_text() if args.sta_config else None)
     pipeline = ENGINE.options_pipeline(str(args.model_path.resolve()), options, args.device,
@@ -164,7 +167,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "video": [args.num_frames, args.height, args.width], "steps": args.steps,
         "compile": args.compile, "sta": args.sta_config is not None,
-        "batch_cfg": not args.no_batch_cfg}
+        "batch_cfg": fv_args.batch_cfg}
     with ThreadPoolExecutor(1, thread_name_prefix="uploads") as uploads:
         result["first_loop_s"] = round(denoise(stage, batch, fv_args, args.checkpoint_every,
                                                uploads), 3)

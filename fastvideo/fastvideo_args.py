@@ -50,13 +50,13 @@ def check_step_cache_threshold(value: object) -> None:
                          f"got {value!r}")
 
 
-
 def default_batch_cfg(sp_size: int) -> bool:
     """Whether guidance runs as one batch of 2 when `batch_cfg` is unset: under sequence
     parallelism, where the pair's two halves hide each other's all-to-alls. On one GPU a
     video's worth of tokens fills it and the pair gains nothing (an H200 at Wan 480p ran
     two forwards 1.6% faster); on CPU the two are as fast (benchmarks/RESULTS.md)."""
     return sp_size > 1
+
 
 @dataclass(kw_only=True)
 class FastVideoArgs:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -189,23 +188,24 @@ def worker_hint(options: dict[str, Any]) -> str | None:
 
 @contextlib.contextmanager
 def prepared_environment() -> Iterator[None]:
-    """Settings for a command-line run, unless the environment sets them: no telemetry
-    offline, and patience for the embedded server's start on a busy machine (a warm
-    worker loading beside it). Prefect reads its settings when imported, so they are
-    applied as temporary settings (and in the environment, for subprocesses)."""
+    """Settings for a command-line run, unless the environment sets them
+    (`embedded_server.COMMAND_LINE_SETTINGS`). Prefect reads its settings when imported, so
+    they are applied as temporary settings (and in the environment, for subprocesses). The
+    embedded server a command started early (`embedded_server.start_early`) is handed to
+    Prefect here."""
     from prefect.settings import (
         PREFECT_SERVER_ANALYTICS_ENABLED,
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
         temporary_settings,
     )
 
-    wanted = {PREFECT_SERVER_ANALYTICS_ENABLED: "false",
-              PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: "120"}
-    updates = {setting: value for setting, value in wanted.items()
-               if setting.name not in os.environ}
-    for setting, value in updates.items():
-        os.environ[setting.name] = value
-    with temporary_settings(updates=updates):
+    from flows import embedded_server
+
+    known = {setting.name: setting for setting in (
+        PREFECT_SERVER_ANALYTICS_ENABLED, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)}
+    missing = embedded_server.apply_command_line_settings()
+    with temporary_settings(updates={known[name]: value for name, value in missing.items()}):
+        embedded_server.adopt()
         yield
 
 

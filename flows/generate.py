@@ -14,6 +14,10 @@ if __name__ == "__main__":
     from flows.cli import start_worker_from_argv
 
     start_worker_from_argv(sys.argv[1:])
+    # Then Prefect's embedded server, whose start overlaps the imports below.
+    from flows.embedded_server import start_early
+
+    start_early()
 
 import argparse
 

@@ -81,18 +81,17 @@ def main() -> None:
 def check_staged_load(model: Path, device: str, dtype: str) -> bool:
     """The DiT loaded with its tensors staged to the device on 8 threads equals it loaded
     with plain copies (`FASTVIDEO_LOAD_THREADS=1`)."""
-    import os
-
     from fastvideo.fastvideo_args import FastVideoArgs
     from fastvideo.models.loader.component_loader import load_component, read_model_index
+    from fastvideo.models.loader.transfer import LOAD_THREADS_ENV
 
     spec = read_model_index(model)["transformer"]
     args = FastVideoArgs(model_path=str(model), device=device, dtype=dtype)
     loaded = {}
     for threads in ("8", "1"):
-        os.environ["FASTVIDEO_LOAD_THREADS"] = threads
+        os.environ[LOAD_THREADS_ENV] = threads
         loaded[threads] = load_component("transformer", spec, model, args).state_dict()
-    del os.environ["FASTVIDEO_LOAD_THREADS"]
+    del os.environ[LOAD_THREADS_ENV]
     return all(torch.equal(loaded["8"][k], loaded["1"][k]) for k in loaded["1"])
 
 

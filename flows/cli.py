@@ -193,18 +193,13 @@ def prepared_environment() -> Iterator[None]:
     they are applied as temporary settings (and in the environment, for subprocesses). The
     embedded server a command started early (`embedded_server.start_early`) is handed to
     Prefect here."""
-    from prefect.settings import (
-        PREFECT_SERVER_ANALYTICS_ENABLED,
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-        temporary_settings,
-    )
+    import prefect.settings
 
     from flows import embedded_server
 
-    known = {setting.name: setting for setting in (
-        PREFECT_SERVER_ANALYTICS_ENABLED, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)}
     missing = embedded_server.apply_command_line_settings()
-    with temporary_settings(updates={known[name]: value for name, value in missing.items()}):
+    updates = {getattr(prefect.settings, name): value for name, value in missing.items()}
+    with prefect.settings.temporary_settings(updates=updates):
         embedded_server.adopt()
         yield
 

@@ -43,7 +43,7 @@ from fastvideo.storage import (
 )
 from fastvideo.storage.file_digests import file_sha256
 from fastvideo.storage.uri import read_uri
-from fastvideo.utils.video_io import video_file_name, write_mp4
+from fastvideo.utils.video_io import to_uint8, video_file_name, write_mp4
 
 ENCODE_NEGATIVE = "encode-negative"
 """The run's shared negative prompt, encoded once (by the phase with `shared_negative`)."""
@@ -239,7 +239,7 @@ def run_phase(ctx: RunContext, store: ArtifactStore, phase: Phase, item: ItemSpe
         out, seconds = _timed(ctx, phase.stages, start)
         if phase.frames:  # the rounding `write_mp4` applies, so the video is unchanged
             frames = getattr(out, phase.frames)
-            setattr(out, phase.frames, (frames.clamp(0, 1) * 255).round().to(torch.uint8))
+            setattr(out, phase.frames, to_uint8(frames))
         return out, seconds
 
     def fields(out: ForwardBatch) -> list[str]:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from fastvideo.storage.batch_codec import pinned_copy
 from fastvideo.utils.video_io import Mp4Writer, to_uint8
 
 logger = logging.getLogger(__name__)
@@ -56,11 +57,9 @@ class StreamedVideo:
         pixels = to_uint8(frames[0])
         done = None
         if pixels.is_cuda:
-            host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
-            host.copy_(pixels, non_blocking=True)
+            pixels = pinned_copy(pixels)
             done = torch.cuda.Event()
             done.record()
-            pixels = host
         if self._writer is None:
             try:
                 self._folder = Path(tempfile.mkdtemp(prefix="fastvideo-video-"))

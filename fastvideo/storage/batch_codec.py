@@ -55,6 +55,13 @@ def encode_batch(batch: ForwardBatch, fields: Iterable[str] | None = None) -> En
     return EncodedBatch(tensors=_save_tensors(tensors), fields=_save_row(columns))
 
 
+def pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of CUDA `tensor` in pinned host memory, queued on the current stream without
+    waiting: record an event after it and wait on that before reading the copy."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor.detach(), non_blocking=True)
+
+
 def snapshot_fields(batch: ForwardBatch, fields: Iterable[str]
                     ) -> tuple[ForwardBatch, Callable[[], None]]:
     """A batch holding copies of the named fields of `batch`, for `encode_batch` later on
@@ -75,8 +82,7 @@ def snapshot_fields(batch: ForwardBatch, fields: Iterable[str]
             if value.device.type != "cuda":
                 return value.detach().clone()
             copied_from_cuda = True
-            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            return host.copy_(value.detach(), non_blocking=True)
+            return pinned_copy(value)
         if isinstance(value, dict):
             return {key: copy(item) for key, item in value.items()}
         if isinstance(value, (list, tuple)):

@@ -6,10 +6,11 @@ against variants of the same weights, same process, same latents.
 
 The decode runs beside the next item's denoising in a bulk run, where every millisecond
 of it is taken from the DiT; this measures what each variant costs and how far its frames
-move from the fp32 reference (`[-1, 1]` range). `--profile` adds a kernel-time breakdown of
-the reference decode. Variants: `diffusers` (the reference), `channels_last` and
-`ours_compiled` (`fastvideo.models.vae_speed`: the first is what the engine does on CUDA;
-the second is not used, see that module), `bf16` (for scale only: the engine decodes in fp32).
+move from the fp32 reference (`[-1, 1]` range). `--profile [VARIANT]` adds a kernel-time breakdown of
+one variant's decode (the reference by default). Variants: `diffusers` (the reference), `channels_last`,
+`engine` (channels-last and the lean element-wise ops: what the engine does on CUDA) and
+`ours_compiled` (`fastvideo.models.vae_speed`; not used by the engine, see that module),
+`bf16` (for scale only: the engine decodes in fp32).
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def _decode_into(out: list[torch.Tensor], vae: Any, x: torch.Tensor) -> None:
 
 
 def _channels_last(vae: Any) -> torch.dtype:
+    speed_up_vae(vae, channels_last=True, compile_blocks=False, lean_ops=False)
+    return torch.float32
+
+
+def _engine(vae: Any) -> torch.dtype:
     speed_up_vae(vae, channels_last=True, compile_blocks=False)
     return torch.float32
 
@@ -65,6 +71,7 @@ def _bf16(vae: Any) -> torch.dtype:
 VARIANTS: dict[str, Callable[[Any], torch.dtype]] = {
     "diffusers": lambda vae: torch.float32,  # the reference: as the pipeline runs it
     "channels_last": _channels_last,
+    "engine": _engine,  # channels-last + lean ops: what the engine does on CUDA
     "ours_compiled": _compiled,
     "bf16": _bf16,  # for scale only: the engine decodes in fp32
 }
@@ -76,7 +83,8 @@ def main() -> None:
     parser.add_argument("--latent", default="21,60,104", help="T,H,W of the latents")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile", nargs="?", const="diffusers", metavar="VARIANT",
+                        help="kernel-time breakdown of one variant's decode (default diffusers)")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     t, h, w = (int(v) for v in args.latent.split(","))
@@ -86,8 +94,11 @@ def main() -> None:
     z = torch.randn(1, 16, t, h, w, device=dev)
     result: dict[str, Any] = {"latent": [1, 16, t, h, w], "device": torch.cuda.get_device_name() if
                               dev.startswith("cuda") else "cpu", "torch": torch.__version__}
+    if args.profile and args.profile not in args.variants.split(","):
+        raise SystemExit(f"--profile {args.profile!r} is not among --variants {args.variants}")
     base_vae = build_vae(dev)
     ref: torch.Tensor | None = None
+    profiled: tuple[Any, torch.Tensor] | None = None
     for name in args.variants.split(","):
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
@@ -113,13 +124,16 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         result[name] = entry
         print(name, json.dumps(entry), flush=True)
+        if name == args.profile:
+            profiled = (vae, x)
         del vae
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA if dev.startswith("cuda")
                                                    else ProfilerActivity.CPU]) as prof:
-            base_vae.decode(z, return_dict=False)
+            assert profiled is not None
+            profiled[0].decode(profiled[1], return_dict=False)
             synchronize(device)
         rows = []
         for e in prof.key_averages():
@@ -128,6 +142,7 @@ def main() -> None:
                 rows.append((us / 1e3, e.count, e.key[:90]))
         rows.sort(reverse=True)
         result["profile_ms"] = [list(r) for r in rows[:25]]
+        result["profiled_variant"] = args.profile
         for r in rows[:25]:
             print(f"{r[0]:9.1f} ms {r[1]:6d}x {r[2]}")
     if args.json_out:

@@ -13,6 +13,8 @@
 #                                                 # the engine's loop (profile_denoise.py)
 #   bash benchmarks/gpu_bench_bulk.sh loadprofile # nothing carried; a fresh STA worker's load
 #                                                 # under cProfile (FASTVIDEO_PROFILE_LOAD)
+#   bash benchmarks/gpu_bench_bulk.sh vae         # nothing carried, after diffusers: the VAE
+#                                                 # decode variants (bench_vae_decode.py)
 #   bash benchmarks/gpu_bench_bulk.sh check       # nothing carried, after diffusers:
 #                                                 # check_gpu_worker.py
 #
@@ -107,6 +109,10 @@ profile)  # after sta (its compile cache and window file): one whole STA denoise
     python3 benchmarks/profile_denoise.py --model-path /tmp/wan --compile \
         --compile-cache-dir /tmp/bench/compile-cache "${sta[@]}" ${PROFILE_ARGS:-} \
         --json-out "$OUT/profile_${2:-sta}${PROFILE_TAG:-}.json" 2>&1 | grep -v -i warn | tail -40 ;;
+vae)  # after diffusers or prepare: the VAE decode as diffusers runs it, channels-last, and as
+    # the engine runs it (channels-last + lean ops), the engine's kernels profiled (~1 minute)
+    python3 benchmarks/bench_vae_decode.py --variants diffusers,channels_last,engine \
+        --profile engine --json-out "$OUT/vae_engine.json" 2>&1 | grep -v -i warn | tail -34 ;;
 overlap)  # after dense or sta (the CuTe kernels installed): a decode's cost to the DiT
     python3 benchmarks/bench_decode_overlap.py --compile --compile-cache-dir /tmp/bench/compile-cache \
         --json-out "$OUT/overlap.json" 2>&1 | grep -v -i warn | tail -5 ;;
@@ -131,6 +137,6 @@ sta)
     phases=${2:-sta,fresh_sta}
     bench --phases "$phases" --json-out "$OUT/bench_${phases//,/_}.json" ;;
 *)
-    echo "usage: $0 diffusers|prepare|install1|carry|install3|dense|sta|overlap|profile|loadprofile|check" >&2
+    echo "usage: $0 diffusers|prepare|install1|carry|install3|dense|sta|vae|overlap|profile|loadprofile|check" >&2
     exit 2 ;;
 esac

@@ -187,3 +187,13 @@ def test_prefetch_asks_for_every_weight_file_and_skips_the_rest(tiny_wan_path: P
     assert prefetch_model_files(copy) == sum(p.stat().st_size for p in weights
                                              if p.parent.name != "vae")
     assert prefetch_model_files(tmp_path / "missing") == 0
+
+
+def test_wan_vae_gets_the_lean_ops_on_every_device_and_channels_last_on_cuda_only(
+        tiny_wan_path: Path) -> None:
+    from fastvideo.models.vae_speed import CHANNELS_LAST_ATTR, LEAN_OPS_ATTR
+
+    vae = _load(tiny_wan_path, "vae")
+    assert getattr(vae, LEAN_OPS_ATTR, False)
+    assert not hasattr(vae, CHANNELS_LAST_ATTR)  # slower on the CPU
+    assert "forward" in vars(vae.decoder.conv_in)

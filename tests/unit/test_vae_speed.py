@@ -7,7 +7,13 @@ import torch
 from diffusers import AutoencoderKLHunyuanVideo, AutoencoderKLWan
 from torch._dynamo.utils import counters
 
-from fastvideo.models.vae_speed import CHANNELS_LAST_ATTR, speed_up_vae, vae_input
+from fastvideo.models.vae_speed import (
+    CHANNELS_LAST_ATTR,
+    LEAN_OPS_ATTR,
+    speed_up_vae,
+    use_lean_ops,
+    vae_input,
+)
 
 
 def _tiny_wan_vae(seed: int = 0) -> AutoencoderKLWan:
@@ -27,7 +33,7 @@ def test_sped_up_wan_vae_decodes_as_diffusers_does(compile_blocks: bool) -> None
     reference = _decode(_tiny_wan_vae(), latents)
     vae = _tiny_wan_vae()
     compiled = speed_up_vae(vae, channels_last=True, compile_blocks=compile_blocks)
-    assert getattr(vae, CHANNELS_LAST_ATTR)
+    assert getattr(vae, CHANNELS_LAST_ATTR) and getattr(vae, LEAN_OPS_ATTR)
     assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last_3d)
     assert vae_input(vae, latents).is_contiguous(memory_format=torch.channels_last_3d)
     # Every residual block and RMS norm of the decoder, none of the encoder.
@@ -48,3 +54,66 @@ def test_other_vaes_are_left_as_their_library_made_them() -> None:
     assert not hasattr(vae, CHANNELS_LAST_ATTR)
     latents = torch.randn(1, 4, 2, 3, 3)
     assert vae_input(vae, latents) is latents
+
+
+def _lean_modules(vae: AutoencoderKLWan) -> int:
+    return sum(type(m).__name__ in {"WanRMS_norm", "WanCausalConv3d"} for m in vae.modules())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lean_ops_decode_and_encode_as_diffusers_does(channels_last: bool) -> None:
+    """The fused RMS norms (taken where channels are innermost, i.e. channels-last) and the
+    convolutions that pad for themselves: the same video and latents to fp32 rounding."""
+    latents = torch.randn(1, 4, 3, 6, 8, generator=torch.Generator().manual_seed(2))
+    video = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    reference = _tiny_wan_vae()
+    vae = _tiny_wan_vae()
+    speed_up_vae(vae, channels_last=channels_last, compile_blocks=False, lean_ops=False)
+    assert use_lean_ops(vae) == _lean_modules(vae) > 10
+    assert all("forward" in vars(m) for m in vae.modules()
+               if type(m).__name__ in {"WanRMS_norm", "WanCausalConv3d"})
+    torch.testing.assert_close(_decode(vae, latents), _decode(reference, latents),
+                               rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        ours = vae.encode(vae_input(vae, video)).latent_dist.mean
+        theirs = reference.encode(video).latent_dist.mean
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("channel_first", "bias", "shape"), [
+    (True, False, (2, 8, 3, 4, 5)), (True, True, (2, 8, 3, 4, 5)), (True, False, (6, 8, 4, 5)),
+    (False, True, (2, 3, 4, 8))])
+def test_lean_rms_norm_matches_diffusers(channel_first: bool, bias: bool,
+                                         shape: tuple[int, ...]) -> None:
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+    torch.manual_seed(4)
+    norm = WanRMS_norm(8, channel_first=channel_first, images=len(shape) == 4, bias=bias)
+    with torch.no_grad():
+        norm.gamma.uniform_(0.5, 1.5)
+        if bias:
+            norm.bias.uniform_(-1, 1)
+    x = torch.randn(shape)
+    layout = {5: torch.channels_last_3d, 4: torch.channels_last}[len(shape)]
+    x_innermost = x.contiguous(memory_format=layout) if channel_first else x
+    x_innermost[0, ..., :1] = 0  # rows of zeros: 0 out (+ bias) as F.normalize gives, no NaN
+    with torch.no_grad():
+        expected = norm(x_innermost)
+        use_lean_ops(norm)
+        got = norm(x_innermost)
+        # Channels not innermost: diffusers' own forward, bit for bit.
+        strided = norm(x_innermost.contiguous()) if channel_first else None
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    if strided is not None:
+        torch.testing.assert_close(strided, expected, rtol=0, atol=0)
+
+
+def test_lean_ops_leave_modules_they_do_not_know_alone() -> None:
+    vae = _tiny_wan_vae()
+    odd_conv = vae.decoder.conv_in
+    odd_conv._padding = (1, 0, 1, 1, 2, 0)  # asymmetric: not what the lean conv handles
+    odd_norm = vae.decoder.norm_out
+    odd_norm.scale = torch.tensor(2.0)  # not the float diffusers sets
+    assert use_lean_ops(vae) == _lean_modules(vae) - 2
+    assert "forward" not in vars(odd_conv) and "forward" not in vars(odd_norm)

@@ -7,6 +7,10 @@ once, on the first stage that uses it, and every later call in that process reus
 a process that only decodes loads only the VAE, one that only encodes text only the
 text encoder, and a warm worker, which runs every phase, loads all of them once.
 
+A process that knows its model before its imports are done (a warm worker) asks for its
+modules early (`preload`): those of our own classes are built and get their weights on a
+thread, whose copies leave the GIL, while the process goes on importing the libraries.
+
 Stage objects and modules are not re-entrant, so a call holds a lock per module its
 stages use: two calls that share no module (denoising one item, decoding another) run
 at the same time; two that share one (the scheduler: timesteps and denoising) take turns.
@@ -17,9 +21,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,13 +36,20 @@ from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.forward_batch import ForwardBatch
 from fastvideo.jobs.items import RunContext
 from fastvideo.jobs.options import EngineOptions
+from fastvideo.models.loader.component_loader import (
+    finish_component,
+    read_component,
+    read_model_index,
+)
+from fastvideo.models.registry import resolve_model
 from fastvideo.pipelines.builder import build_pipeline, build_pipeline_for_stages, model_phases
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase, UnloadedModule
 from fastvideo.pipelines.phases import Phase
 from fastvideo.storage import model_fingerprint
 
 logger = logging.getLogger(__name__)
-
+READ_AHEAD_ENV = "FASTVIDEO_READ_AHEAD"
+"""`0`: `Engine.preload` does nothing (every module loads when a pipeline first needs it)."""
 
 
 class Engine:
@@ -49,6 +62,7 @@ class Engine:
         self._module_locks: dict[int, threading.RLock] = {}  # by id() of the module object
         self._pipelines: dict[tuple[str, tuple[str, ...] | None], ComposedPipelineBase] = {}
         self._fingerprints: dict[str, str] = {}
+        self._preloads: dict[str, dict[str, Future[Any]]] = {}  # by settings key, then name
         self.builds: list[dict[str, Any]] = []
         """Every pipeline this process built (stages, modules loaded, seconds): how a warm
         worker shows that it loaded its model once."""
@@ -65,6 +79,7 @@ class Engine:
                 start = time.perf_counter()
                 loaded = self._modules.setdefault(key, {})
                 before = set(loaded)
+                self._take_preloads(key, args, loaded)
                 if stages is None:
                     pipeline = build_pipeline(args, modules=dict(loaded))
                 else:
@@ -81,6 +96,52 @@ class Engine:
                             list(stages or pipeline.stages), new or "nothing new",
                             args.model_path, args.device, seconds)
             return self._pipelines[key, stages]
+
+    def preload(self, args: FastVideoArgs, names: Sequence[str] | None = None) -> list[str]:
+        """Start building components of `args`' model on a thread now; returns their names.
+
+        Default: the components our own classes implement (the text encoders, the DiT),
+        whose weights go to the device in copies that leave the GIL, so a caller that goes
+        on importing the libraries (seconds) gets them almost for free. Their classes are
+        imported here, before the thread starts: the thread imports nothing. The next
+        `pipeline` of these settings waits for them, finishes them (attention backends,
+        compiling) and takes them; an error on the thread is raised there.
+        """
+        if os.environ.get(READ_AHEAD_ENV, "1") == "0":
+            return []
+        key = _settings_key(args)
+        index = read_model_index(args.model_path)
+        if names is None:
+            names = [name for name, spec in index.items() if _our_component(spec)]
+        with self._lock:
+            loaded = self._modules.get(key, {})
+            pending = self._preloads.setdefault(key, {})
+            names = [name for name in names if name not in loaded and name not in pending]
+            if not names:
+                return []
+            for name in names:
+                if name not in index or name.startswith("_"):
+                    raise ValueError(f"cannot preload {name!r}: {args.model_path}/"
+                                     f"model_index.json lists no such component")
+                resolve_model(index[name][1], index[name][0]).load_class()
+            futures: dict[str, Future[Any]] = {name: Future() for name in names}
+            pending.update(futures)
+        threading.Thread(target=_read_components, args=(args, index, futures),
+                         name="fastvideo-preload", daemon=True).start()
+        return names
+
+    def _take_preloads(self, key: str, args: FastVideoArgs, loaded: dict[str, Any]) -> None:
+        """The modules `preload` started for these settings, finished, into `loaded`."""
+        error: BaseException | None = None
+        for name, future in self._preloads.pop(key, {}).items():
+            try:
+                module = future.result()
+            except BaseException as exc:  # noqa: BLE001 - raised below, after the others
+                error = error or exc
+                continue
+            loaded[name] = finish_component(name, module, args)
+        if error is not None:
+            raise error
 
     def options_pipeline(self, model_path: str, options: EngineOptions, device: str,
                          dtype: str | None, stage_names: Sequence[str] | None = None
@@ -129,6 +190,31 @@ class Engine:
             for name in stage_names:
                 batch = pipeline.get_stage(name)(batch, args)
         return batch
+
+
+def _our_component(spec: Any) -> bool:
+    """Whether a `model_index.json` entry names a component our own classes implement."""
+    if not (isinstance(spec, list) and len(spec) == 2 and spec[0] is not None):
+        return False
+    try:
+        return resolve_model(spec[1], spec[0]).library == "fastvideo"
+    except ValueError:
+        return False  # the load reports the unknown class
+
+
+def _read_components(args: FastVideoArgs, index: dict[str, Any],
+                     futures: dict[str, Future[Any]]) -> None:
+    """`Engine.preload`'s thread: each component built with its weights, in turn."""
+    if args.device.startswith("cuda:"):
+        torch.cuda.set_device(args.device)  # the current device is per thread
+    start = time.perf_counter()
+    for name, future in futures.items():
+        try:
+            future.set_result(read_component(name, index[name], args.model_path, args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the pipeline that takes it
+            future.set_exception(exc)
+    logger.info("read %s ahead on a thread in %.2f s", ", ".join(futures),
+                time.perf_counter() - start)
 
 
 def _settings_key(args: FastVideoArgs) -> str:

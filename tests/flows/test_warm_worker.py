@@ -88,6 +88,9 @@ def test_options_reach_the_worker(worker_dir: Path, tiny_wan_path: Path, monkeyp
     assert re.search(r"reading \d+\.\d\d GB of weights in the background", log), log[-2000:]
     assert re.search(r"load: the pipeline's imports \d+\.\d\d s, the modules \d+\.\d\d s", log), \
         log[-2000:]
+    # Our own modules (text encoder, DiT) were built on a thread beside those imports.
+    assert re.search(r"read text_encoder, transformer ahead on a thread in \d+\.\d\d s", log), \
+        log[-2000:]
     # Other options, another worker; the same options, the same worker.
     other = _spec(tiny_wan_path)
     assert describe_worker(other)["pid"] != info["pid"]

@@ -79,6 +79,15 @@ def read_json(path: Path) -> dict[str, Any]:
 def load_component(name: str, spec: list[str] | tuple[str, str], model_path: str | Path,
                    fastvideo_args: FastVideoArgs) -> Any:
     """Load component `name` (`model_index.json` entry `spec = [library, class]`)."""
+    return finish_component(name, read_component(name, spec, model_path, fastvideo_args),
+                            fastvideo_args)
+
+
+def read_component(name: str, spec: list[str] | tuple[str, str], model_path: str | Path,
+                   fastvideo_args: FastVideoArgs) -> Any:
+    """The first part of `load_component`: the module built with its weights on the device,
+    nothing imported but its class (so a thread may do it while another imports).
+    `finish_component` does the rest."""
     if not (isinstance(spec, (list, tuple)) and len(spec) == 2):
         raise ValueError(f"model_index.json entry {name!r} must be [library, class], got {spec!r}")
     library, class_name = spec
@@ -94,16 +103,22 @@ def load_component(name: str, spec: list[str] | tuple[str, str], model_path: str
             # Before any attention layer imports FlashAttention's CuTe kernels, whose JIT
             # compiles run compiled or not (idempotent: once per process).
             configure_kernel_cache(fastvideo_args.compile_cache_dir)
-        model = _load_fastvideo_model(entry, folder, fastvideo_args.device, dtype)
+        return _load_fastvideo_model(entry, folder, fastvideo_args.device, dtype)
+    return _load_library_component(entry, folder, fastvideo_args.device, dtype)
+
+
+def finish_component(name: str, component: Any, fastvideo_args: FastVideoArgs) -> Any:
+    """The second part of `load_component`: attention backends and compiling for our
+    models, the VAE's speed-ups (these import the kernels and the compiler)."""
+    if isinstance(component, nn.Module) and type(component).__module__.startswith("fastvideo."):
         if fastvideo_args.attention_backend is not None:
-            request_attention_backend(model, fastvideo_args.attention_backend)
+            request_attention_backend(component, fastvideo_args.attention_backend)
         if fastvideo_args.enable_torch_compile and name == "transformer":
             if fastvideo_args.compile_cache_dir is not None:
                 # Before the first compile: the caches' folder is read when they are used.
                 configure_compile_cache(fastvideo_args.compile_cache_dir)
-            compile_repeated_blocks(model, dtype=dtype)
-        return model
-    component = _load_library_component(entry, folder, fastvideo_args.device, dtype)
+            compile_repeated_blocks(component, dtype=fastvideo_args.torch_dtype)
+        return component
     if name in _VAE_COMPONENTS:
         # Not compiled: a warm worker decodes on one thread beside the compiled DiT on
         # another, and a compile trace on one breaks compiled calls on the other.

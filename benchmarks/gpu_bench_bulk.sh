@@ -98,8 +98,9 @@ check)  # after diffusers or prepare: the worker's GPU paths against their plain
     # (lanes overlapped or in turn, progress snapshots, threaded weight moves; ~1 minute)
     python3 benchmarks/check_gpu_worker.py --json-out "$OUT/check_worker.json" 2>&1 |
         grep -v -i warn | tail -12 ;;
-loadprofile)  # after sta: a fresh STA worker (no warm-up) with its load under cProfile
-    FASTVIDEO_WARM_UP=0 FASTVIDEO_PROFILE_LOAD=$OUT/load.prof bench --phases fresh_sta \
+loadprofile)  # after sta: a fresh STA worker (no warm-up) with its load under cProfile and
+    # each module's import time in its log (Python's -X importtime)
+    PYTHONPROFILEIMPORTTIME=1 FASTVIDEO_WARM_UP=0 FASTVIDEO_PROFILE_LOAD=$OUT/load.prof bench --phases fresh_sta \
         --json-out "$OUT/bench_fresh_sta_profiled.json" ;;
 profile)  # after sta (its compile cache and window file): one whole STA denoise in the
     # engine's loop, its steps timed and profiled (profile_denoise.py); `profile dense` without STA

@@ -1,8 +1,10 @@
 """The warm worker's shard runner on a GPU, without Prefect: every stage of a few items of a
 tiny model with the lanes overlapped (decoding on its own CUDA stream) against the lanes in
-turn, and the difference between their outputs; and a progress checkpoint's snapshot
+turn, and the difference between their outputs; a progress checkpoint's snapshot
 (`snapshot_fields`: device tensors copied without waiting) against encoding right away,
-with the GPU overwriting the tensors just after the snapshot.
+with the GPU overwriting the tensors just after the snapshot; weights moved on threads and
+modules built ahead (`Engine.preload`) against plain loads; frames rounded on the GPU
+against rounding on the host.
 
     python benchmarks/check_gpu_worker.py --json-out result.json
 """
@@ -73,6 +75,8 @@ def main() -> None:
     result["snapshot_equal"] = check_snapshot(args.device)
     result["threaded_move_equal"] = check_threaded_move(model / "text_encoder", args.device)
     result["staged_load_equal"] = check_staged_load(model, args.device, args.dtype)
+    result["preload_equal"] = check_preload(model, args.device, args.dtype)
+    result["uint8_on_device_equal"] = check_uint8_on_device(model, args.device)
     print(json.dumps(result, indent=2))
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))
@@ -93,6 +97,41 @@ def check_staged_load(model: Path, device: str, dtype: str) -> bool:
         loaded[threads] = load_component("transformer", spec, model, args).state_dict()
     del os.environ[LOAD_THREADS_ENV]
     return all(torch.equal(loaded["8"][k], loaded["1"][k]) for k in loaded["1"])
+
+
+def check_preload(model: Path, device: str, dtype: str) -> bool:
+    """The text encoder and DiT built on `Engine.preload`'s thread equal those a pipeline
+    loads itself."""
+    from fastvideo.fastvideo_args import FastVideoArgs
+    from fastvideo.jobs.engine import Engine
+
+    args = FastVideoArgs(model_path=str(model), device=device, dtype=dtype)
+    ahead = Engine()
+    if ahead.preload(args) != ["text_encoder", "transformer"]:
+        return False
+    ours, plain = ahead.pipeline(args), Engine().pipeline(args)
+    for name in ("text_encoder", "transformer"):
+        a, b = ours.get_module(name).state_dict(), plain.get_module(name).state_dict()
+        if not all(torch.equal(a[k], b[k]) for k in b):
+            return False
+    return True
+
+
+def check_uint8_on_device(model: Path, device: str) -> bool:
+    """The decoding stage's frames rounded to uint8 on the GPU (`frames_as_uint8`) equal its
+    float frames rounded on the host."""
+    from fastvideo.fastvideo_args import FastVideoArgs
+    from fastvideo.jobs.engine import Engine
+    from fastvideo.pipelines.stages.decoding import frames_as_uint8
+    from fastvideo.utils.video_io import to_uint8
+
+    args = FastVideoArgs(model_path=str(model), device=device)
+    stage = Engine().pipeline(args, ["decoding_stage"]).get_stage("decoding_stage")
+    latents = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = stage(ForwardBatch(latents=latents), args).output
+    with frames_as_uint8():
+        rounded = stage(ForwardBatch(latents=latents), args).output
+    return rounded.dtype == torch.uint8 and torch.equal(rounded, to_uint8(plain))
 
 
 def check_threaded_move(folder: Path, device: str) -> bool:

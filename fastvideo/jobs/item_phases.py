@@ -16,6 +16,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from fastvideo.jobs.items import ItemResult, ItemSpec, RunContext, combined_dige
 from fastvideo.jobs.video_stream import StreamedVideo
 from fastvideo.pipelines.builder import model_phases, pipeline_class
 from fastvideo.pipelines.phases import Phase, producers
+from fastvideo.pipelines.stages.decoding import frames_as_uint8
 from fastvideo.storage import (
     ArtifactStore,
     CheckpointRef,
@@ -236,7 +238,9 @@ def run_phase(ctx: RunContext, store: ArtifactStore, phase: Phase, item: ItemSpe
         start = item.to_batch(start)
         if shared is not None:  # the stage keeps it and encodes no more
             setattr(start, shared.into, negative.get(shared.into))
-        out, seconds = _timed(ctx, phase.stages, start)
+        # Frames rounded on the device when the stage can (the same values either way).
+        with frames_as_uint8() if phase.frames else nullcontext():
+            out, seconds = _timed(ctx, phase.stages, start)
         if phase.frames:  # the rounding `write_mp4` applies, so the video is unchanged
             frames = getattr(out, phase.frames)
             setattr(out, phase.frames, to_uint8(frames))

@@ -10,7 +10,7 @@ import torch
 
 from fastvideo.jobs.video_stream import StreamedVideo
 from fastvideo.models.vae_chunks import decode_in_chunks
-from fastvideo.pipelines.stages.decoding import frame_sink
+from fastvideo.pipelines.stages.decoding import frame_sink, frames_as_uint8
 from fastvideo.utils.video_io import to_uint8, write_mp4
 
 
@@ -63,6 +63,22 @@ def test_decoding_stage_hands_over_chunks_without_changing_its_output(tiny_wan_p
     got.clear()
     stage(ForwardBatch(latents=_latents(seed=1)), args)  # outside the block: no sink
     assert got == []
+
+
+def test_decoding_stage_rounds_to_uint8_on_request_as_the_host_would(tiny_wan_path) -> None:
+    from fastvideo import VideoGenerator
+    from fastvideo.forward_batch import ForwardBatch
+
+    generator = VideoGenerator.from_pretrained(tiny_wan_path, device="cpu")
+    stage = generator.pipeline.get_stage("decoding_stage")
+    args = generator.pipeline.fastvideo_args
+    plain = stage(ForwardBatch(latents=_latents(seed=2)), args).output
+    with frames_as_uint8():
+        rounded = stage(ForwardBatch(latents=_latents(seed=2)), args).output
+    assert plain.dtype == torch.float32 and rounded.dtype == torch.uint8
+    assert torch.equal(rounded, to_uint8(plain)) and rounded.float().std() > 1
+    # Outside the block: float frames again.
+    assert stage(ForwardBatch(latents=_latents(seed=2)), args).output.dtype == torch.float32
 
 
 def test_streamed_video_is_the_encoded_file_or_nothing(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from fastvideo.jobs.denoise import (
 from fastvideo.jobs.engine import ENGINE
 from fastvideo.jobs.item_phases import ENCODE_NEGATIVE, WRITE_VIDEO, guarded, phase_inputs
 from fastvideo.jobs.items import ItemResult, ItemSpec, RunContext, Shard, failure, to_jsonable
+from fastvideo.jobs.step_clock import FirstDenoiseClock
 from fastvideo.jobs.training_data import write_training_part
 from fastvideo.jobs.video_stream import StreamedVideo, streaming_enabled
 from fastvideo.pipelines.builder import model_phases
@@ -174,6 +175,7 @@ class ShardRunner:
         runner = self._denoiser(ctx, phases[index], store, emit)
         pipeline = ENGINE.run_pipeline(ctx, phases[index].stages)
         with ENGINE.stage_lock(pipeline, phases[index].stages):
+            FIRST_DENOISE.start(item.item_id)
             computed = runner.compute(job_item)
         if isinstance(computed, Denoised):
             # Off the device on this lane's stream, so the post lane's stream sees it whole.
@@ -232,11 +234,16 @@ class ShardRunner:
         pipeline = ENGINE.run_pipeline(ctx, phase.stages)
 
         def on_progress(item_id: str, step: int, total: int) -> None:
+            FIRST_DENOISE.step(item_id, step, total)
             emit({"event": "step", "item_id": item_id, "step": step, "total": total})
 
         return ItemRunner(store=store, stage=denoise_stage(pipeline, phase), phase=phase,
                           args=pipeline.fastvideo_args, checkpoint_every=ctx.checkpoint_every,
                           on_progress=on_progress, group=None, uploads=self._uploads)
+
+
+FIRST_DENOISE = FirstDenoiseClock()
+"""This process's first denoise, timed per step (`fastvideo.jobs.step_clock`)."""
 
 
 def _carry(results: dict[str, ItemResult], stage: str) -> ItemResult:

@@ -126,6 +126,10 @@ def test_windows_share_one_model_load_and_equal_inprocess(
     logs = run_log_messages(state.state_details.flow_run_id, "warm worker is ready")
     assert any(m.startswith("waiting for the warm worker to load") for m in logs), logs
     assert any(m.startswith("the warm worker is ready after") for m in logs), logs
+    # Its log times its first denoise per step, once (the first video's first calls).
+    log = "".join(p.read_text() for p in worker_dir.glob("*.log"))
+    assert len(re.findall(r"first denoise of this process: \d+ steps in \d+\.\d\d s; "
+                          r"steps 1-3 \d+\.\d\d, ", log)) == 1, log[-2000:]
 
     reference = _bulk(dataset, tmp_path / "inprocess", tiny_wan_path)
     assert reference.is_completed(), reference.message

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from fastvideo.fastvideo_args import SamplingParam
+from fastvideo.jobs import shard_runner
 from fastvideo.jobs.item_phases import WRITE_VIDEO, stage_names
 from fastvideo.jobs.items import RunContext
 from fastvideo.jobs.shard_runner import ShardRunner
+from fastvideo.jobs.step_clock import FirstDenoiseClock
 from fastvideo.pipelines.wan.wan_pipeline import WanPipeline
 from tasks.dataset import make_shards, parse_rows
 from tests.flows.helpers import PROMPTS, TINY
@@ -44,7 +46,7 @@ def shard():
 
 
 def test_overlap_equals_sequential_bit_for_bit(tiny_wan_path: Path, tmp_path: Path,
-                                               shard) -> None:
+                                               shard, monkeypatch) -> None:
     events: list[dict] = []
     lock = threading.Lock()
 
@@ -53,6 +55,8 @@ def test_overlap_equals_sequential_bit_for_bit(tiny_wan_path: Path, tmp_path: Pa
             events.append(event)
 
     digests = {}
+    clock = FirstDenoiseClock(log=lambda *args: None)
+    monkeypatch.setattr(shard_runner, "FIRST_DENOISE", clock)
     for overlap in (True, False):
         runner = ShardRunner(overlap=overlap)
         try:
@@ -71,6 +75,9 @@ def test_overlap_equals_sequential_bit_for_bit(tiny_wan_path: Path, tmp_path: Pa
     assert len(steps) == 2 * len(shard.items) * TINY["num_inference_steps"]
     stage_events = [(e["stage"], e["item_id"]) for e in events if e["event"] == "stage"]
     assert len(stage_events) == 2 * len(STAGES) * len(shard.items)
+    # The process's first denoise was timed step by step, once.
+    assert clock.steps_s is not None and len(clock.steps_s) == TINY["num_inference_steps"]
+    assert all(t > 0 for t in clock.steps_s)
 
 
 def test_rerun_reuses_every_checkpoint(tiny_wan_path: Path, tmp_path: Path, shard) -> None:

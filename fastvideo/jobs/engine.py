@@ -64,8 +64,8 @@ class Engine:
         self._fingerprints: dict[str, str] = {}
         self._preloads: dict[str, dict[str, Future[Any]]] = {}  # by settings key, then name
         self.builds: list[dict[str, Any]] = []
-        """Every pipeline this process built (stages, modules loaded, seconds): how a warm
-        worker shows that it loaded its model once."""
+        """Every pipeline this process built (stages, modules loaded, of those the ones built
+        ahead by `preload`, seconds): how a warm worker shows that it loaded its model once."""
 
     def pipeline(self, args: FastVideoArgs, stage_names: Sequence[str] | None = None
                  ) -> ComposedPipelineBase:
@@ -79,7 +79,7 @@ class Engine:
                 start = time.perf_counter()
                 loaded = self._modules.setdefault(key, {})
                 before = set(loaded)
-                self._take_preloads(key, args, loaded)
+                preloaded = self._take_preloads(key, args, loaded)
                 if stages is None:
                     pipeline = build_pipeline(args, modules=dict(loaded))
                 else:
@@ -90,8 +90,8 @@ class Engine:
                 seconds = time.perf_counter() - start
                 new = sorted(set(loaded) - before)
                 self.builds.append({"stages": list(stages or pipeline.stages), "loaded": new,
-                                    "seconds": seconds, "device": args.device,
-                                    "dtype": args.dtype})
+                                    "preloaded": preloaded, "seconds": seconds,
+                                    "device": args.device, "dtype": args.dtype})
                 logger.info("stages %s: loaded %s of %s on %s in %.1f s",
                             list(stages or pipeline.stages), new or "nothing new",
                             args.model_path, args.device, seconds)
@@ -130,9 +130,12 @@ class Engine:
                          name="fastvideo-preload", daemon=True).start()
         return names
 
-    def _take_preloads(self, key: str, args: FastVideoArgs, loaded: dict[str, Any]) -> None:
-        """The modules `preload` started for these settings, finished, into `loaded`."""
+    def _take_preloads(self, key: str, args: FastVideoArgs, loaded: dict[str, Any]
+                       ) -> list[str]:
+        """The modules `preload` started for these settings, finished, into `loaded`; returns
+        their names."""
         error: BaseException | None = None
+        taken: list[str] = []
         for name, future in self._preloads.pop(key, {}).items():
             try:
                 module = future.result()
@@ -140,8 +143,10 @@ class Engine:
                 error = error or exc
                 continue
             loaded[name] = finish_component(name, module, args)
+            taken.append(name)
         if error is not None:
             raise error
+        return taken
 
     def options_pipeline(self, model_path: str, options: EngineOptions, device: str,
                          dtype: str | None, stage_names: Sequence[str] | None = None

@@ -120,6 +120,9 @@ def test_windows_share_one_model_load_and_equal_inprocess(
     # built on first use, take the modules already there).
     assert [b["loaded"] for b in info["builds"] if b["loaded"]] == [
         ["scheduler", "text_encoder", "tokenizer", "transformer", "vae"]]
+    # Of those, the text encoder and the DiT were built ahead, beside the worker's imports.
+    assert [b["preloaded"] for b in info["builds"] if b["loaded"]] == [
+        ["text_encoder", "transformer"]]
     names = task_states(state.state_details.flow_run_id)
     assert len([n for n in names if n.startswith("generate-shard-")]) == 3
     # The run's log says when it waited for the worker's load, and for how long.

@@ -53,8 +53,9 @@ def test_preloaded_modules_are_built_on_the_thread_and_give_the_same_video(
     pipeline = engine.pipeline(args)
     for name, (_, module) in built.items():
         assert pipeline.get_module(name) is module
-    assert [b["loaded"] for b in engine.builds] == [
-        ["scheduler", "text_encoder", "tokenizer", "transformer", "vae"]]
+    assert [(b["loaded"], b["preloaded"]) for b in engine.builds] == [
+        (["scheduler", "text_encoder", "tokenizer", "transformer", "vae"],
+         ["text_encoder", "transformer"])]
     torch.testing.assert_close(video, _video(Engine(), args), rtol=0, atol=0)
 
 

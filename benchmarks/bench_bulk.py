@@ -243,9 +243,25 @@ def run_flow(args: argparse.Namespace, name: str, prompts: list[str], options: l
                   denoise_s_per_video=[round(by_id[e["item_id"]][denoise_column], 2)
                                        for e in gpu],
                   gpu_lane_idle_s=_gpu_lane_idle(gpu),
+                  worker_start=_worker_start_lines(worker_dir),
                   timeline=[{**e, "start": round(e["start"] - t0, 3),
                              "end": round(e["end"] - t0, 3)} for e in info["timeline"]])
     return result
+
+
+# The worker log's lines on its start and first item (warm_worker.py, engine.py,
+# step_clock.py): where a fresh process's first video went, without reading the whole log.
+_START_LINES = ("after its spawn", "on a thread", "load: ", "loaded in", "warm-up",
+                "first denoise of this process", "torch.compile so far", "first call")
+
+
+def _worker_start_lines(worker_dir: Path) -> list[str]:
+    lines = []
+    for log in sorted(worker_dir.glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if any(mark in line for mark in _START_LINES):
+                lines.append(line.split(" INFO ", 1)[-1][:300])
+    return lines[:40]
 
 
 def _gpu_lane_idle(spans: list[dict[str, Any]]) -> float:

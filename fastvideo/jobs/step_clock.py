@@ -47,7 +47,10 @@ class FirstDenoiseClock:
             times = [b - a for a, b in zip(self._marks, self._marks[1:])]
             self.steps_s = times
         later = times[3:10]
+        steady = ""
+        if len(later) == 1:
+            steady = f"; step 4 {later[0]:.3f} s"
+        elif later:
+            steady = f"; steps 4-{3 + len(later)} median {statistics.median(later):.3f} s"
         self._log("first denoise of this process: %d steps in %.2f s; steps 1-3 %s s%s",
-                  len(times), sum(times), ", ".join(f"{t:.2f}" for t in times[:3]),
-                  f"; steps 4-{3 + len(later)} median {statistics.median(later):.3f} s"
-                  if later else "")
+                  len(times), sum(times), ", ".join(f"{t:.2f}" for t in times[:3]), steady)

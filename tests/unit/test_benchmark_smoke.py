@@ -58,6 +58,9 @@ def test_bench_bulk_smoke(tmp_path: Path) -> None:
     fresh = result["phases"]["fresh_sta"]
     assert fresh["videos"] == 1 and fresh["first_video_s"] > 0
     assert fresh["attention_backends"]["requested"] == ["SLIDING_TILE_ATTN"]
+    # Its worker's start and first item, from the worker's log.
+    assert any("after its spawn" in line for line in fresh["worker_start"])
+    assert any("first denoise of this process" in line for line in fresh["worker_start"])
     # Run again in the same folder (an A/B on one machine): the video is made again, not
     # found made.
     again = _run("bench_bulk.py", "--smoke", "--no-compile", "--num-prompts", "2",
@@ -68,8 +71,11 @@ def test_bench_bulk_smoke(tmp_path: Path) -> None:
 
 def test_bench_vae_decode_smoke(tmp_path: Path) -> None:
     result = _run("bench_vae_decode.py", "--device", "cpu", "--latent", "2,4,4", "--iters", "1",
-                  "--variants", "diffusers,channels_last,bf16", tmp_path=tmp_path)
+                  "--variants", "diffusers,channels_last,engine,bf16", "--profile", "engine",
+                  tmp_path=tmp_path)
     assert result["channels_last"]["max_abs_diff"] < 1e-5  # the same computation
+    assert result["engine"]["max_abs_diff"] < 1e-5
+    assert result["profiled_variant"] == "engine" and result["profile_ms"]
     assert 0 < result["bf16"]["max_abs_diff"] < 0.2
     assert result["diffusers"]["median_s"] > 0
 

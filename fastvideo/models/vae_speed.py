@@ -10,12 +10,9 @@ reference (max abs 2.8e-3 on [-1, 1], a third of an 8-bit level; H200 figures fr
 
 * conv weights and the latents in `channels_last_3d`, so activations stay in the layout
   cuDNN computes in: 2.60 s. The engine does this on CUDA (on the CPU it is slower).
-* lean element-wise work, the same math in fewer memory passes, no compiler (so safe
-  beside a compiled DiT on another thread): each RMS norm as one fused `torch.rms_norm`
-  over the channels (innermost in channels-last) instead of normalize, divide, scale,
-  gamma and a zero bias (9 passes over the activation -> 2), and each causal conv's
-  spatial zero padding done by the convolution itself instead of an `F.pad` copy of its
-  input. The engine does this on every device.
+* lean element-wise work (`fastvideo/models/vae_lean_ops.py`): the same math in fewer
+  memory passes, no compiler, so safe beside a compiled DiT on another thread. The engine
+  does this on every device.
 * each residual block and RMS norm of the decoder compiled by Inductor as well, which
   fuses their element-wise work: 1.98 s, after ~70 s of compiling on the first decode of
   an empty cache. The engine does **not** do this: a warm worker decodes item k on one
@@ -28,12 +25,13 @@ reference (max abs 2.8e-3 on [-1, 1], a third of an 8-bit level; H200 figures fr
 from __future__ import annotations
 
 import logging
-import types
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from fastvideo.models.vae_lean_ops import LEAN_OPS_ATTR, use_lean_ops
+
+__all__ = ["CHANNELS_LAST_ATTR", "LEAN_OPS_ATTR", "speed_up_vae", "use_lean_ops", "vae_input"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,78 +82,3 @@ def vae_input(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
         return latents.contiguous(memory_format=torch.channels_last_3d)
     return latents
 
-
-LEAN_OPS_ATTR = "_fastvideo_lean_ops"
-"""Set on a VAE whose RMS norms and causal convolutions run `use_lean_ops`' forwards."""
-# A norm's eps: F.normalize divides by max(||x||, 1e-12); as a mean over C channels that
-# floor is 1e-24 / C, so an all-zero row gives 0 as it does there, and any other row the
-# same value to rounding.
-_NORMALIZE_EPS = 1e-12
-
-
-def use_lean_ops(vae: nn.Module) -> int:
-    """Give the Wan VAE's RMS norms and causal convolutions the lean forwards (module
-    docstring); returns how many modules changed. Modules whose attributes are not those
-    this was written against (another diffusers version) are left as they are."""
-    changed = 0
-    for module in vae.modules():
-        name = type(module).__name__
-        if name == "WanRMS_norm" and _is_plain_rms_norm(module):
-            module.forward = types.MethodType(_rms_norm_forward, module)
-        elif name == "WanCausalConv3d" and _is_plain_causal_conv(module):
-            module.forward = types.MethodType(_causal_conv_forward, module)
-        else:
-            continue
-        changed += 1
-    setattr(vae, LEAN_OPS_ATTR, True)
-    return changed
-
-
-def _is_plain_rms_norm(module: nn.Module) -> bool:
-    gamma = getattr(module, "gamma", None)
-    return (isinstance(gamma, torch.Tensor) and isinstance(getattr(module, "scale", None), float)
-            and isinstance(getattr(module, "channel_first", None), bool)
-            and (isinstance(getattr(module, "bias", None), torch.Tensor)
-                 or getattr(module, "bias", None) == 0.0))
-
-
-def _is_plain_causal_conv(module: nn.Module) -> bool:
-    pads = getattr(module, "_padding", None)
-    return (isinstance(module, nn.Conv3d) and isinstance(pads, tuple) and len(pads) == 6
-            and pads[0] == pads[1] and pads[2] == pads[3] and pads[5] == 0
-            and tuple(module.padding) == (0, 0, 0) and module.padding_mode == "zeros")
-
-
-def _rms_norm_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    """`normalize(x, dim=channels) * scale * gamma + bias` as one fused RMS norm where the
-    channels are innermost in memory (channels-last); otherwise diffusers' own forward."""
-    dim = 1 if self.channel_first else -1
-    if x.stride(dim) != 1 and x.shape[dim] != 1:
-        return type(self).forward(self, x)
-    channels = x.shape[dim]
-    # normalize(x) * sqrt(C) is x / rms(x): the scale (sqrt(C) as diffusers builds it)
-    # cancels, leaving gamma as the weight.
-    factor = self.scale / channels ** 0.5
-    weight = self.gamma.reshape(channels) * factor if factor != 1.0 else self.gamma.reshape(
-        channels)
-    weight = weight.to(x.dtype)
-    out = torch.rms_norm(x.movedim(dim, -1), (channels,), weight,
-                         _NORMALIZE_EPS ** 2 / channels).movedim(-1, dim)
-    if isinstance(self.bias, torch.Tensor):
-        out = out + self.bias
-    return out
-
-
-def _causal_conv_forward(self: Any, x: torch.Tensor,
-                         cache_x: torch.Tensor | None = None) -> torch.Tensor:
-    """diffusers' causal convolution with the spatial zero padding left to the convolution
-    (no padded copy of the input); only the causal frames in front are concatenated or
-    padded, as there."""
-    w_pad, _, h_pad, _, front, _ = self._padding
-    if cache_x is not None and front > 0:
-        x = torch.cat([cache_x.to(x.device), x], dim=2)
-        front -= cache_x.shape[2]
-    if front:
-        x = F.pad(x, (0, 0, 0, 0, front, 0))
-    return F.conv3d(x, self.weight, self.bias, self.stride, (0, h_pad, w_pad), self.dilation,
-                    self.groups)

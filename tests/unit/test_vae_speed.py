@@ -56,8 +56,11 @@ def test_other_vaes_are_left_as_their_library_made_them() -> None:
     assert vae_input(vae, latents) is latents
 
 
+LEAN_CLASSES = {"WanRMS_norm", "WanCausalConv3d", "WanResidualBlock"}
+
+
 def _lean_modules(vae: AutoencoderKLWan) -> int:
-    return sum(type(m).__name__ in {"WanRMS_norm", "WanCausalConv3d"} for m in vae.modules())
+    return sum(type(m).__name__ in LEAN_CLASSES for m in vae.modules())
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -70,8 +73,7 @@ def test_lean_ops_decode_and_encode_as_diffusers_does(channels_last: bool) -> No
     vae = _tiny_wan_vae()
     speed_up_vae(vae, channels_last=channels_last, compile_blocks=False, lean_ops=False)
     assert use_lean_ops(vae) == _lean_modules(vae) > 10
-    assert all("forward" in vars(m) for m in vae.modules()
-               if type(m).__name__ in {"WanRMS_norm", "WanCausalConv3d"})
+    assert all("forward" in vars(m) for m in vae.modules() if type(m).__name__ in LEAN_CLASSES)
     torch.testing.assert_close(_decode(vae, latents), _decode(reference, latents),
                                rtol=1e-5, atol=1e-5)
     with torch.no_grad():
@@ -109,11 +111,54 @@ def test_lean_rms_norm_matches_diffusers(channel_first: bool, bias: bool,
         torch.testing.assert_close(strided, expected, rtol=0, atol=0)
 
 
+def test_lean_residual_blocks_give_their_convolutions_the_concatenated_input() -> None:
+    """Writing the SiLU after the cached frames is the concatenation diffusers does: the
+    decode and the encode are the same with or without it, chunk after chunk (first,
+    one-frame and steady chunks), to a unit in the last place of fp32 (the CPU's SiLU
+    into a buffer slice and into a new tensor may round differently)."""
+    import types
+
+    from fastvideo.models import vae_lean_ops
+
+    latents = torch.randn(1, 4, 4, 6, 8, generator=torch.Generator().manual_seed(5))
+    video = torch.rand(1, 3, 9, 16, 16, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    outputs = []
+    for blocks in (True, False):
+        vae = _tiny_wan_vae()
+        speed_up_vae(vae, channels_last=True, compile_blocks=False, lean_ops=blocks)
+        if not blocks:  # the norms and convolutions only
+            for m in vae.modules():
+                if type(m).__name__ == "WanRMS_norm":
+                    m.forward = types.MethodType(vae_lean_ops._rms_norm_forward, m)
+                elif type(m).__name__ == "WanCausalConv3d":
+                    m.forward = types.MethodType(vae_lean_ops._causal_conv_forward, m)
+        else:
+            assert sum("forward" in vars(m) for m in vae.modules()
+                       if type(m).__name__ == "WanResidualBlock") >= 4
+        with torch.no_grad():
+            outputs.append((_decode(vae, latents),
+                            vae.encode(vae_input(vae, video)).latent_dist.mean))
+    for ours, concatenated in zip(*outputs):
+        torch.testing.assert_close(ours, concatenated, rtol=0, atol=2e-6)
+        assert ours.abs().max() > 0.1
+
+
 def test_lean_ops_leave_modules_they_do_not_know_alone() -> None:
     vae = _tiny_wan_vae()
     odd_conv = vae.decoder.conv_in
     odd_conv._padding = (1, 0, 1, 1, 2, 0)  # asymmetric: not what the lean conv handles
     odd_norm = vae.decoder.norm_out
     odd_norm.scale = torch.tensor(2.0)  # not the float diffusers sets
-    assert use_lean_ops(vae) == _lean_modules(vae) - 2
-    assert "forward" not in vars(odd_conv) and "forward" not in vars(odd_norm)
+    odd_block = vae.decoder.mid_block.resnets[0]
+    odd_block.nonlinearity = torch.nn.GELU()  # not the SiLU it writes into the buffer
+    assert use_lean_ops(vae) == _lean_modules(vae) - 3
+    assert all("forward" not in vars(m) for m in (odd_conv, odd_norm, odd_block))
+    # In training (dropout), a block runs diffusers' own forward.
+    block = vae.decoder.mid_block.resnets[1]
+    assert "forward" in vars(block)
+    block.train()
+    x = torch.randn(1, block.in_dim, 2, 4, 4)
+    cache_a, cache_b = [None] * 4, [None] * 4
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, cache_a, [0]), type(block).forward(block, x, cache_b,
+                                                                               [0]), rtol=0, atol=0)

@@ -209,12 +209,13 @@ def _our_component(spec: Any) -> bool:
 
 def _read_components(args: FastVideoArgs, index: dict[str, Any],
                      futures: dict[str, Future[Any]]) -> None:
-    """`Engine.preload`'s thread: each component built with its weights, in turn."""
-    if args.device.startswith("cuda:"):
-        torch.cuda.set_device(args.device)  # the current device is per thread
+    """`Engine.preload`'s thread: each component built with its weights, in turn. Every
+    future ends set (a result or the error), so the pipeline waiting for them never hangs."""
     start = time.perf_counter()
     for name, future in futures.items():
         try:
+            if args.device.startswith("cuda:"):
+                torch.cuda.set_device(args.device)  # the current device is per thread
             future.set_result(read_component(name, index[name], args.model_path, args))
         except BaseException as exc:  # noqa: BLE001 - handed to the pipeline that takes it
             future.set_exception(exc)

@@ -77,6 +77,7 @@ def main() -> None:
     result["staged_load_equal"] = check_staged_load(model, args.device, args.dtype)
     result["preload_equal"] = check_preload(model, args.device, args.dtype)
     result["uint8_on_device_equal"] = check_uint8_on_device(model, args.device)
+    result["scheduler_syncs"] = check_scheduler_syncs(args.device)
     print(json.dumps(result, indent=2))
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))
@@ -132,6 +133,46 @@ def check_uint8_on_device(model: Path, device: str) -> bool:
     with frames_as_uint8():
         rounded = stage(ForwardBatch(latents=latents), args).output
     return rounded.dtype == torch.uint8 and torch.equal(rounded, to_uint8(plain))
+
+
+def check_scheduler_syncs(device: str) -> dict:
+    """Wan's UniPC over 50 steps at 480p's latent size with random predictions: how many
+    times a step makes the host wait for the GPU (`torch.cuda.set_sync_debug_mode`), with
+    diffusers' noise levels on the CPU and on the device (what the denoising stage does),
+    and how far the two trajectories are apart."""
+    import warnings
+
+    from diffusers import UniPCMultistepScheduler
+
+    if not device.startswith("cuda"):
+        return {"skipped": "not a CUDA device"}
+    generator = torch.Generator(device).manual_seed(0)
+    predictions = [torch.randn(1, 16, 21, 60, 104, device=device, generator=generator)
+                   for _ in range(4)]
+    runs = {}
+    for where in ("cpu", "device"):
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                            use_flow_sigmas=True, flow_shift=3.0)
+        scheduler.set_timesteps(50, device=device)
+        scheduler.set_begin_index(0)
+        if where == "device":
+            scheduler.sigmas = scheduler.sigmas.to(device)
+        latents = predictions[0].clone()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for i, t in enumerate(scheduler.timesteps):
+                    latents = scheduler.step(predictions[i % 4], t, latents, return_dict=False)[0]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+        runs[where] = (latents.float(), syncs / len(scheduler.timesteps))
+    diff = (runs["cpu"][0] - runs["device"][0]).abs().max().item()
+    return {"syncs_per_step_sigmas_on_cpu": runs["cpu"][1],
+            "syncs_per_step_sigmas_on_device": runs["device"][1],
+            "max_abs_diff": diff, "max_abs": runs["cpu"][0].abs().max().item()}
 
 
 def check_threaded_move(folder: Path, device: str) -> bool:

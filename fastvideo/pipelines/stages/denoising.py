@@ -120,6 +120,13 @@ class DenoisingStage(PipelineStage):
                     f"batch resumes at step {batch.step_index} but has no "
                     f"extra[{SCHEDULER_STATE_KEY!r}] to restore the scheduler from")
             load_scheduler_state(self.scheduler, state, device)
+        sigmas = getattr(self.scheduler, "sigmas", None)
+        if isinstance(sigmas, torch.Tensor) and sigmas.device.type != torch.device(device).type:
+            # diffusers keeps the noise levels on the CPU, and each step of UniPC copies a
+            # few of them to the GPU: each such copy waits for the GPU to finish its queue,
+            # so every step began with the GPU idle while the host caught up. On the device,
+            # those copies are no-ops and the step's scalar math is queued like the rest.
+            self.scheduler.sigmas = sigmas.to(device)
 
     def _predict_noise(self, latents: torch.Tensor, t: torch.Tensor, cond: DiTContext,
                        uncond: DiTContext | None, paired: DiTContext | None,

@@ -137,12 +137,14 @@ def check_uint8_on_device(model: Path, device: str) -> bool:
 
 def check_scheduler_syncs(device: str) -> dict:
     """Wan's UniPC over 50 steps at 480p's latent size with random predictions: how many
-    times a step makes the host wait for the GPU (`torch.cuda.set_sync_debug_mode`), with
-    diffusers' noise levels on the CPU and on the device (what the denoising stage does),
-    and how far the two trajectories are apart."""
+    times a step makes the host wait for the GPU (`torch.cuda.set_sync_debug_mode`): as
+    diffusers runs it, with its noise levels on the device, and with those and the
+    sync-free corrector (what the engine does); and how far the trajectories are apart."""
     import warnings
 
     from diffusers import UniPCMultistepScheduler
+
+    from fastvideo.models.schedulers.sync_free import use_sync_free_steps
 
     if not device.startswith("cuda"):
         return {"skipped": "not a CUDA device"}
@@ -150,13 +152,15 @@ def check_scheduler_syncs(device: str) -> dict:
     predictions = [torch.randn(1, 16, 21, 60, 104, device=device, generator=generator)
                    for _ in range(4)]
     runs = {}
-    for where in ("cpu", "device"):
+    for where in ("cpu", "device", "engine"):
         scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction",
                                             use_flow_sigmas=True, flow_shift=3.0)
         scheduler.set_timesteps(50, device=device)
         scheduler.set_begin_index(0)
-        if where == "device":
+        if where != "cpu":
             scheduler.sigmas = scheduler.sigmas.to(device)
+        if where == "engine":
+            use_sync_free_steps(scheduler)
         latents = predictions[0].clone()
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
@@ -169,10 +173,12 @@ def check_scheduler_syncs(device: str) -> dict:
                 torch.cuda.set_sync_debug_mode("default")
         syncs = sum("synchroniz" in str(w.message) for w in caught)
         runs[where] = (latents.float(), syncs / len(scheduler.timesteps))
-    diff = (runs["cpu"][0] - runs["device"][0]).abs().max().item()
     return {"syncs_per_step_sigmas_on_cpu": runs["cpu"][1],
             "syncs_per_step_sigmas_on_device": runs["device"][1],
-            "max_abs_diff": diff, "max_abs": runs["cpu"][0].abs().max().item()}
+            "syncs_per_step_engine": runs["engine"][1],
+            "max_abs_diff_device": (runs["cpu"][0] - runs["device"][0]).abs().max().item(),
+            "engine_equals_device": torch.equal(runs["engine"][0], runs["device"][0]),
+            "max_abs": runs["cpu"][0].abs().max().item()}
 
 
 def check_threaded_move(folder: Path, device: str) -> bool:

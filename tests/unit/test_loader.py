@@ -197,3 +197,13 @@ def test_wan_vae_gets_the_lean_ops_on_every_device_and_channels_last_on_cuda_onl
     assert getattr(vae, LEAN_OPS_ATTR, False)
     assert not hasattr(vae, CHANNELS_LAST_ATTR)  # slower on the CPU
     assert "forward" in vars(vae.decoder.conv_in)
+
+
+def test_unipc_scheduler_gets_the_sync_free_corrector(tiny_wan_path: Path) -> None:
+    from fastvideo.models.schedulers.state import get_scheduler_state
+    from fastvideo.models.schedulers.sync_free import is_sync_free
+
+    scheduler = _load(tiny_wan_path, "scheduler")
+    assert type(scheduler).__name__ == "UniPCMultistepScheduler" and is_sync_free(scheduler)
+    # Nothing of it in the state a progress checkpoint saves.
+    assert not any("uni_c" in key for key in get_scheduler_state(scheduler))

@@ -18,6 +18,7 @@ from fastvideo.models.compile_cache import configure_compile_cache, configure_ke
 from fastvideo.models.loader.transfer import to_device, weights_to_device
 from fastvideo.models.loader.weight_utils import WeightFileError, find_weight_files, iterate_weights
 from fastvideo.models.registry import ModelEntry, resolve_model
+from fastvideo.models.schedulers.sync_free import use_sync_free_steps
 from fastvideo.models.vae_speed import speed_up_vae
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ def finish_component(name: str, component: Any, fastvideo_args: FastVideoArgs) -
         # Channels-last is slower on the CPU; the lean ops are faster everywhere.
         speed_up_vae(component, channels_last=fastvideo_args.device.startswith("cuda"),
                      compile_blocks=False)
+    use_sync_free_steps(component)  # UniPC: the same steps without a host sync each
     return component
 
 

@@ -125,7 +125,8 @@ class DenoisingStage(PipelineStage):
             # diffusers keeps the noise levels on the CPU, and each step of UniPC copies a
             # few of them to the GPU: each such copy waits for the GPU to finish its queue,
             # so every step began with the GPU idle while the host caught up. On the device,
-            # those copies are no-ops and the step's scalar math is queued like the rest.
+            # those copies are no-ops and the step's scalar math is queued like the rest
+            # (UniPC's corrector solve: `fastvideo/models/schedulers/sync_free.py`).
             self.scheduler.sigmas = sigmas.to(device)
 
     def _predict_noise(self, latents: torch.Tensor, t: torch.Tensor, cond: DiTContext,

@@ -177,6 +177,7 @@ class ShardRunner:
         with ENGINE.stage_lock(pipeline, phases[index].stages):
             FIRST_DENOISE.start(item.item_id)
             computed = runner.compute(job_item)
+            FIRST_DENOISE.done(item.item_id)
         if isinstance(computed, Denoised):
             # Off the device on this lane's stream, so the post lane's stream sees it whole.
             for name in phases[index].writes:

@@ -37,6 +37,14 @@ class FirstDenoiseClock:
                 self._item = item_id
                 self._marks = [self._clock()]
 
+    def done(self, item_id: str) -> None:
+        """`item_id`'s denoise returned: if it never reached its last step (found made, or
+        failed), the next item's denoise is timed instead."""
+        with self._lock:
+            if item_id == self._item and self.steps_s is None:
+                self._item = None
+                self._marks = []
+
     def step(self, item_id: str, step: int, total: int) -> None:
         with self._lock:
             if item_id != self._item or self.steps_s is not None:

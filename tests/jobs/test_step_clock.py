@@ -32,3 +32,17 @@ def test_a_short_denoise_logs_what_it_has() -> None:
     clock.step("a", 1, 2)
     clock.step("a", 2, 2)
     assert lines == ["first denoise of this process: 2 steps in 3.00 s; steps 1-3 2.00, 1.00 s"]
+
+
+def test_a_denoise_without_its_last_step_leaves_the_clock_to_the_next_item() -> None:
+    now = iter([0.0, 10.0, 12.0, 13.0])
+    lines: list[str] = []
+    clock = FirstDenoiseClock(log=lambda fmt, *args: lines.append(fmt % args),
+                              clock=lambda: next(now))
+    clock.start("made")  # found made: no steps
+    clock.done("made")
+    clock.start("next")
+    clock.step("next", 1, 2)
+    clock.step("next", 2, 2)
+    clock.done("next")
+    assert clock.steps_s == [2.0, 1.0] and len(lines) == 1

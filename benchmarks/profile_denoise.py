@@ -16,12 +16,14 @@ than its forwards measured alone (`profile_dit.py`, `bench_decode_overlap.py`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -98,15 +100,23 @@ def prepared(pipeline: Any, params: SamplingParam) -> tuple[Any, ForwardBatch]:
 
 def denoise(stage: Any, batch: ForwardBatch, args: Any, checkpoint_every: int,
             uploads: ThreadPoolExecutor, marks: list[Any] | None = None,
-            profiler: Any = None, window: range = range(0)) -> float:
+            profiler: Any = None, window: range = range(0),
+            syncs: list[int] | None = None) -> float:
     """One whole loop on a copy of `batch`, progress snapshots as the worker takes them;
     `marks` gets a CUDA event (CPU: a time) at every step's end; `profiler` runs over the
-    steps in `window`. Returns wall seconds."""
+    steps in `window`; `syncs` (CUDA) gets, at every step's end, how many times the host
+    has waited for the GPU so far (`torch.cuda.set_sync_debug_mode`). Returns wall
+    seconds."""
     cuda = args.device.startswith("cuda")
     pending = []
     profiling = [False]
+    counting = syncs is not None and cuda
+    recorder = warnings.catch_warnings(record=True) if counting else contextlib.nullcontext()
+    caught: list[Any] = []
 
     def on_step_end(current: ForwardBatch, step: int, total: int) -> None:
+        if counting:
+            syncs.append(sum("synchroniz" in str(w.message) for w in caught))
         if profiler is not None and step == window.start and not profiling[0]:
             profiler.start()
             profiling[0] = True
@@ -130,8 +140,16 @@ def denoise(stage: Any, batch: ForwardBatch, args: Any, checkpoint_every: int,
     if marks is not None or (profiler is not None and window.start == 0):
         on_step_end(work, 0, 0)  # the loop's start
     start = time.perf_counter()
-    with torch.no_grad():
-        stage(work, args)
+    with torch.no_grad(), recorder as recorded:
+        if counting:
+            warnings.simplefilter("always")
+            caught = recorded  # the list on_step_end reads
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            stage(work, args)
+        finally:
+            if counting:
+                torch.cuda.set_sync_debug_mode("default")
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
@@ -169,8 +187,15 @@ def main() -> None:
         "compile": args.compile, "sta": args.sta_config is not None,
         "batch_cfg": fv_args.batch_cfg}
     with ThreadPoolExecutor(1, thread_name_prefix="uploads") as uploads:
+        # The first loop (it compiles) also counts the host's waits for the GPU per step:
+        # any at a step's boundary leaves the next step's first kernels on an idle GPU.
+        syncs: list[int] = []
         result["first_loop_s"] = round(denoise(stage, batch, fv_args, args.checkpoint_every,
-                                               uploads), 3)
+                                               uploads, syncs=syncs), 3)
+        if cuda and len(syncs) > 3:
+            per_step = [b - a for a, b in zip(syncs, syncs[1:])]
+            result["host_syncs_per_step_after_step_2"] = round(
+                statistics.mean(per_step[2:]), 2)
         marks: list[Any] = []
         result["loop_s"] = round(denoise(stage, batch, fv_args, args.checkpoint_every,
                                          uploads, marks), 3)

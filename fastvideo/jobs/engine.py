@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from fastvideo.distributed import get_tp_world_size
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.forward_batch import ForwardBatch
 from fastvideo.jobs.items import RunContext
@@ -216,11 +217,31 @@ def _read_components(args: FastVideoArgs, index: dict[str, Any],
         try:
             if args.device.startswith("cuda:"):
                 torch.cuda.set_device(args.device)  # the current device is per thread
-            future.set_result(read_component(name, index[name], args.model_path, args))
+            module = read_component(name, index[name], args.model_path, args)
         except BaseException as exc:  # noqa: BLE001 - handed to the pipeline that takes it
             future.set_exception(exc)
+            continue
+        try:
+            _warm_up_on_device(name, module, args)
+        finally:
+            future.set_result(module)
     logger.info("read %s ahead on a thread in %.2f s", ", ".join(futures),
                 time.perf_counter() - start)
+
+
+def _warm_up_on_device(name: str, module: Any, args: FastVideoArgs) -> None:
+    """A text encoder's first call on a GPU (its BLAS library's start, kernel loads: part
+    of a fresh worker's first text encoding) made on the preload thread, beside the
+    imports. Single-process models only (a sharded one would need its peers); a failure
+    only costs the first request those seconds again."""
+    warm_up = getattr(module, "warm_up_on_device", None)
+    if not args.device.startswith("cuda") or not callable(warm_up) or get_tp_world_size() > 1:
+        return
+    try:
+        warm_up()
+    except Exception as exc:  # noqa: BLE001 - an optimisation: the load goes on
+        logger.warning("warming %s up on %s failed, so its first request pays its first "
+                       "call: %s: %s", name, args.device, type(exc).__name__, exc)
 
 
 def _settings_key(args: FastVideoArgs) -> str:

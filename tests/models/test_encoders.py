@@ -151,3 +151,53 @@ def test_half_precision_rounds_as_transformers(dtype: torch.dtype, tmp_path: Pat
             actual = ours(input_ids, given).last_hidden_state
             diff = (actual.float() - expected.float()).abs().max().item()
             assert torch.equal(actual, expected), f"{name}, no padding: max abs diff {diff}"
+
+
+@torch.no_grad()
+def test_warm_up_on_device_runs_each_encoder_and_changes_nothing(tmp_path: Path) -> None:
+    """`warm_up_on_device` (the preload thread's first call on a GPU) works for every
+    encoder, within its positions (CLIP: 77), and leaves the model as it was."""
+    torch.manual_seed(0)
+    models = {
+        "umt5": transformers.UMT5EncoderModel(transformers.UMT5Config(
+            vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)),
+        "clip": transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77)),
+        "llama": transformers.LlamaModel(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)),
+    }
+    for name, reference in models.items():
+        _, ours = _save_and_load(reference, tmp_path / name)
+        input_ids, mask = _inputs(64)
+        before = ours(input_ids, mask).last_hidden_state
+        state = {k: v.clone() for k, v in ours.state_dict().items()}
+        ours.warm_up_on_device()
+        assert all(torch.equal(v, state[k]) for k, v in ours.state_dict().items()), name
+        assert torch.equal(ours(input_ids, mask).last_hidden_state, before), name
+
+
+def test_preload_warms_text_encoders_on_a_single_process_gpu_only(caplog) -> None:
+    from types import SimpleNamespace
+
+    from fastvideo.jobs.engine import _warm_up_on_device
+
+    calls: list[str] = []
+
+    class Encoder:
+        def warm_up_on_device(self) -> None:
+            calls.append("warm")
+
+    class Broken:
+        def warm_up_on_device(self) -> None:
+            raise RuntimeError("no kernel image")
+
+    _warm_up_on_device("text_encoder", Encoder(), SimpleNamespace(device="cpu"))
+    _warm_up_on_device("transformer", object(), SimpleNamespace(device="cuda"))
+    assert calls == []
+    _warm_up_on_device("text_encoder", Encoder(), SimpleNamespace(device="cuda:1"))
+    assert calls == ["warm"]
+    _warm_up_on_device("text_encoder", Broken(), SimpleNamespace(device="cuda"))  # no raise
+    assert "warming text_encoder up on cuda failed" in caplog.text
+    assert "no kernel image" in caplog.text

@@ -71,6 +71,10 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads
 
 
 
+WARM_UP_TOKENS = 512
+"""Dummy tokens of `TransformersEncoder.warm_up_on_device` (Wan's text length)."""
+
+
 class TransformersEncoder(nn.Module):
     """An encoder built from a transformers `config.json` and loaded from the tensors that
     transformers' `save_pretrained` writes (the loader's `from_config` / `load_weights`)."""
@@ -91,3 +95,15 @@ class TransformersEncoder(nn.Module):
         """Load transformers-named tensors; returns (missing parameter names, unexpected
         checkpoint names). Each rank keeps its slice."""
         return load_renamed_weights(self, weights, self._name_map, self._ignored_checkpoint_names)
+
+    @torch.no_grad()
+    def warm_up_on_device(self, tokens: int = WARM_UP_TOKENS) -> None:
+        """One forward on `tokens` dummy tokens (at most the model's positions), output
+        dropped: the device's first-call costs (its BLAS library's start, the kernels'
+        first loads) paid now, e.g. on a thread while the process imports, instead of in
+        the first request's text encoding. Changes nothing in the model."""
+        limit = getattr(self.config, "max_position_embeddings", None)
+        length = min(tokens, limit) if isinstance(limit, int) and limit > 0 else tokens
+        device = next(self.parameters()).device
+        ids = torch.zeros(1, length, dtype=torch.long, device=device)
+        self(input_ids=ids, attention_mask=torch.ones_like(ids))

@@ -140,11 +140,13 @@ def check_scheduler_syncs(device: str) -> dict:
     times a step makes the host wait for the GPU (`torch.cuda.set_sync_debug_mode`): as
     diffusers runs it, with its noise levels on the device, and with those and the
     sync-free corrector (what the engine does); and how far the trajectories are apart."""
-    import warnings
-
     from diffusers import UniPCMultistepScheduler
 
-    from fastvideo.models.schedulers.sync_free import use_sync_free_steps
+    from fastvideo.models.schedulers.sync_free import (
+        count_host_syncs,
+        keep_sigmas_on,
+        use_sync_free_steps,
+    )
 
     if not device.startswith("cuda"):
         return {"skipped": "not a CUDA device"}
@@ -158,21 +160,15 @@ def check_scheduler_syncs(device: str) -> dict:
         scheduler.set_timesteps(50, device=device)
         scheduler.set_begin_index(0)
         if where != "cpu":
-            scheduler.sigmas = scheduler.sigmas.to(device)
+            keep_sigmas_on(scheduler, device)
         if where == "engine":
             use_sync_free_steps(scheduler)
         latents = predictions[0].clone()
         torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                for i, t in enumerate(scheduler.timesteps):
-                    latents = scheduler.step(predictions[i % 4], t, latents, return_dict=False)[0]
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        syncs = sum("synchroniz" in str(w.message) for w in caught)
-        runs[where] = (latents.float(), syncs / len(scheduler.timesteps))
+        with count_host_syncs() as syncs:
+            for i, t in enumerate(scheduler.timesteps):
+                latents = scheduler.step(predictions[i % 4], t, latents, return_dict=False)[0]
+            runs[where] = (latents.float(), syncs() / len(scheduler.timesteps))
     return {"syncs_per_step_sigmas_on_cpu": runs["cpu"][1],
             "syncs_per_step_sigmas_on_device": runs["device"][1],
             "syncs_per_step_engine": runs["engine"][1],

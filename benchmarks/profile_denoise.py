@@ -23,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +40,7 @@ from fastvideo.forward_batch import ForwardBatch  # noqa: E402
 from fastvideo.jobs.engine import ENGINE  # noqa: E402
 from fastvideo.jobs.items import ItemSpec  # noqa: E402
 from fastvideo.jobs.options import EngineOptions  # noqa: E402
+from fastvideo.models.schedulers.sync_free import count_host_syncs  # noqa: E402
 from fastvideo.storage.batch_codec import encode_batch, snapshot_fields  # noqa: E402
 
 PROGRESS_FIELDS = ("latents", "step_index", "extra")
@@ -111,12 +111,11 @@ def denoise(stage: Any, batch: ForwardBatch, args: Any, checkpoint_every: int,
     pending = []
     profiling = [False]
     counting = syncs is not None and cuda
-    recorder = warnings.catch_warnings(record=True) if counting else contextlib.nullcontext()
-    caught: list[Any] = []
+    count = [lambda: 0]  # the counter of the block below, once entered
 
     def on_step_end(current: ForwardBatch, step: int, total: int) -> None:
         if counting:
-            syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+            syncs.append(count[0]())
         if profiler is not None and step == window.start and not profiling[0]:
             profiler.start()
             profiling[0] = True
@@ -140,16 +139,10 @@ def denoise(stage: Any, batch: ForwardBatch, args: Any, checkpoint_every: int,
     if marks is not None or (profiler is not None and window.start == 0):
         on_step_end(work, 0, 0)  # the loop's start
     start = time.perf_counter()
-    with torch.no_grad(), recorder as recorded:
-        if counting:
-            warnings.simplefilter("always")
-            caught = recorded  # the list on_step_end reads
-            torch.cuda.set_sync_debug_mode("warn")
-        try:
-            stage(work, args)
-        finally:
-            if counting:
-                torch.cuda.set_sync_debug_mode("default")
+    counter = count_host_syncs() if counting else contextlib.nullcontext(count[0])
+    with torch.no_grad(), counter as syncs_so_far:
+        count[0] = syncs_so_far
+        stage(work, args)
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - start

@@ -83,9 +83,10 @@ def _rms_norm_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     channels = x.shape[dim]
     # normalize(x) * sqrt(C) is x / rms(x): the scale (sqrt(C) as diffusers builds it)
     # cancels, leaving gamma as the weight.
+    weight = self.gamma.reshape(channels)
     factor = self.scale / channels ** 0.5
-    weight = self.gamma.reshape(channels) * factor if factor != 1.0 else self.gamma.reshape(
-        channels)
+    if factor != 1.0:
+        weight = weight * factor
     weight = weight.to(x.dtype)
     out = torch.rms_norm(x.movedim(dim, -1), (channels,), weight,
                          _NORMALIZE_EPS ** 2 / channels).movedim(-1, dim)
@@ -99,14 +100,21 @@ def _causal_conv_forward(self: Any, x: torch.Tensor,
     """diffusers' causal convolution with the spatial zero padding left to the convolution
     (no padded copy of the input); only the causal frames in front are concatenated or
     padded, as there."""
-    w_pad, _, h_pad, _, front, _ = self._padding
+    front = self._padding[4]
     if cache_x is not None and front > 0:
         x = torch.cat([cache_x.to(x.device), x], dim=2)
         front -= cache_x.shape[2]
     if front:
         x = F.pad(x, (0, 0, 0, 0, front, 0))
-    return F.conv3d(x, self.weight, self.bias, self.stride, (0, h_pad, w_pad), self.dilation,
-                    self.groups)
+    return _conv_padding_spatially(self, x)
+
+
+def _conv_padding_spatially(conv: Any, x: torch.Tensor) -> torch.Tensor:
+    """A causal convolution of `x`, whose causal frames are in place, its spatial zero
+    padding done by the convolution."""
+    w_pad, _, h_pad = conv._padding[:3]
+    return F.conv3d(x, conv.weight, conv.bias, conv.stride, (0, h_pad, w_pad), conv.dilation,
+                    conv.groups)
 
 
 def _cache_frames(module: nn.Module) -> int | None:
@@ -168,6 +176,4 @@ def _norm_silu_causal_conv(norm: nn.Module, conv: Any, x: torch.Tensor, feat_cac
     start = front if previous is None and frames < front else frames  # buffer: front + frames
     feat_cache[index] = buffer[:, :, start:].clone()
     feat_idx[0] += 1
-    w_pad, _, h_pad = conv._padding[:3]
-    return F.conv3d(buffer, conv.weight, conv.bias, conv.stride, (0, h_pad, w_pad),
-                    conv.dilation, conv.groups)
+    return _conv_padding_spatially(conv, buffer)

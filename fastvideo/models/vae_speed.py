@@ -29,9 +29,7 @@ import logging
 import torch
 from torch import nn
 
-from fastvideo.models.vae_lean_ops import LEAN_OPS_ATTR, use_lean_ops
-
-__all__ = ["CHANNELS_LAST_ATTR", "LEAN_OPS_ATTR", "speed_up_vae", "use_lean_ops", "vae_input"]
+from fastvideo.models.vae_lean_ops import use_lean_ops
 
 logger = logging.getLogger(__name__)
 
@@ -81,4 +79,3 @@ def vae_input(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
     if getattr(vae, CHANNELS_LAST_ATTR, False) and latents.dim() == 5:
         return latents.contiguous(memory_format=torch.channels_last_3d)
     return latents
-

@@ -68,3 +68,15 @@ def test_diffusers_own_corrector_solves_on_the_host_every_step(
     monkeypatch.setattr(torch.linalg, "solve", lambda *a, **k: calls.append(1) or solve(*a, **k))
     _trajectory(UniPCMultistepScheduler(**CONFIGS["wan"]), steps=12)
     assert len(calls) >= 10  # every step from the third on (order 2)
+
+
+def test_keep_sigmas_on_moves_them_once_and_only_across_devices() -> None:
+    from fastvideo.models.schedulers.sync_free import keep_sigmas_on
+
+    scheduler = UniPCMultistepScheduler(**CONFIGS["wan"])
+    scheduler.set_timesteps(8)
+    sigmas = scheduler.sigmas
+    keep_sigmas_on(scheduler, "cpu")
+    assert scheduler.sigmas is sigmas  # already there: untouched
+    keep_sigmas_on(scheduler, "meta")  # another device (stands in for a GPU here)
+    assert scheduler.sigmas.device.type == "meta" and scheduler.sigmas.shape == sigmas.shape

@@ -191,7 +191,8 @@ def test_prefetch_asks_for_every_weight_file_and_skips_the_rest(tiny_wan_path: P
 
 def test_wan_vae_gets_the_lean_ops_on_every_device_and_channels_last_on_cuda_only(
         tiny_wan_path: Path) -> None:
-    from fastvideo.models.vae_speed import CHANNELS_LAST_ATTR, LEAN_OPS_ATTR
+    from fastvideo.models.vae_lean_ops import LEAN_OPS_ATTR
+    from fastvideo.models.vae_speed import CHANNELS_LAST_ATTR
 
     vae = _load(tiny_wan_path, "vae")
     assert getattr(vae, LEAN_OPS_ATTR, False)

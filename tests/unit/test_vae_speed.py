@@ -7,13 +7,8 @@ import torch
 from diffusers import AutoencoderKLHunyuanVideo, AutoencoderKLWan
 from torch._dynamo.utils import counters
 
-from fastvideo.models.vae_speed import (
-    CHANNELS_LAST_ATTR,
-    LEAN_OPS_ATTR,
-    speed_up_vae,
-    use_lean_ops,
-    vae_input,
-)
+from fastvideo.models.vae_lean_ops import LEAN_OPS_ATTR, use_lean_ops
+from fastvideo.models.vae_speed import CHANNELS_LAST_ATTR, speed_up_vae, vae_input
 
 
 def _tiny_wan_vae(seed: int = 0) -> AutoencoderKLWan:

@@ -5,8 +5,7 @@ k+1's forward while step k still runs. Anything in a step that reads a device va
 the host (or copies pageable memory to the device, which PyTorch does with a stream sync)
 drains the queue, and the next step then starts on an idle GPU while the host launches
 its first kernels one by one. diffusers' UniPC step did both: it copies its CPU noise
-levels to the device (the denoising stage now keeps them there, see
-`DenoisingStage._prepare_scheduler`), and its corrector solves a small linear system with
+levels to the device (the denoising stage now keeps them there: `keep_sigmas_on`), and its corrector solves a small linear system with
 `torch.linalg.solve`, which checks for a singular matrix on the host, a sync every step.
 
 `use_sync_free_steps` gives a UniPC scheduler a corrector that computes the same thing
@@ -18,7 +17,10 @@ bit (tests).
 
 from __future__ import annotations
 
+import contextlib
 import types
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -36,6 +38,28 @@ def use_sync_free_steps(scheduler: Any) -> bool:
     # (`fastvideo.models.schedulers.state`); `is_sync_free` looks at the method instead.
     scheduler.multistep_uni_c_bh_update = types.MethodType(_corrector, scheduler)
     return True
+
+
+def keep_sigmas_on(scheduler: Any, device: str | torch.device) -> None:
+    """Move the scheduler's noise levels to `device` (after each `set_timesteps`, which puts
+    them back on the CPU): a UniPC step reads a few every step, and each copy of CPU memory
+    to the GPU waits for the GPU's queue to drain."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if isinstance(sigmas, torch.Tensor) and sigmas.device.type != torch.device(device).type:
+        scheduler.sigmas = sigmas.to(device)
+
+
+@contextlib.contextmanager
+def count_host_syncs() -> Iterator[Callable[[], int]]:
+    """Within the block, CUDA operations that make the host wait for the GPU are counted
+    (`torch.cuda.set_sync_debug_mode`); yields a function giving the count so far."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield lambda: sum("synchroniz" in str(w.message) for w in caught)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def is_sync_free(scheduler: Any) -> bool:

@@ -16,6 +16,7 @@ from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.forward_batch import ForwardBatch
 from fastvideo.models.dits.step_cache import StepCache, check_supported
 from fastvideo.models.schedulers.state import get_scheduler_state, load_scheduler_state
+from fastvideo.models.schedulers.sync_free import keep_sigmas_on
 from fastvideo.pipelines.stages.base import PipelineStage
 from fastvideo.pipelines.stages.timestep_preparation import SigmaSchedule, set_timesteps
 
@@ -120,14 +121,9 @@ class DenoisingStage(PipelineStage):
                     f"batch resumes at step {batch.step_index} but has no "
                     f"extra[{SCHEDULER_STATE_KEY!r}] to restore the scheduler from")
             load_scheduler_state(self.scheduler, state, device)
-        sigmas = getattr(self.scheduler, "sigmas", None)
-        if isinstance(sigmas, torch.Tensor) and sigmas.device.type != torch.device(device).type:
-            # diffusers keeps the noise levels on the CPU, and each step of UniPC copies a
-            # few of them to the GPU: each such copy waits for the GPU to finish its queue,
-            # so every step began with the GPU idle while the host caught up. On the device,
-            # those copies are no-ops and the step's scalar math is queued like the rest
-            # (UniPC's corrector solve: `fastvideo/models/schedulers/sync_free.py`).
-            self.scheduler.sigmas = sigmas.to(device)
+        # diffusers keeps the noise levels on the CPU, and each UniPC step copied a few to
+        # the GPU, each copy a wait for the GPU's queue: every step began on an idle GPU.
+        keep_sigmas_on(self.scheduler, device)
 
     def _predict_noise(self, latents: torch.Tensor, t: torch.Tensor, cond: DiTContext,
                        uncond: DiTContext | None, paired: DiTContext | None,

@@ -38,7 +38,9 @@ from fastvideo.forward_batch import ForwardBatch
 from fastvideo.jobs.items import RunContext
 from fastvideo.jobs.options import EngineOptions
 from fastvideo.models.loader.component_loader import (
+    component_entries,
     finish_component,
+    is_our_component,
     read_component,
     read_model_index,
 )
@@ -113,7 +115,7 @@ class Engine:
         key = _settings_key(args)
         index = read_model_index(args.model_path)
         if names is None:
-            names = [name for name, spec in index.items() if _our_component(spec)]
+            names = [name for name, spec in component_entries(index) if is_our_component(spec)]
         with self._lock:
             loaded = self._modules.get(key, {})
             pending = self._preloads.setdefault(key, {})
@@ -196,16 +198,6 @@ class Engine:
             for name in stage_names:
                 batch = pipeline.get_stage(name)(batch, args)
         return batch
-
-
-def _our_component(spec: Any) -> bool:
-    """Whether a `model_index.json` entry names a component our own classes implement."""
-    if not (isinstance(spec, list) and len(spec) == 2 and spec[0] is not None):
-        return False
-    try:
-        return resolve_model(spec[1], spec[0]).library == "fastvideo"
-    except ValueError:
-        return False  # the load reports the unknown class
 
 
 def _read_components(args: FastVideoArgs, index: dict[str, Any],

@@ -42,6 +42,24 @@ def read_model_index(model_path: str | Path) -> dict[str, Any]:
     return index
 
 
+def component_entries(index: dict[str, Any]) -> list[tuple[str, list[Any]]]:
+    """The `(name, [library, class])` entries of a `model_index.json` that are components
+    (not `_class_name`, `_diffusers_version` or an absent component)."""
+    return [(name, spec) for name, spec in index.items()
+            if not name.startswith("_") and isinstance(spec, list) and spec[0] is not None]
+
+
+def is_our_component(spec: list[Any]) -> bool:
+    """Whether a component entry names a class our own code implements (an unknown class
+    is not: its load reports it)."""
+    if len(spec) != 2:
+        return False
+    try:
+        return resolve_model(spec[1], spec[0]).library == "fastvideo"
+    except ValueError:
+        return False
+
+
 def check_model_files(model_path: str | Path) -> None:
     """Fail before any work on what would fail every item, naming the file or class: a
     component class no registry knows, a missing component folder, a safetensors file
@@ -49,9 +67,7 @@ def check_model_files(model_path: str | Path) -> None:
     (truncated), a shard an index lists but that is missing. Cheap: it reads
     `model_index.json` and the safetensors headers, never the tensors."""
     index_path = Path(model_path) / "model_index.json"
-    for name, spec in read_model_index(model_path).items():
-        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
-            continue  # `_class_name`, `_diffusers_version`, an absent component
+    for name, spec in component_entries(read_model_index(model_path)):
         if len(spec) != 2:
             raise ValueError(f"{index_path}: entry {name!r} must be [library, class], "
                              f"got {spec!r}")

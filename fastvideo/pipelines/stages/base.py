@@ -6,6 +6,8 @@ import time
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+import torch
+
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.forward_batch import ForwardBatch
 
@@ -21,7 +23,7 @@ class PipelineStage(ABC):
     fills (`writes`). `__call__` checks both around `forward`, so a pipeline wired
     in the wrong order fails with the name of the missing field instead of a
     `NoneType` error deep inside a model, and it records the stage's wall time in
-    `batch.timings`.
+    `batch.timings`, up to the end of its GPU work (`wait_for_queued_work`).
     """
 
     reads: ClassVar[tuple[str, ...]] = ()
@@ -50,6 +52,7 @@ class PipelineStage(ABC):
         self.verify_input(batch)
         start = time.perf_counter()
         batch = self.forward(batch, fastvideo_args)
+        wait_for_queued_work()
         batch.timings[self.name] = batch.timings.get(self.name, 0.0) + time.perf_counter() - start
         self.verify_output(batch)
         return batch
@@ -57,3 +60,16 @@ class PipelineStage(ABC):
     @abstractmethod
     def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
         """Read `reads` from the batch, compute, write `writes`, return the batch."""
+
+
+def wait_for_queued_work() -> None:
+    """Wait for the kernels this thread queued on its CUDA stream (no-op without CUDA).
+
+    A stage's host code returns once its kernels are queued; a denoising loop without
+    host syncs runs most of a step ahead of the GPU. Waiting at the stage's end makes its
+    time the GPU's (not the next step's, such as a checkpoint write's), and a GPU fault
+    is raised by the stage that caused it. Only this thread's stream: another lane's work
+    (a decode beside the denoising) runs on.
+    """
+    if torch.cuda.is_initialized():
+        torch.cuda.current_stream().synchronize()

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # bench_bulk.py on one GPU machine of the device tool, in the calls its carry limit needs
-# (see benchmarks/gpu_wheels.md for the folders .gpu1-.gpu3). One call per step, each
+# (see benchmarks/gpu_wheels.md for the folders .gpu1-.gpu4). One call per step, each
 # within 30 s of the last (the machine, /tmp/site and the checkpoint go when it idles):
 #
 #   bash benchmarks/gpu_bench_bulk.sh diffusers   # carry .gpu1: wheels, checkpoint, baseline
 #   bash benchmarks/gpu_bench_bulk.sh carry       # carry .gpu2: the CUTLASS compiler, part 1
-#   bash benchmarks/gpu_bench_bulk.sh dense       # carry .gpu3: Prefect, compiler part 2; dense+fresh
+#   bash benchmarks/gpu_bench_bulk.sh carry       # carry .gpu4: its part 2, the DSL's FFI wheels
+#   bash benchmarks/gpu_bench_bulk.sh dense       # carry .gpu3: Prefect, compiler part 3; dense+fresh
 #   bash benchmarks/gpu_bench_bulk.sh sta         # nothing carried; sta+fresh_sta
 #   bash benchmarks/gpu_bench_bulk.sh overlap     # nothing carried; a decode's cost to the DiT
 #                                                 # (bench_decode_overlap.py)
@@ -26,9 +27,10 @@
 # (for a machine lost mid-way, when the session's baseline is already measured) and runs
 # bench_vae_decode.py instead (`VAE_BENCH=0` skips it).
 #
-# The shipped demo model (models/, 24 MB, tracked) travels with every call and puts the
-# .gpu2/.gpu3 carries over the device tool's 64 MiB: move it out of the working tree for
-# the calls (`mv models /tmp/`) and back after.
+# The shipped demo model (models/, 24 MB, tracked) travels with every call and puts every
+# carry over the device tool's 64 MiB: move it out of the working tree for the calls
+# (`mv models /tmp/`) and back after. The limit counts the tracked files too (~1.9 MB in
+# 2026-12): a carry of 65.0 MB was refused then, so each folder stays under ~61 MB.
 #
 # `BENCH_PROMPTS=N` runs N prompts instead of 6 (a phase on a machine with little device
 # time left; N >= 3 still gives a steady state).
@@ -68,9 +70,15 @@ install() {
         "$(find "$PYTHONPYCACHEPREFIX" -name '*.pyc' | wc -l) .pyc files"
 }
 install_gpu3() {
-    # The CUTLASS compiler's wheel, carried in two parts (`carry`, then .gpu3), and .gpu3.
-    cat /tmp/cu/cu13.part.a .gpu3/cu13.part.b \
-        > /tmp/cu/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
+    # The CUTLASS compiler's wheel, carried in three parts (`carry` twice, then .gpu3), the
+    # wheels `carry` left in /tmp/cu, and .gpu3.
+    local wheel=/tmp/cu/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
+    cat /tmp/cu/cu13.part.* .gpu3/cu13.part.* > "$wheel"
+    python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).testzip()" "$wheel" 2>/dev/null || {
+        echo "the CUTLASS compiler's wheel is incomplete ($(ls /tmp/cu/ 2>/dev/null | tr '\n' ' ')):" \
+            "run the carry step with .gpu2 and with .gpu4 carried first" >&2
+        return 1
+    }
     install .gpu3/*.whl /tmp/cu/*.whl
 }
 bench() {
@@ -121,8 +129,9 @@ install1)  # the wheels of .gpu1 alone (kernel work without the checkpoint)
     install .gpu1/*.whl ;;
 install3)  # after install1 and carry: the CUTLASS compiler's second part and .gpu3
     install_gpu3 ;;
-carry)
-    mkdir -p /tmp/cu && cp .gpu2/cu13.part.a /tmp/cu/ && ls -la /tmp/cu ;;
+carry)  # whichever of .gpu2, .gpu4 this call carried (one copied again is the same file)
+    mkdir -p /tmp/cu && for d in .gpu2 .gpu4; do [ ! -d $d ] || cp $d/* /tmp/cu/; done
+    ls -la /tmp/cu ;;
 dense)
     install_gpu3 || exit 1
     reason=$(python3 -c "from fastvideo.attention.backends.flash_cute import cute_unavailable_reason as r; print(r('cuda'))" 2>&1 | tail -1)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # bench_hunyuan_dit.py and bench_encoders.py on one H200 of the device tool, one call per
 # step, each within 30 s of the last (the machine and "$SITE" go when it idles); see
-# benchmarks/gpu_wheels.md for the folders .gpu1-.gpu3:
+# benchmarks/gpu_wheels.md for the folders .gpu1-.gpu4:
 #
 #   bash benchmarks/gpu_bench_hunyuan.sh encoders   # carry .gpu1: diffusers (+ small CuTe wheels); encoders
 #   bash benchmarks/gpu_bench_hunyuan.sh carry      # carry .gpu2: the CUTLASS compiler, part 1
-#   bash benchmarks/gpu_bench_hunyuan.sh cute       # carry .gpu3: compiler part 2; check the CuTe kernels
+#   bash benchmarks/gpu_bench_hunyuan.sh carry      # carry .gpu4: its part 2, the DSL's FFI wheels
+#   bash benchmarks/gpu_bench_hunyuan.sh cute       # carry .gpu3: compiler part 3; check the CuTe kernels
 #   bash benchmarks/gpu_bench_hunyuan.sh compiled   # ours compiled vs diffusers compiled (~6.5 min)
 #   bash benchmarks/gpu_bench_hunyuan.sh sta        # STA (~12% of key tiles) vs our dense, compiled (~4.5 min)
 #   bash benchmarks/gpu_bench_hunyuan.sh eager      # ours vs diffusers, eager (~4.5 min)
@@ -52,11 +53,12 @@ case $step in
 encoders)
     ensure_diffusers || exit 1
     run encoders python3 benchmarks/bench_encoders.py "$@" ;;
-carry)
-    mkdir -p /tmp/cu && cp .gpu2/cu13.part.a /tmp/cu/ && ls -la /tmp/cu ;;
+carry)  # whichever of .gpu2, .gpu4 this call carried, as gpu_bench_bulk.sh
+    mkdir -p /tmp/cu && for d in .gpu2 .gpu4; do [ ! -d $d ] || cp $d/* /tmp/cu/; done
+    ls -la /tmp/cu ;;
 cute)
     ensure_diffusers || exit 1
-    cat /tmp/cu/cu13.part.a .gpu3/cu13.part.b \
+    cat /tmp/cu/cu13.part.* .gpu3/cu13.part.* \
         > /tmp/cu/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
     install /tmp/cu/*.whl || exit 1  # after .gpu1's DSL wheels, as gpu_bench_bulk.sh
     python3 -c "from fastvideo.attention.backends.flash_cute import cute_unavailable_reason as r; print('CuTe kernels:', r('cuda') or 'available')" ;;

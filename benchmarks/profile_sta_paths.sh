@@ -3,7 +3,7 @@
 # random weights): the custom op with padding rescaled (the engine's path), the op with
 # padding masked in the kernel, and the attention outside the compiled graphs (a graph break
 # at every STA call, the engine's path before the op). Needs the CuTe kernels installed
-# (gpu_bench_bulk.sh install1, carry, install3).
+# (gpu_bench_bulk.sh install1, carry with .gpu2, carry with .gpu4, install3).
 set -uo pipefail
 export PYTHONPATH=/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/site:$PWD:$PWD/benchmarks
 export PYTHONUNBUFFERED=1

@@ -127,7 +127,7 @@ overlap)  # after dense or sta (the CuTe kernels installed): a decode's cost to 
         --json-out "$OUT/overlap.json" 2>&1 | grep -v -i warn | tail -5 ;;
 install1)  # the wheels of .gpu1 alone (kernel work without the checkpoint)
     install .gpu1/*.whl ;;
-install3)  # after install1 and carry: the CUTLASS compiler's second part and .gpu3
+install3)  # after install1 and carry (twice): the CUTLASS compiler joined, and .gpu3
     install_gpu3 ;;
 carry)  # whichever of .gpu2, .gpu4 this call carried (one copied again is the same file)
     mkdir -p /tmp/cu && for d in .gpu2 .gpu4; do [ ! -d $d ] || cp $d/* /tmp/cu/; done

@@ -5,8 +5,9 @@ k+1's forward while step k still runs. Anything in a step that reads a device va
 the host (or copies pageable memory to the device, which PyTorch does with a stream sync)
 drains the queue, and the next step then starts on an idle GPU while the host launches
 its first kernels one by one. diffusers' UniPC step did both: it copies its CPU noise
-levels to the device (the denoising stage now keeps them there: `keep_sigmas_on`), and its corrector solves a small linear system with
-`torch.linalg.solve`, which checks for a singular matrix on the host, a sync every step.
+levels to the device (the denoising stage now keeps them there: `keep_sigmas_on`), and
+its corrector solves a small linear system with `torch.linalg.solve`, which checks for a
+singular matrix on the host, a sync every step.
 
 `use_sync_free_steps` gives a UniPC scheduler a corrector that computes the same thing
 with the same operations but solves with `torch.linalg.solve_ex` (the same kernels,
@@ -45,8 +46,8 @@ def keep_sigmas_on(scheduler: Any, device: str | torch.device) -> None:
     them back on the CPU): a UniPC step reads a few every step, and each copy of CPU memory
     to the GPU waits for the GPU's queue to drain."""
     sigmas = getattr(scheduler, "sigmas", None)
-    if isinstance(sigmas, torch.Tensor) and sigmas.device.type != torch.device(device).type:
-        scheduler.sigmas = sigmas.to(device)
+    if isinstance(sigmas, torch.Tensor):
+        scheduler.sigmas = sigmas.to(device)  # the same tensor when already there
 
 
 @contextlib.contextmanager

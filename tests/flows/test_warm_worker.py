@@ -188,9 +188,12 @@ def test_killed_worker_fails_its_shard_fast_and_rerun_resumes(
     dataset = write_dataset(tmp_path / "prompts.jsonl", [{"prompt": PROMPTS[0]}])
     output = tmp_path / "out"
     outcome: dict[str, Any] = {}
+    # Enough steps that the kill lands mid-denoise: with 12 the tiny model's progress
+    # checkpoints could all be written and dropped between two looks at the folder.
+    steps = {"num_inference_steps": 48}
 
     def run() -> None:
-        outcome["state"] = _bulk(dataset, output, tiny_wan_path, dispatch="worker")
+        outcome["state"] = _bulk(dataset, output, tiny_wan_path, dispatch="worker", **steps)
         outcome["ended"] = time.monotonic()
 
     thread = threading.Thread(target=run)
@@ -200,7 +203,7 @@ def test_killed_worker_fails_its_shard_fast_and_rerun_resumes(
     while not list(progress.glob("*/manifest.json")):
         assert time.monotonic() < deadline, "no progress checkpoint appeared"
         assert thread.is_alive(), outcome
-        time.sleep(0.05)
+        time.sleep(0.01)
     (pid,) = running_workers()
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
@@ -211,11 +214,11 @@ def test_killed_worker_fails_its_shard_fast_and_rerun_resumes(
     (row,) = read_manifest(str(output)).values()
     assert row["status"] == "failed" and "closed the connection" in row["error"]
 
-    rerun = _bulk(dataset, output, tiny_wan_path, dispatch="worker")
+    rerun = _bulk(dataset, output, tiny_wan_path, dispatch="worker", **steps)
     assert rerun.is_completed(), rerun.message
     (row,) = read_manifest(str(output)).values()
     assert row["resumed_from_step"] >= CHECKPOINT_EVERY
-    assert _bulk(dataset, tmp_path / "reference", tiny_wan_path).is_completed()
+    assert _bulk(dataset, tmp_path / "reference", tiny_wan_path, **steps).is_completed()
     (expected,) = read_manifest(str(tmp_path / "reference")).values()
     # Resumed from the saved latents and scheduler state: bit-exact.
     assert row["video_sha256"] == expected["video_sha256"]
